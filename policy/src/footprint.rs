@@ -1,0 +1,82 @@
+//! A model's predicted memory footprint: weights + KV budget + runtime overhead.
+
+/// What a model will occupy once loaded, predicted from file headers before any weight is read.
+///
+/// The KV budget is `kv_bytes_per_token × tokens × max_sequences`, where the per-token figure comes from
+/// the architecture (`2 · layers · kv_heads · head_dim · dtype_bytes` for plain attention; less where
+/// sliding-window layers keep only their window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// Bytes of weights as they will sit in memory (quantized blocks stay quantized).
+    pub weights_bytes: u64,
+    /// Runtime overhead that does not scale with context: rope tables, repacked kernels, scratch.
+    pub overhead_bytes: u64,
+    /// KV-cache bytes for one token of one sequence.
+    pub kv_bytes_per_token: u64,
+    /// Bytes that every sequence holds whatever its length (sliding-window rings).
+    pub kv_fixed_bytes_per_sequence: u64,
+    /// The configured context window, in tokens: the most a sequence may hold.
+    pub context_tokens: u32,
+    /// Sequences served at once (each gets a full KV budget).
+    pub max_sequences: u32,
+}
+
+impl Footprint {
+    /// KV bytes for `tokens` of context across all sequences.
+    pub fn kv_bytes(&self, tokens: u32) -> u64 {
+        let per_sequence = self
+            .kv_bytes_per_token
+            .saturating_mul(u64::from(tokens))
+            .saturating_add(self.kv_fixed_bytes_per_sequence);
+        per_sequence.saturating_mul(u64::from(self.max_sequences.max(1)))
+    }
+
+    /// Weights and overhead: the part that does not depend on the KV budget.
+    pub fn static_bytes(&self) -> u64 {
+        self.weights_bytes.saturating_add(self.overhead_bytes)
+    }
+
+    /// The whole footprint with a KV budget of `tokens`.
+    pub fn total_with_kv(&self, tokens: u32) -> u64 {
+        self.static_bytes().saturating_add(self.kv_bytes(tokens))
+    }
+
+    /// The whole footprint at the full configured context.
+    pub fn total(&self) -> u64 {
+        self.total_with_kv(self.context_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_shape() {
+        // SmolLM2-135M: 30 layers, 3 KV heads of 64, f32 cache: 2·30·3·64·4 = 46,080 bytes per token.
+        let f = Footprint {
+            weights_bytes: 98_000_000,
+            overhead_bytes: 1_000_000,
+            kv_bytes_per_token: 2 * 30 * 3 * 64 * 4,
+            kv_fixed_bytes_per_sequence: 0,
+            context_tokens: 2048,
+            max_sequences: 1,
+        };
+        assert_eq!(f.kv_bytes(2048), 94_371_840);
+        assert_eq!(f.total(), 99_000_000 + 94_371_840);
+        assert_eq!(f.total_with_kv(512), 99_000_000 + 23_592_960);
+    }
+
+    #[test]
+    fn saturates_instead_of_overflowing() {
+        let f = Footprint {
+            weights_bytes: u64::MAX,
+            overhead_bytes: u64::MAX,
+            kv_bytes_per_token: u64::MAX,
+            kv_fixed_bytes_per_sequence: u64::MAX,
+            context_tokens: u32::MAX,
+            max_sequences: u32::MAX,
+        };
+        assert_eq!(f.total(), u64::MAX);
+    }
+}

@@ -1,0 +1,29 @@
+//! ult-policy: the decision core of ult — footprints, the memory ledger, pressure levels, admission,
+//! cost-aware eviction, keep-alive, leases and routing — as a deterministic state machine without IO.
+//!
+//! The daemon feeds [`Governor::handle`] an [`Event`] and the current time in milliseconds and gets back a
+//! [`Plan`]: a list of [`Action`]s (load this, unload that with a reason, admit or reject this request) to
+//! carry out. The governor never reads a clock, never blocks, never allocates memory it is told about, and
+//! never panics on any input. Decisions iterate ordered maps with explicit tie-breaks, so the same events
+//! give the same plans.
+#![deny(missing_docs)]
+
+mod footprint;
+mod governor;
+mod plan;
+mod pressure;
+mod route;
+mod score;
+
+mod size;
+
+pub use footprint::Footprint;
+pub use governor::{
+    Backoff, Governor, GovernorConfig, LeaseId, LoadPreview, ModelSpec, ModelView, PlannedVictim,
+    RequestId, RequestKind, Residency,
+};
+pub use plan::{Action, EvictReason, Event, Holder, HoldReason, Plan, Rejection};
+pub use pressure::{MemorySnapshot, OsPressure, PressureLevel, PressureThresholds, Verdict};
+pub use route::{Route, RouteStrategy, Router, RouterError};
+pub use score::Gdsf;
+pub use size::{KeepAlive, SizeError, SizeSpec, format_bytes, parse_duration_ms, parse_size};
