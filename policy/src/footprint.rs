@@ -9,8 +9,11 @@
 pub struct Footprint {
     /// Bytes of weights as they will sit in memory (quantized blocks stay quantized).
     pub weights_bytes: u64,
-    /// Runtime overhead that does not scale with context: rope tables, repacked kernels, scratch.
+    /// Steady runtime overhead beside the weights: rope tables, repacked kernel copies, logits.
     pub overhead_bytes: u64,
+    /// Transient working memory of the largest forward pass (a prefill chunk's activations): held only
+    /// while a request runs, but charged, because it must fit when one does.
+    pub scratch_bytes: u64,
     /// KV-cache bytes for one token of one sequence.
     pub kv_bytes_per_token: u64,
     /// Bytes that every sequence holds whatever its length (sliding-window rings).
@@ -31,9 +34,14 @@ impl Footprint {
         per_sequence.saturating_mul(u64::from(self.max_sequences.max(1)))
     }
 
-    /// Weights and overhead: the part that does not depend on the KV budget.
-    pub fn static_bytes(&self) -> u64 {
+    /// Weights and steady overhead: what stays allocated between requests, KV aside.
+    pub fn steady_bytes(&self) -> u64 {
         self.weights_bytes.saturating_add(self.overhead_bytes)
+    }
+
+    /// Steady bytes plus scratch: the part that does not depend on the KV budget.
+    pub fn static_bytes(&self) -> u64 {
+        self.steady_bytes().saturating_add(self.scratch_bytes)
     }
 
     /// The whole footprint with a KV budget of `tokens`.
@@ -57,6 +65,7 @@ mod tests {
         let f = Footprint {
             weights_bytes: 98_000_000,
             overhead_bytes: 1_000_000,
+            scratch_bytes: 0,
             kv_bytes_per_token: 2 * 30 * 3 * 64 * 4,
             kv_fixed_bytes_per_sequence: 0,
             context_tokens: 2048,
@@ -72,6 +81,7 @@ mod tests {
         let f = Footprint {
             weights_bytes: u64::MAX,
             overhead_bytes: u64::MAX,
+            scratch_bytes: u64::MAX,
             kv_bytes_per_token: u64::MAX,
             kv_fixed_bytes_per_sequence: u64::MAX,
             context_tokens: u32::MAX,

@@ -133,7 +133,7 @@ pub struct ModelView {
     pub pinned: bool,
     /// The predicted footprint at the full context.
     pub predicted_bytes: u64,
-    /// Measured bytes after the last load (with its KV budget at that time).
+    /// Measured bytes after the last load: steady state (weights, overhead, KV at its budget then).
     pub measured_bytes: Option<u64>,
     /// What the ledger charges now: `max(predicted, measured)` static bytes plus the KV budget.
     pub charged_bytes: u64,
@@ -262,11 +262,12 @@ impl Entry {
         }
     }
 
+    /// Steady bytes (the larger of predicted and measured) plus the predicted scratch.
     fn static_bytes(&self) -> u64 {
-        self.spec
-            .footprint
-            .static_bytes()
+        let f = &self.spec.footprint;
+        f.steady_bytes()
             .max(self.measured_static.unwrap_or(0))
+            .saturating_add(f.scratch_bytes)
     }
 
     /// Bytes charged with a KV budget of `kv_tokens`.

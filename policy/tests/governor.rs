@@ -15,6 +15,7 @@ fn spec(name: &str, gib: u64) -> ModelSpec {
         footprint: Footprint {
             weights_bytes: gib * GIB,
             overhead_bytes: 0,
+            scratch_bytes: 0,
             kv_bytes_per_token: 0,
             kv_fixed_bytes_per_sequence: 0,
             context_tokens: 1024,

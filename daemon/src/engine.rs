@@ -1,0 +1,527 @@
+//! The engine: reads model files, predicts their footprint, loads them with Candle and runs them.
+//!
+//! [`Engine`] is the seam between scheduling and models: the daemon asks it to inspect (headers only) and
+//! to load (weights, KV budget, a warm-up pass), and gets back a [`LoadedModel`] that a worker thread
+//! drives token by token. [`CandleEngine`] is the real one.
+
+pub mod bert;
+pub mod gguf;
+pub mod kv;
+pub mod repack;
+pub mod sampler;
+pub mod stream;
+pub mod template;
+pub mod tokenizer;
+pub mod transformer;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use ult_policy::Footprint;
+
+use bert::{Bert, BertConfig, SafetensorsHeader};
+use gguf::GgufHeader;
+use kv::KvCache;
+use template::ChatTemplate;
+use tokenizer::{Tokenizer, TokenizerError};
+use transformer::{Transformer, WeightSource};
+
+/// Prompts are prefilled in chunks of this many tokens, bounding activation memory.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// What can go wrong reading, loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid model (bad magic, truncated, lying header).
+    #[error("corrupt model file {path}: {reason}")]
+    CorruptModel {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The file is valid but ult cannot run its architecture.
+    #[error("unsupported architecture {arch:?} in {path} (ult runs llama, gemma3 and bert)")]
+    UnsupportedArchitecture {
+        /// The file.
+        path: String,
+        /// The architecture.
+        arch: String,
+    },
+    /// A tensor the architecture needs is missing.
+    #[error("{path} lacks tensor {name}")]
+    MissingTensor {
+        /// The file.
+        path: String,
+        /// The tensor.
+        name: String,
+    },
+    /// The tokenizer could not be built.
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template: {reason}")]
+    Template {
+        /// Why.
+        reason: String,
+    },
+    /// A tensor operation failed.
+    #[error("{context}: {source}")]
+    Candle {
+        /// What was being done.
+        context: String,
+        /// Candle's error.
+        #[source]
+        source: Box<candle_core::Error>,
+    },
+    /// The prompt does not fit the context (or the current KV budget).
+    #[error("the prompt has {prompt_tokens} tokens but the model's context holds {context_tokens}")]
+    ContextTooLong {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens the context holds.
+        context_tokens: usize,
+    },
+    /// The prompt is empty.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// A request parameter is out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidParameter {
+        /// The parameter.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The configured context is larger than the model supports.
+    #[error("context {configured} exceeds the {trained} tokens {path} supports")]
+    ContextBeyondModel {
+        /// The file.
+        path: String,
+        /// The configured context.
+        configured: usize,
+        /// What the model supports.
+        trained: usize,
+    },
+    /// The model's worker stopped (it was unloaded or crashed).
+    #[error("the model's worker is gone")]
+    WorkerGone,
+}
+
+impl EngineError {
+    /// Wraps a Candle error with what was being done.
+    pub fn candle(context: String, source: candle_core::Error) -> Self {
+        Self::Candle { context, source: Box::new(source) }
+    }
+}
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Chat: messages rendered with the model's template; also serves raw completions.
+    Chat,
+    /// Completion only (a base model).
+    Completion,
+    /// Embeddings.
+    Embedding,
+}
+
+impl ModelKind {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completion => "completion",
+            Self::Embedding => "embedding",
+        }
+    }
+}
+
+/// Where a model comes from and how it is to be served.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The configured name.
+    pub name: String,
+    /// What it is for.
+    pub kind: ModelKind,
+    /// A GGUF file, or a directory with config.json, model.safetensors and tokenizer.json.
+    pub path: PathBuf,
+    /// Context window in tokens.
+    pub context: usize,
+    /// Sequences served at once.
+    pub max_sequences: u32,
+    /// A chat template that replaces the file's.
+    pub chat_template: Option<String>,
+}
+
+/// What inspecting a model's headers tells, before any weight is read.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// Predicted footprint.
+    pub footprint: Footprint,
+    /// "llama", "gemma3", "bert".
+    pub architecture: String,
+    /// The tokenizer (kept for the life of the daemon: prompts are checked before loading).
+    pub tokenizer: Arc<Tokenizer>,
+    /// The chat template, when the model has one.
+    pub template: Option<Arc<ChatTemplate>>,
+    /// The kind it is served as: a chat model without a template is served as completion.
+    pub kind: ModelKind,
+    /// The most tokens one input may have.
+    pub max_input_tokens: usize,
+    /// Bytes the load reads (for progress).
+    pub load_bytes: u64,
+}
+
+/// A model in memory, driven by one worker thread.
+pub trait LoadedModel: Send {
+    /// Starts a new sequence with `prompt` and returns the next-token logits.
+    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError>;
+    /// Appends `token` and returns the next-token logits.
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
+    /// Embeds one tokenized input.
+    fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError>;
+    /// Tokens one sequence may hold now (the KV budget).
+    fn budget(&self) -> usize;
+    /// Frees the KV cache between requests; the next `begin` allocates it again.
+    fn release_kv(&mut self);
+    /// Changes the KV budget (applied between requests).
+    fn set_budget(&mut self, tokens: usize) -> Result<(), EngineError>;
+    /// Bytes the KV cache holds now.
+    fn kv_bytes(&self) -> u64;
+}
+
+/// Loads models. The seam between scheduling and model code.
+pub trait Engine: Send + Sync + 'static {
+    /// Reads headers: footprint, tokenizer, template. No weights.
+    fn inspect(&self, source: &ModelSource) -> Result<Inspection, EngineError>;
+    /// Loads weights, allocates a KV budget of `kv_tokens` and runs a warm-up pass, calling `progress`
+    /// with the bytes read so far. Blocking.
+    fn load(
+        &self,
+        source: &ModelSource,
+        inspection: &Inspection,
+        kv_tokens: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Box<dyn LoadedModel>, EngineError>;
+    /// "cpu", "cuda:0", "metal:0".
+    fn device_name(&self) -> String;
+    /// Bytes in use in the device's memory pool, for GPU devices (None on CPU).
+    fn device_memory(&self) -> Option<(u64, u64)>;
+}
+
+/// The Candle engine.
+pub struct CandleEngine {
+    device: Device,
+}
+
+impl CandleEngine {
+    /// An engine on `device` ("cpu", "cuda", "cuda:N", "metal", "metal:N", or "auto").
+    pub fn new(device: &str) -> Result<Self, EngineError> {
+        let wrap = |e| EngineError::candle(format!("opening device {device}"), e);
+        let (kind, index) = device.split_once(':').map_or((device, 0), |(k, i)| (k, i.parse().unwrap_or(0)));
+        let device = match kind {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::new_cuda(index).map_err(wrap)?,
+            "metal" => Device::new_metal(index).map_err(wrap)?,
+            _ => {
+                if candle_core::utils::cuda_is_available() {
+                    Device::new_cuda(0).map_err(wrap)?
+                } else if candle_core::utils::metal_is_available() {
+                    Device::new_metal(0).map_err(wrap)?
+                } else {
+                    Device::Cpu
+                }
+            }
+        };
+        Ok(Self { device })
+    }
+
+    /// The Candle device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Engine for CandleEngine {
+    fn inspect(&self, source: &ModelSource) -> Result<Inspection, EngineError> {
+        match source.kind {
+            ModelKind::Embedding => inspect_bert(source),
+            ModelKind::Chat | ModelKind::Completion => inspect_gguf(source, self.device.is_cpu()),
+        }
+    }
+
+    fn load(
+        &self,
+        source: &ModelSource,
+        inspection: &Inspection,
+        kv_tokens: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        match source.kind {
+            ModelKind::Embedding => {
+                let dir = &source.path;
+                let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
+                let config = BertConfig::read(&dir.join("config.json"))?;
+                let map = map_file(&header.path)?;
+                let bert = Bert::load(&header, &map, config, &self.device, progress)?;
+                let mut model = EmbeddingModel { bert, max_input: inspection.max_input_tokens };
+                // Warm-up: the first pass sizes Candle's lazily built structures.
+                model.embed(&[101, 2023, 102])?;
+                Ok(Box::new(model))
+            }
+            ModelKind::Chat | ModelKind::Completion => {
+                let header = GgufHeader::read(&source.path)?;
+                let map = map_file(&source.path)?;
+                let src = WeightSource { header: &header, data: &map, device: &self.device, progress };
+                let transformer = Transformer::load(&src, source.context)?;
+                drop(map);
+                let mut model = DecoderModel { transformer, cache: None, budget: kv_tokens.min(source.context) };
+                model.warm_up()?;
+                Ok(Box::new(model))
+            }
+        }
+    }
+
+    fn device_name(&self) -> String {
+        match &self.device {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(_) => "cuda:0".into(),
+            Device::Metal(_) => "metal:0".into(),
+        }
+    }
+
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        crate::probe::device_memory(&self.device)
+    }
+}
+
+/// Maps a file read-only.
+fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
+    let file = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
+    // SAFETY: the map is read-only and lives only for the load; ult's model files are not modified while
+    // it runs (a truncation under it would fault the loader, which the header checks make unlikely).
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) };
+    map.map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })
+}
+
+fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineError> {
+    let header = GgufHeader::read(&source.path)?;
+    let trained = header.hparams.trained_context;
+    if source.context > trained {
+        return Err(EngineError::ContextBeyondModel {
+            path: source.path.display().to_string(),
+            configured: source.context,
+            trained,
+        });
+    }
+    let tokenizer = Arc::new(Tokenizer::from_gguf(&header.vocab)?);
+    let template_source = source.chat_template.clone().or_else(|| header.chat_template.clone());
+    let template = match (source.kind, template_source) {
+        (ModelKind::Chat, Some(src)) => {
+            let bos = tokenizer.bos().map(|id| tokenizer.piece_text(id)).unwrap_or_default();
+            let eos = tokenizer.eos().map(|id| header.vocab.tokens.get(id as usize).cloned().unwrap_or_default());
+            Some(Arc::new(ChatTemplate::new(&src, bos, eos.unwrap_or_default())?))
+        }
+        _ => None,
+    };
+    let kind = match (source.kind, &template) {
+        (ModelKind::Chat, None) => {
+            tracing::warn!(model = %source.name, "no chat template: serving as completion only");
+            ModelKind::Completion
+        }
+        (k, _) => k,
+    };
+    Ok(Inspection {
+        footprint: header.footprint(source.context, source.max_sequences, cpu),
+        architecture: header.hparams.arch.as_str().to_string(),
+        tokenizer,
+        template,
+        kind,
+        max_input_tokens: source.context,
+        load_bytes: header.tensors.values().map(|t| t.bytes).sum(),
+    })
+}
+
+fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
+    let dir = &source.path;
+    let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
+    let config = BertConfig::read(&dir.join("config.json"))?;
+    let tokenizer = Arc::new(Tokenizer::from_bert_json(&dir.join("tokenizer.json"))?);
+    let max_input = source.context.min(config.max_positions);
+    // Activations for one input of max_input tokens: hidden states, q/k/v, scores, intermediate.
+    let (h, n) = (config.hidden, max_input);
+    let activations = n * (6 * h + 4 * h) * 4 + 2 * config.heads * n * n * 4;
+    let weights: u64 = header
+        .tensors
+        .values()
+        .map(|t| ((t.end - t.start) / t.dtype.size_in_bytes() * 4) as u64)
+        .sum();
+    Ok(Inspection {
+        footprint: Footprint {
+            weights_bytes: weights,
+            overhead_bytes: 0,
+            scratch_bytes: activations as u64,
+            kv_bytes_per_token: 0,
+            kv_fixed_bytes_per_sequence: 0,
+            context_tokens: u32::try_from(max_input).unwrap_or(u32::MAX),
+            max_sequences: 1,
+        },
+        architecture: "bert".into(),
+        tokenizer,
+        template: None,
+        kind: ModelKind::Embedding,
+        max_input_tokens: max_input,
+        load_bytes: header.data_bytes,
+    })
+}
+
+/// A decoder with its (single-sequence) KV cache.
+struct DecoderModel {
+    transformer: Transformer,
+    cache: Option<KvCache>,
+    budget: usize,
+}
+
+impl DecoderModel {
+    /// Allocates the KV cache at the current budget if it is missing or sized differently.
+    fn ensure_cache(&mut self) -> Result<(), EngineError> {
+        if self.cache.as_ref().is_none_or(|c| c.capacity() != self.budget) {
+            self.cache = None;
+            let cache = self
+                .transformer
+                .new_cache(self.budget)
+                .map_err(|e| EngineError::candle("allocating the KV cache".into(), e))?;
+            self.cache = Some(cache);
+        }
+        Ok(())
+    }
+
+    /// Runs a short prefill and a decode step, so that the matmul paths for both m > 1 and m = 1 have
+    /// built their lazy structures (Candle repacks some weights on first use) before the load is measured.
+    fn warm_up(&mut self) -> Result<(), EngineError> {
+        let n = self.budget.clamp(2, 9);
+        let prompt: Vec<u32> = (1..n as u32).collect();
+        let logits = self.begin(&prompt)?;
+        if self.budget > prompt.len() {
+            self.step(sampler::argmax(&logits))?;
+        }
+        if let Some(c) = self.cache.as_mut() {
+            c.clear();
+        }
+        Ok(())
+    }
+}
+
+impl LoadedModel for DecoderModel {
+    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if prompt.len() > self.budget {
+            return Err(EngineError::ContextTooLong { prompt_tokens: prompt.len(), context_tokens: self.budget });
+        }
+        let vocab = self.transformer.hparams().vocab_size as u32;
+        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(EngineError::InvalidParameter { field: "prompt", reason: format!("token id {bad} is outside the vocabulary") });
+        }
+        self.ensure_cache()?;
+        let transformer = &self.transformer;
+        let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
+        cache.clear();
+        let mut logits = None;
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            logits = Some(transformer.forward(chunk, cache).map_err(|e| EngineError::candle("prefill".into(), e))?);
+        }
+        logits
+            .ok_or(EngineError::EmptyPrompt)?
+            .to_vec1::<f32>()
+            .map_err(|e| EngineError::candle("reading logits".into(), e))
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        let transformer = &self.transformer;
+        let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
+        if cache.len() >= cache.capacity() {
+            return Err(EngineError::ContextTooLong { prompt_tokens: cache.len() + 1, context_tokens: cache.capacity() });
+        }
+        transformer
+            .forward(&[token], cache)
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(|e| EngineError::candle("decode step".into(), e))
+    }
+
+    fn embed(&mut self, _input: &[u32]) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::InvalidParameter { field: "model", reason: "this model generates text; it does not embed".into() })
+    }
+
+    fn budget(&self) -> usize {
+        self.budget
+    }
+
+    fn release_kv(&mut self) {
+        self.cache = None;
+    }
+
+    fn set_budget(&mut self, tokens: usize) -> Result<(), EngineError> {
+        self.budget = tokens.clamp(1, self.transformer.context());
+        if self.cache.is_some() {
+            self.ensure_cache()?;
+        }
+        Ok(())
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| c.bytes() as u64)
+    }
+}
+
+/// A BERT encoder.
+struct EmbeddingModel {
+    bert: Bert,
+    max_input: usize,
+}
+
+impl LoadedModel for EmbeddingModel {
+    fn begin(&mut self, _prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        Err(EngineError::InvalidParameter { field: "model", reason: "this is an embedding model; it does not generate text".into() })
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        self.begin(&[token])
+    }
+
+    fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if input.len() > self.max_input.min(self.bert.max_positions()) {
+            return Err(EngineError::ContextTooLong { prompt_tokens: input.len(), context_tokens: self.max_input });
+        }
+        self.bert.embed(input).map_err(|e| EngineError::candle("embedding".into(), e))
+    }
+
+    fn budget(&self) -> usize {
+        self.max_input
+    }
+
+    fn release_kv(&mut self) {}
+
+    fn set_budget(&mut self, _tokens: usize) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn kv_bytes(&self) -> u64 {
+        0
+    }
+}

@@ -1,0 +1,2 @@
+//! The ultd binary.
+fn main() {}

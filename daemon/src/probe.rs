@@ -1,0 +1,186 @@
+//! Memory probes: sample the governed pool into a portable [`MemorySnapshot`] about every 500 ms.
+//!
+//! The OS-specific parts are small: `linux` reads `/proc` (the parsers are portable and tested on
+//! recorded text), `macos` calls `host_statistics64` and sysctl to fill a plain [`macos::VmCounters`]
+//! (the arithmetic over it is portable and tested on recorded numbers), `cuda` asks the driver for free
+//! and total device memory. A `file` source replays snapshots written by tests; it is for tests only.
+
+pub mod linux;
+pub mod macos;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ult_policy::MemorySnapshot;
+
+/// Where snapshots come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeSource {
+    /// The operating system (and the GPU, when models run on one).
+    Os,
+    /// A JSON file rewritten by a test: `{"total_bytes": …, "available_bytes": …, …}`. For tests only.
+    File(PathBuf),
+}
+
+/// Why a sample failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A counter file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A counter file did not parse.
+    #[error("cannot parse {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// This platform has no probe.
+    #[error("no memory probe for this platform")]
+    Unsupported,
+}
+
+/// Cumulative counters kept between samples to turn them into rates.
+#[derive(Debug, Clone, Copy)]
+pub struct Counters {
+    /// When they were read.
+    pub at: Instant,
+    /// Bytes swapped in so far.
+    pub swapped_in: u64,
+    /// Bytes swapped out so far.
+    pub swapped_out: u64,
+    /// Compressed bytes now.
+    pub compressed: u64,
+}
+
+/// Samples the governed pool.
+#[derive(Debug)]
+pub struct Prober {
+    source: ProbeSource,
+    previous: Option<Counters>,
+    /// (device handle, bytes the device had in use before ult loaded anything).
+    device: Option<(candle_core::Device, u64)>,
+}
+
+impl Prober {
+    /// A prober; with a GPU `device`, the governed pool is that device's memory.
+    pub fn new(source: ProbeSource, device: &candle_core::Device) -> Self {
+        let device = match device {
+            candle_core::Device::Cpu => None,
+            d => device_memory(d).map(|(free, total)| (d.clone(), total.saturating_sub(free))),
+        };
+        Self { source, previous: None, device }
+    }
+
+    /// Takes one sample.
+    pub fn sample(&mut self) -> Result<MemorySnapshot, ProbeError> {
+        match &self.source {
+            ProbeSource::File(path) => read_file_snapshot(path),
+            ProbeSource::Os => {
+                let (mut snapshot, counters) = os_sample(self.previous.as_ref())?;
+                self.previous = Some(counters);
+                if let Some((device, baseline)) = &self.device
+                    && let Some((free, total)) = device_memory(device)
+                {
+                    // On a GPU the pool is device memory; ult's share is what is in use beyond what was in
+                    // use before it loaded anything.
+                    snapshot.total_bytes = total;
+                    snapshot.available_bytes = free;
+                    snapshot.process_bytes = total.saturating_sub(free).saturating_sub(*baseline);
+                }
+                Ok(snapshot)
+            }
+        }
+    }
+
+    /// The size of the governed pool now (for resolving a percentage ceiling).
+    pub fn pool_total(&mut self) -> Result<u64, ProbeError> {
+        self.sample().map(|s| s.total_bytes)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn os_sample(previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), ProbeError> {
+    linux::sample(previous)
+}
+
+#[cfg(target_os = "macos")]
+fn os_sample(previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), ProbeError> {
+    macos::sample(previous)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+fn os_sample(_previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), ProbeError> {
+    Err(ProbeError::Unsupported)
+}
+
+/// Rates between two counter readings, per second.
+pub fn rates(previous: Option<&Counters>, now: &Counters) -> (f64, f64, f64) {
+    let Some(p) = previous else { return (0.0, 0.0, 0.0) };
+    let dt = now.at.duration_since(p.at).as_secs_f64();
+    if dt <= 0.0 {
+        return (0.0, 0.0, 0.0);
+    }
+    (
+        now.swapped_in.saturating_sub(p.swapped_in) as f64 / dt,
+        now.swapped_out.saturating_sub(p.swapped_out) as f64 / dt,
+        (now.compressed as f64 - p.compressed as f64) / dt,
+    )
+}
+
+/// Parses a snapshot file written by a test.
+fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ProbeError::Read { path: path.display().to_string(), source: e })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ProbeError::Parse { path: path.display().to_string(), reason: e.to_string() })?;
+    let u = |k: &str| v[k].as_u64().unwrap_or(0);
+    let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    Ok(MemorySnapshot {
+        total_bytes: u("total_bytes"),
+        available_bytes: u("available_bytes"),
+        compressed_bytes: u("compressed_bytes"),
+        compressed_growth_bytes_per_s: f("compressed_growth_bytes_per_s"),
+        swap_used_bytes: u("swap_used_bytes"),
+        swap_in_bytes_per_s: f("swap_in_bytes_per_s"),
+        swap_out_bytes_per_s: f("swap_out_bytes_per_s"),
+        psi_some_avg10: v["psi_some_avg10"].as_f64(),
+        psi_full_avg10: v["psi_full_avg10"].as_f64(),
+        os_level: match v["os_level"].as_str() {
+            Some("warn") => Some(ult_policy::OsPressure::Warn),
+            Some("critical") => Some(ult_policy::OsPressure::Critical),
+            Some("normal") => Some(ult_policy::OsPressure::Normal),
+            _ => None,
+        },
+        process_bytes: u("process_bytes"),
+    })
+}
+
+/// Free and total bytes of a GPU device's memory (None on CPU).
+#[cfg(feature = "cuda")]
+pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    match device {
+        candle_core::Device::Cuda(d) => {
+            // The driver reports for the current context; candle binds its context to this thread on use.
+            let stream = d.cuda_stream();
+            stream.context().bind_to_thread().ok()?;
+            let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+            Some((free as u64, total as u64))
+        }
+        _ => None,
+    }
+}
+
+/// Free and total bytes of a GPU device's memory (None on CPU).
+#[cfg(not(feature = "cuda"))]
+pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    let _ = device;
+    None
+}
