@@ -1,0 +1,67 @@
+//! Tokenizer fixtures: ult's tokenizers against ids produced by independent implementations
+//! (transformers for the gpt2 vocabulary, sentencepiece for the llama vocabulary, tokenizers for BERT;
+//! see scripts/tokenizer-fixtures.py), on chat tags, digits, tabs, non-ASCII text and emoji.
+
+use std::path::PathBuf;
+
+use ultd::engine::gguf::GgufHeader;
+use ultd::engine::tokenizer::Tokenizer;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn models() -> PathBuf {
+    std::env::var_os("ULT_MODELS_DIR").map_or_else(|| root().join("models"), PathBuf::from)
+}
+
+fn check(tokenizer: &Tokenizer, fixture: &str) {
+    let path = root().join("daemon/tests/fixtures/tokenizer").join(fixture);
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for case in cases.as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let got = tokenizer.encode(text, tokenizer.kind() == "wordpiece");
+        if got != expected {
+            failures.push(format!("{text:?}\n  expected {expected:?}\n  got      {got:?}"));
+        }
+        // Decoding gives the text back for the byte-level and SentencePiece vocabularies (control tokens
+        // render as nothing).
+        if tokenizer.kind() != "wordpiece" && !text.contains('<') {
+            assert_eq!(tokenizer.decode(&got), text, "round trip");
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.as_array().unwrap().len(), failures.join("\n"));
+}
+
+fn gguf_tokenizer(file: &str) -> Tokenizer {
+    let path = models().join(file);
+    let header = GgufHeader::read(&path).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models.sh)"));
+    Tokenizer::from_gguf(&header.vocab).unwrap()
+}
+
+#[test]
+fn smollm2_gpt2_vocabulary_matches_transformers() {
+    let t = gguf_tokenizer("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(t.kind(), "gpt2");
+    check(&t, "smollm2.json");
+    // ChatML tags are single tokens and end generation.
+    assert_eq!(t.encode("<|im_end|>", false), vec![2]);
+    assert!(t.is_stop(2));
+}
+
+#[test]
+fn gemma3_sentencepiece_vocabulary_matches_sentencepiece() {
+    let t = gguf_tokenizer("gemma3/gemma-3-270m-q4_k_m.gguf");
+    assert_eq!(t.kind(), "llama");
+    check(&t, "gemma3.json");
+    assert_eq!(t.encode("Hi", true)[0], 2, "Gemma adds BOS");
+    assert!(t.is_stop(106), "<end_of_turn> ends generation");
+}
+
+#[test]
+fn minilm_wordpiece_matches_tokenizers() {
+    let t = Tokenizer::from_bert_json(&models().join("minilm/tokenizer.json")).unwrap();
+    check(&t, "minilm.json");
+}
