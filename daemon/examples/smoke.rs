@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
         ("gemma3", ModelKind::Completion, "models/gemma3/gemma-3-270m-q4_k_m.gguf"),
     ];
     for (name, kind, path) in models {
-        let source = ModelSource { name: name.into(), kind, path: path.into(), context: 2048, max_sequences: 1, chat_template: None };
+        let source = ModelSource { name: name.into(), kind, path: path.into(), context: Some(2048), max_sequences: 1, chat_template: None };
         let t = Instant::now();
         let insp = engine.inspect(&source)?;
         println!("{name}: inspect {:?} predicted {:?}", t.elapsed(), insp.footprint);
@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
         while let Ok(GenEvent::Delta(d)) = rx.try_recv() { text.push_str(&d); }
         println!("{name}: {text:?}\n  {stats:?} prompt {:.1} tok/s decode {:.1} tok/s", stats.prompt_tps(), stats.decode_tps());
     }
-    let source = ModelSource { name: "minilm".into(), kind: ModelKind::Embedding, path: "models/minilm".into(), context: 256, max_sequences: 1, chat_template: None };
+    let source = ModelSource { name: "minilm".into(), kind: ModelKind::Embedding, path: "models/minilm".into(), context: Some(256), max_sequences: 1, chat_template: None };
     let insp = engine.inspect(&source)?;
     let mut model = engine.load(&source, &insp, 256, &|_| {})?;
     let mut e = |t: &str| model.embed(&insp.tokenizer.encode(t, true));

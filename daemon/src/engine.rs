@@ -31,6 +31,9 @@ use transformer::{Transformer, WeightSource};
 /// Prompts are prefilled in chunks of this many tokens, bounding activation memory.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// The context of a decoder whose config sets none (capped at the model's trained context).
+pub const DEFAULT_CONTEXT: usize = 4096;
+
 /// What can go wrong reading, loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -117,9 +120,27 @@ pub enum EngineError {
     /// The model's worker stopped (it was unloaded or crashed).
     #[error("the model's worker is gone")]
     WorkerGone,
+    /// Model code panicked; the model was dropped and the daemon carries on.
+    #[error("model code crashed while {context}: {message}")]
+    Crashed {
+        /// What was being done.
+        context: &'static str,
+        /// The panic message.
+        message: String,
+    },
 }
 
 impl EngineError {
+    /// Turns a caught panic into an error.
+    pub fn from_panic(context: &'static str, payload: Box<dyn std::any::Any + Send>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Self::Crashed { context, message }
+    }
+
     /// Wraps a Candle error with what was being done.
     pub fn candle(context: String, source: candle_core::Error) -> Self {
         Self::Candle { context, source: Box::new(source) }
@@ -158,8 +179,8 @@ pub struct ModelSource {
     pub kind: ModelKind,
     /// A GGUF file, or a directory with config.json, model.safetensors and tokenizer.json.
     pub path: PathBuf,
-    /// Context window in tokens.
-    pub context: usize,
+    /// Context window in tokens (None: [`DEFAULT_CONTEXT`], capped at what the model supports).
+    pub context: Option<usize>,
     /// Sequences served at once.
     pub max_sequences: u32,
     /// A chat template that replaces the file's.
@@ -179,8 +200,8 @@ pub struct Inspection {
     pub template: Option<Arc<ChatTemplate>>,
     /// The kind it is served as: a chat model without a template is served as completion.
     pub kind: ModelKind,
-    /// The most tokens one input may have.
-    pub max_input_tokens: usize,
+    /// The context window (decoders) or the longest input (encoders), in tokens.
+    pub context: usize,
     /// Bytes the load reads (for progress).
     pub load_bytes: u64,
 }
@@ -218,6 +239,8 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Result<Box<dyn LoadedModel>, EngineError>;
     /// "cpu", "cuda:0", "metal:0".
     fn device_name(&self) -> String;
+    /// The Candle device models run on (the memory probe watches its pool).
+    fn device(&self) -> Device;
     /// Bytes in use in the device's memory pool, for GPU devices (None on CPU).
     fn device_memory(&self) -> Option<(u64, u64)>;
 }
@@ -249,10 +272,6 @@ impl CandleEngine {
         Ok(Self { device })
     }
 
-    /// The Candle device.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
 }
 
 impl Engine for CandleEngine {
@@ -277,7 +296,7 @@ impl Engine for CandleEngine {
                 let config = BertConfig::read(&dir.join("config.json"))?;
                 let map = map_file(&header.path)?;
                 let bert = Bert::load(&header, &map, config, &self.device, progress)?;
-                let mut model = EmbeddingModel { bert, max_input: inspection.max_input_tokens };
+                let mut model = EmbeddingModel { bert, max_input: inspection.context };
                 // Warm-up: the first pass sizes Candle's lazily built structures.
                 model.embed(&[101, 2023, 102])?;
                 Ok(Box::new(model))
@@ -286,9 +305,9 @@ impl Engine for CandleEngine {
                 let header = GgufHeader::read(&source.path)?;
                 let map = map_file(&source.path)?;
                 let src = WeightSource { header: &header, data: &map, device: &self.device, progress };
-                let transformer = Transformer::load(&src, source.context)?;
+                let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);
-                let mut model = DecoderModel { transformer, cache: None, budget: kv_tokens.min(source.context) };
+                let mut model = DecoderModel { transformer, cache: None, budget: kv_tokens.min(inspection.context) };
                 model.warm_up()?;
                 Ok(Box::new(model))
             }
@@ -301,6 +320,10 @@ impl Engine for CandleEngine {
             Device::Cuda(_) => "cuda:0".into(),
             Device::Metal(_) => "metal:0".into(),
         }
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {
@@ -321,13 +344,17 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
 fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineError> {
     let header = GgufHeader::read(&source.path)?;
     let trained = header.hparams.trained_context;
-    if source.context > trained {
-        return Err(EngineError::ContextBeyondModel {
-            path: source.path.display().to_string(),
-            configured: source.context,
-            trained,
-        });
-    }
+    let context = match source.context {
+        Some(c) if c > trained => {
+            return Err(EngineError::ContextBeyondModel {
+                path: source.path.display().to_string(),
+                configured: c,
+                trained,
+            });
+        }
+        Some(c) => c,
+        None => DEFAULT_CONTEXT.min(trained),
+    };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&header.vocab)?);
     let template_source = source.chat_template.clone().or_else(|| header.chat_template.clone());
     let template = match (source.kind, template_source) {
@@ -346,12 +373,12 @@ fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineErr
         (k, _) => k,
     };
     Ok(Inspection {
-        footprint: header.footprint(source.context, source.max_sequences, cpu),
+        footprint: header.footprint(context, source.max_sequences, cpu),
         architecture: header.hparams.arch.as_str().to_string(),
         tokenizer,
         template,
         kind,
-        max_input_tokens: source.context,
+        context,
         load_bytes: header.tensors.values().map(|t| t.bytes).sum(),
     })
 }
@@ -361,7 +388,7 @@ fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
     let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
     let config = BertConfig::read(&dir.join("config.json"))?;
     let tokenizer = Arc::new(Tokenizer::from_bert_json(&dir.join("tokenizer.json"))?);
-    let max_input = source.context.min(config.max_positions);
+    let max_input = source.context.unwrap_or(config.max_positions).min(config.max_positions);
     // Activations for one input of max_input tokens: hidden states, q/k/v, scores, intermediate.
     let (h, n) = (config.hidden, max_input);
     let activations = n * (6 * h + 4 * h) * 4 + 2 * config.heads * n * n * 4;
@@ -384,7 +411,7 @@ fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
         tokenizer,
         template: None,
         kind: ModelKind::Embedding,
-        max_input_tokens: max_input,
+        context: max_input,
         load_bytes: header.data_bytes,
     })
 }

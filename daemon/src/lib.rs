@@ -1,7 +1,14 @@
 //! ultd: the ult daemon as a library — config, engine, memory probes, the state owner that executes the
-//! policy's plans, and the gRPC server. The `ultd` binary is a thin wrapper over [`server::run`].
+//! policy's plans, and the gRPC server. The `ultd` binary is a thin wrapper over [`server::spawn`].
 #![deny(missing_docs)]
 
 pub mod alloc;
+pub mod config;
 pub mod engine;
+pub mod error;
 pub mod probe;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod state_file;
+pub mod supervisor;

@@ -1,2 +1,140 @@
-//! The ultd binary.
-fn main() {}
+//! ultd: keeps models resident and governs their memory. `ultd --config models.toml`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ultd::config::Config;
+use ultd::engine::{CandleEngine, Engine};
+
+#[global_allocator]
+static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
+
+/// Exit code for an invalid configuration (EX_USAGE-like, as linkerd2-proxy uses).
+const EXIT_CONFIG: u8 = 64;
+
+/// ult's daemon.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The models and settings file.
+    #[arg(short, long, env = "ULT_CONFIG", default_value = "models.toml")]
+    config: PathBuf,
+    /// Override `[daemon] listen` (e.g. 127.0.0.1:0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Override `[daemon] socket` ("off" for none).
+    #[arg(long)]
+    socket: Option<String>,
+    /// Override `[daemon] device` (cpu, cuda:0, metal:0, auto).
+    #[arg(long)]
+    device: Option<String>,
+    /// Override `[daemon] state_file` ("off" for none).
+    #[arg(long)]
+    state_file: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ULT_LOG").unwrap_or_else(|_| "ultd=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ultd: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.check {
+        println!("{}: ok ({} models, {} routes)", config.file.display(), config.models.len(), config.routes.len());
+        return ExitCode::SUCCESS;
+    }
+    match run(config, args.device) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ultd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(args: &Args) -> Result<Config, ultd::config::ConfigError> {
+    let text = std::fs::read_to_string(&args.config).map_err(|e| ultd::config::ConfigError {
+        file: args.config.clone(),
+        line: 0,
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    // Command-line overrides are applied to the document so they are validated like the file itself.
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| ultd::config::ConfigError {
+        file: args.config.clone(),
+        line: e.span().map_or(0, |s| text[..s.start].matches('\n').count() + 1),
+        key: String::new(),
+        message: e.message().to_string(),
+    })?;
+    for (key, value) in [("listen", &args.listen), ("socket", &args.socket), ("device", &args.device), ("state_file", &args.state_file)] {
+        if let Some(v) = value {
+            doc["daemon"][key] = toml_edit::value(v.as_str());
+        }
+    }
+    let text = if [&args.listen, &args.socket, &args.device, &args.state_file].iter().any(|v| v.is_some()) {
+        doc.to_string()
+    } else {
+        text
+    };
+    Config::parse(&args.config, &text)
+}
+
+fn run(config: Config, _device: Option<String>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ultd-io")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let engine: Arc<dyn Engine> = Arc::new(CandleEngine::new(&config.daemon.device).context("opening the device")?);
+        let device = engine.device_name();
+        let running = ultd::server::spawn(config.clone(), engine).await?;
+        // The one startup line scripts and tests read.
+        let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        let socket = running.socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
+        println!("ultd listening on {tcp} (unix socket {socket}, device {device}, {} models)", config.models.len());
+        tracing::info!(tcp = %tcp, socket = %socket, device = %device, models = config.models.len(), "ultd started");
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        running.stop().await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -121,6 +121,18 @@ fn os_sample(_previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters),
     Err(ProbeError::Unsupported)
 }
 
+/// This process's resident memory in bytes, where the OS tells.
+pub fn process_rss() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        std::fs::read_to_string("/proc/self/statm").ok().and_then(|t| linux::parse_statm(&t, 4096))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// Rates between two counter readings, per second.
 pub fn rates(previous: Option<&Counters>, now: &Counters) -> (f64, f64, f64) {
     let Some(p) = previous else { return (0.0, 0.0, 0.0) };

@@ -377,6 +377,7 @@ impl Governor {
                 self.on_load_failed(&model, reason, now, &mut plan)
             }
             Event::UnloadFinished { model } => self.on_unload_finished(&model, now, &mut plan),
+            Event::Lost { model, reason } => self.on_lost(&model, reason, now, &mut plan),
             Event::Snapshot(snapshot) => self.on_snapshot(snapshot, now, &mut plan),
             Event::Tick => self.on_tick(now, &mut plan),
         }
@@ -755,6 +756,30 @@ impl Governor {
         let waiters = std::mem::take(&mut entry.waiters);
         for (id, kind) in waiters {
             self.on_request(id, model, kind, now, plan);
+        }
+        self.drain_pending(now, plan);
+    }
+
+    fn on_lost(&mut self, model: &str, reason: String, now: u64, plan: &mut Plan) {
+        let backoff = self.config.backoff;
+        let Some(entry) = self.models.get_mut(model) else { return };
+        if !matches!(entry.residency, Residency::Resident | Residency::Unloading) {
+            return;
+        }
+        let attempts = entry.failure.as_ref().map_or(0, |f| f.attempts) + 1;
+        entry.residency = Residency::Failed;
+        entry.kv_dropped = false;
+        entry.failure = Some(Failure {
+            reason: reason.clone(),
+            attempts,
+            retry_at_ms: now.saturating_add(backoff.delay_ms(attempts)),
+        });
+        let delay = backoff.delay_ms(attempts);
+        for (id, _) in std::mem::take(&mut entry.waiters) {
+            plan.actions.push(Action::Reject {
+                id,
+                reason: Rejection::LoadFailed { model: model.to_string(), reason: reason.clone(), retry_in_ms: delay },
+            });
         }
         self.drain_pending(now, plan);
     }

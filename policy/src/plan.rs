@@ -51,6 +51,14 @@ pub enum Event {
         /// The model.
         model: String,
     },
+    /// A resident model's memory is gone without an unload (its worker crashed). It goes to `Failed` with
+    /// a backoff; requests still in flight end with `RequestDone` as usual.
+    Lost {
+        /// The model.
+        model: String,
+        /// Why, in words.
+        reason: String,
+    },
     /// A new memory sample.
     Snapshot(MemorySnapshot),
     /// Time passed: keep-alive expiries, lease expiries.

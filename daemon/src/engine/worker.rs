@@ -116,6 +116,17 @@ pub enum Job {
     SetBudget(usize),
 }
 
+/// A clonable way to queue jobs on a worker (held by a request while it runs).
+#[derive(Debug, Clone)]
+pub struct JobSender(mpsc::Sender<Job>);
+
+impl JobSender {
+    /// Queues a job.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.0.send(job).map_err(|_| EngineError::WorkerGone)
+    }
+}
+
 /// A handle to a worker thread.
 #[derive(Debug)]
 pub struct Worker {
@@ -125,21 +136,26 @@ pub struct Worker {
 
 impl Worker {
     /// Starts a worker for `model`. `on_exit` runs on the worker thread after the model is dropped (its
-    /// memory is back), with the thread's name.
+    /// memory is back), with `None` after a stop, or the error when model code crashed.
     pub fn spawn(
         name: &str,
         model: Box<dyn LoadedModel>,
         tokenizer: Arc<Tokenizer>,
-        on_exit: impl FnOnce() + Send + 'static,
+        on_exit: impl FnOnce(Option<EngineError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name(format!("ult-{name}"))
             .spawn(move || {
-                run(model, &tokenizer, rx);
-                on_exit();
+                let crash = run(model, &tokenizer, rx);
+                on_exit(crash);
             })?;
         Ok(Self { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// A sender for requests to hold while they run.
+    pub fn sender(&self) -> Option<JobSender> {
+        self.tx.clone().map(JobSender)
     }
 
     /// Queues a job.
@@ -167,7 +183,10 @@ impl Worker {
     }
 }
 
-fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receiver<Job>) {
+/// Serves jobs until every sender is gone. A panic in model code fails the job at hand, drops the model
+/// and ends the worker (its state can no longer be trusted); the error is returned.
+fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receiver<Job>) -> Option<EngineError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
     while let Ok(job) = rx.recv() {
         match job {
             Job::Generate(job) => {
@@ -175,16 +194,32 @@ fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receive
                     continue;
                 }
                 let events = job.events.clone();
-                let result = generate(model.as_mut(), tokenizer, job);
-                let last = match result {
-                    Ok(stats) => GenEvent::Done(stats),
-                    Err(e) => GenEvent::Failed(e),
-                };
-                let _ = events.blocking_send(last);
+                match catch_unwind(AssertUnwindSafe(|| generate(model.as_mut(), tokenizer, job))) {
+                    Ok(Ok(stats)) => {
+                        let _ = events.blocking_send(GenEvent::Done(stats));
+                    }
+                    Ok(Err(e)) => {
+                        let _ = events.blocking_send(GenEvent::Failed(e));
+                    }
+                    Err(panic) => {
+                        let _ = events.blocking_send(GenEvent::Failed(EngineError::from_panic("generating", panic)));
+                        return Some(EngineError::Crashed { context: "generating", message: "see the failed request".into() });
+                    }
+                }
             }
             Job::Embed(job) => {
-                let result = job.inputs.iter().map(|ids| model.embed(ids)).collect();
-                let _ = job.reply.send(result);
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    job.inputs.iter().map(|ids| model.embed(ids)).collect::<Result<Vec<_>, _>>()
+                }));
+                match result {
+                    Ok(r) => {
+                        let _ = job.reply.send(r);
+                    }
+                    Err(panic) => {
+                        let _ = job.reply.send(Err(EngineError::from_panic("embedding", panic)));
+                        return Some(EngineError::Crashed { context: "embedding", message: "see the failed request".into() });
+                    }
+                }
             }
             Job::ReleaseKv => model.release_kv(),
             Job::SetBudget(tokens) => {
@@ -194,6 +229,7 @@ fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receive
             }
         }
     }
+    None
 }
 
 fn ms(since: Instant) -> f64 {

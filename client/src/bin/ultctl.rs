@@ -1,0 +1,439 @@
+//! ultctl: talk to ultd. Tables by default, `--json` for scripts. Exit codes: 0 ok, 1 a negative answer
+//! (not resident, would not fit, no such lease), 2 an error. A closed stdout (`| head`) exits 0.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use ult_client::{Client, GenerateEvent, GenerateRequest, Sampling, StatusReport, human_bytes};
+
+/// Control ult's daemon.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// ultd's address: host:port or unix:///path/to/ultd.sock.
+    #[arg(long, env = "ULT_ADDR", default_value = "127.0.0.1:50051", global = true)]
+    addr: String,
+    /// Print JSON instead of tables (documented in README.md, "ultctl --json").
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show memory, pressure and every model's state and ledger.
+    Status,
+    /// Load a model (a progress bar shows bytes as they load).
+    Load {
+        /// Model, alias or route.
+        model: String,
+    },
+    /// Unload an idle, unpinned model.
+    Unload {
+        /// Model, alias or route.
+        model: String,
+    },
+    /// Generate text, streaming it to stdout; statistics go to stderr.
+    Generate {
+        /// Model, alias or route.
+        model: String,
+        /// The prompt (with --chat, the user message).
+        prompt: String,
+        /// Use the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// A system message (implies --chat).
+        #[arg(long)]
+        system: Option<String>,
+        /// Most new tokens.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Sampling temperature (0: greedy).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Top-k.
+        #[arg(long)]
+        top_k: Option<u32>,
+        /// Top-p.
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Repetition penalty.
+        #[arg(long)]
+        repetition_penalty: Option<f32>,
+        /// Seed (same seed, same text).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop sequence (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Embed texts.
+    Embed {
+        /// Model, alias or route.
+        model: String,
+        /// Texts.
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
+    /// Pin a model: load it and never evict it.
+    Pin {
+        /// Model, alias or route.
+        model: String,
+    },
+    /// Remove a pin.
+    Unpin {
+        /// Model, alias or route.
+        model: String,
+    },
+    /// Hold a model against eviction for a while.
+    Lease {
+        /// Model, alias or route.
+        model: String,
+        /// Seconds (default 300).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Release a lease.
+    Release {
+        /// The lease id.
+        lease_id: u64,
+    },
+    /// Show what loading a model would evict, without doing it.
+    PlanLoad {
+        /// Model, alias or route.
+        model: String,
+    },
+    /// Stream state changes: loads, evictions with reasons, pressure.
+    Watch,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ultctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ultctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut client = Client::connect(&cli.addr).await?;
+    let mut out = std::io::stdout().lock();
+    let json = cli.json;
+    match cli.command {
+        Command::Status => {
+            let s = client.status().await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+            } else {
+                print_status(&mut out, &s)?;
+            }
+        }
+        Command::Load { model } => {
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let outcome = client
+                .load(&model, |loaded, total| {
+                    if tty && total > 0 {
+                        let width = 30;
+                        let filled = (loaded.min(total) * width / total) as usize;
+                        eprint!(
+                            "\r{model} [{}{}] {:>3}% {} / {}",
+                            "#".repeat(filled),
+                            " ".repeat(width as usize - filled),
+                            loaded * 100 / total,
+                            human_bytes(loaded),
+                            human_bytes(total)
+                        );
+                    }
+                })
+                .await;
+            if tty {
+                eprint!("\r\x1b[2K");
+            }
+            let o = outcome?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&o)?)?;
+            } else if o.loaded_now {
+                writeln!(
+                    out,
+                    "loaded {} in {} ms: measured {} (predicted {}){}",
+                    o.model,
+                    o.load_ms,
+                    human_bytes(o.measured_bytes),
+                    human_bytes(o.predicted_bytes),
+                    if o.evicted.is_empty() { String::new() } else { format!("; evicted {}", o.evicted.join(", ")) }
+                )?;
+            } else {
+                writeln!(out, "{} is already resident", o.model)?;
+            }
+        }
+        Command::Unload { model } => {
+            let o = client.unload(&model).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&o)?)?;
+            } else if o.unloaded {
+                writeln!(out, "unloaded {} ({} freed)", o.model, human_bytes(o.freed_bytes))?;
+            } else {
+                writeln!(out, "{} was not resident", o.model)?;
+            }
+            if !o.unloaded {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Generate { model, prompt, chat, system, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop } => {
+            let messages = if chat || system.is_some() {
+                let mut m = Vec::new();
+                if let Some(s) = system {
+                    m.push(("system".to_string(), s));
+                }
+                m.push(("user".to_string(), prompt.clone()));
+                m
+            } else {
+                Vec::new()
+            };
+            let req = GenerateRequest {
+                model,
+                prompt,
+                messages,
+                max_tokens,
+                sampling: Sampling { temperature, top_k, top_p, repetition_penalty, seed },
+                stop,
+            };
+            let stream = client.generate(req).await?;
+            futures::pin_mut!(stream);
+            let mut text = String::new();
+            while let Some(event) = stream.next().await {
+                match event? {
+                    GenerateEvent::Delta(t) => {
+                        if json {
+                            text.push_str(&t);
+                        } else {
+                            out.write_all(t.as_bytes())?;
+                            out.flush()?;
+                        }
+                    }
+                    GenerateEvent::Done(stats) => {
+                        if json {
+                            let v = serde_json::json!({ "text": text, "stats": stats });
+                            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+                        } else {
+                            writeln!(out)?;
+                            eprintln!(
+                                "[{}] {} prompt + {} generated tokens, finish {}; prompt {:.1} tok/s, decode {:.1} tok/s, first token {} ms{}",
+                                stats.model,
+                                stats.prompt_tokens,
+                                stats.completion_tokens,
+                                stats.finish_reason,
+                                stats.prompt_tokens_per_s,
+                                stats.decode_tokens_per_s,
+                                stats.time_to_first_token_ms,
+                                stats.load_ms.map(|ms| format!(", loaded in {ms} ms")).unwrap_or_default()
+                            );
+                        }
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+            anyhow::bail!("the stream ended without final statistics");
+        }
+        Command::Embed { model, texts } => {
+            let o = client.embed(&model, texts.clone()).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&o)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = texts
+                    .iter()
+                    .zip(&o.embeddings)
+                    .map(|(t, e)| {
+                        let head: Vec<String> = e.iter().take(4).map(|x| format!("{x:.4}")).collect();
+                        vec![truncate(t, 40), e.len().to_string(), format!("[{}, …]", head.join(", "))]
+                    })
+                    .collect();
+                table(&mut out, &["TEXT", "DIM", "VALUES"], &rows)?;
+            }
+        }
+        Command::Pin { model } => {
+            let m = client.pin(&model).await?;
+            print_line(&mut out, json, &serde_json::json!({"model": m, "pinned": true}), &format!("pinned {m}"))?;
+        }
+        Command::Unpin { model } => {
+            let m = client.unpin(&model).await?;
+            print_line(&mut out, json, &serde_json::json!({"model": m, "pinned": false}), &format!("unpinned {m}"))?;
+        }
+        Command::Lease { model, ttl } => {
+            let l = client.lease(&model, ttl.map(Duration::from_secs)).await?;
+            let text = format!("lease {} on {} until {} (unix ms)", l.lease_id, l.model, l.expires_unix_ms);
+            print_line(&mut out, json, &serde_json::to_value(&l)?, &text)?;
+        }
+        Command::Release { lease_id } => {
+            let released = client.release(lease_id).await?;
+            let text = if released { format!("released lease {lease_id}") } else { format!("no lease {lease_id}") };
+            print_line(&mut out, json, &serde_json::json!({"lease_id": lease_id, "released": released}), &text)?;
+            if !released {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::PlanLoad { model } => {
+            let p = client.plan_load(&model).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&p)?)?;
+            } else if p.already_resident {
+                writeln!(out, "{} is already resident", p.model)?;
+            } else {
+                writeln!(out, "{}: needs {}, {} free", p.model, human_bytes(p.need_bytes), human_bytes(p.free_bytes))?;
+                match (&p.refusal, p.fits) {
+                    (Some(r), _) => writeln!(out, "would not load: {r}")?,
+                    (None, true) if p.evictions.is_empty() => writeln!(out, "fits without evicting anything")?,
+                    _ => {
+                        let rows: Vec<Vec<String>> = p
+                            .evictions
+                            .iter()
+                            .map(|(m, b, s)| vec![m.clone(), human_bytes(*b), format!("{s:.3}")])
+                            .collect();
+                        writeln!(out, "would evict, in order:")?;
+                        table(&mut out, &["MODEL", "FREES", "SCORE"], &rows)?;
+                    }
+                }
+            }
+            if !p.fits {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Watch => {
+            let stream = client.watch().await?;
+            futures::pin_mut!(stream);
+            while let Some(item) = stream.next().await {
+                let item = item?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&item)?)?;
+                } else {
+                    writeln!(out, "{} {:<11} {:<12} {}", item.unix_ms, item.kind, item.model.unwrap_or_default(), item.detail)?;
+                }
+                out.flush()?;
+            }
+        }
+    }
+    out.flush().context("writing output")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_line(out: &mut impl Write, json: bool, value: &serde_json::Value, text: &str) -> anyhow::Result<()> {
+    if json {
+        writeln!(out, "{value}")?;
+    } else {
+        writeln!(out, "{text}")?;
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
+}
+
+fn duration(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{}s", ms / 1000),
+        60_000..3_600_000 => format!("{}m", ms / 60_000),
+        _ => format!("{}h", ms / 3_600_000),
+    }
+}
+
+fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
+    let d = &s.daemon;
+    writeln!(
+        out,
+        "ultd {} on {} · ceiling {} of {} · used {} · free {} · available {} · pressure {}",
+        d.version,
+        d.device,
+        human_bytes(d.ceiling_bytes),
+        human_bytes(d.pool_total_bytes),
+        human_bytes(d.used_bytes),
+        human_bytes(d.free_bytes),
+        human_bytes(d.available_bytes),
+        d.pressure
+    )?;
+    if d.pressure != "normal" {
+        writeln!(out, "pressure: {}", d.pressure_reason)?;
+    }
+    let rows: Vec<Vec<String>> = s
+        .models
+        .iter()
+        .map(|m| {
+            let state = match (&m.failure, m.state) {
+                (Some(f), _) => format!("failed: {}", truncate(f, 60)),
+                (None, st) => format!("{st:?}").to_lowercase(),
+            };
+            vec![
+                m.name.clone(),
+                m.kind.clone(),
+                state,
+                human_bytes(m.predicted_bytes),
+                m.measured_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                format!("{}", m.kv_budget_tokens),
+                if m.pinned { "yes".into() } else { "".into() },
+                if m.state == ult_client::ModelState::Resident && m.in_flight == 0 { duration(m.idle_ms) } else { "".into() },
+                m.keep_alive_ms.map_or_else(|| "never".into(), duration),
+                format!("{}/{}", m.in_flight, m.queued),
+                format!("{:.2}", m.score),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["MODEL", "KIND", "STATE", "PREDICTED", "MEASURED", "KV TOKENS", "PIN", "IDLE", "KEEP-ALIVE", "RUN/WAIT", "SCORE"],
+        &rows,
+    )?;
+    if !s.routes.is_empty() {
+        writeln!(out)?;
+        let rows: Vec<Vec<String>> =
+            s.routes.iter().map(|r| vec![r.name.clone(), r.strategy.clone(), r.models.join(" → ")]).collect();
+        table(out, &["ROUTE", "STRATEGY", "MODELS"], &rows)?;
+    }
+    Ok(())
+}
+
+/// A plain left-aligned table.
+fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}

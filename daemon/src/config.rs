@@ -1,0 +1,562 @@
+//! `models.toml`: daemon settings, models and routes, parsed into typed structs and validated before any
+//! socket is bound. Every error names the file, the line and the key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use ult_policy::{KeepAlive, Route, RouteStrategy, Router, SizeSpec, parse_duration_ms};
+
+use crate::engine::ModelKind;
+use crate::probe::ProbeSource;
+
+/// A configuration error, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (0 when the file could not be read).
+    pub line: usize,
+    /// The dotted key (`models.smollm2.context`), or empty when the file as a whole is wrong.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// Daemon settings.
+    pub daemon: DaemonConfig,
+    /// Models, by name.
+    pub models: Vec<ModelConfig>,
+    /// Routes.
+    pub routes: Vec<Route>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// TCP address for gRPC (None: no TCP listener).
+    pub listen: Option<SocketAddr>,
+    /// Unix socket for gRPC (None: none).
+    pub socket: Option<PathBuf>,
+    /// "cpu", "cuda:N", "metal:N" or "auto".
+    pub device: String,
+    /// The memory ceiling.
+    pub memory_ceiling: SizeSpec,
+    /// Memory kept free for the OS.
+    pub headroom: SizeSpec,
+    /// The most models resident at once.
+    pub max_resident: Option<u32>,
+    /// Default keep-alive for models that set none.
+    pub keep_alive: KeepAlive,
+    /// Where pins and explicit loads persist.
+    pub state_file: Option<PathBuf>,
+    /// How often the memory probe samples.
+    pub probe_interval_ms: u64,
+    /// Where samples come from.
+    pub probe: ProbeSource,
+    /// How long a request waits for memory or a load before RESOURCE_EXHAUSTED.
+    pub load_wait_ms: u64,
+    /// How long shutdown lets in-flight streams finish.
+    pub shutdown_grace_ms: u64,
+}
+
+/// `[models.NAME]`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// The name.
+    pub name: String,
+    /// What it is for.
+    pub kind: ModelKind,
+    /// A GGUF file, or a BERT directory; relative paths are relative to models.toml.
+    pub path: PathBuf,
+    /// Context window in tokens (None: the engine's default for the model).
+    pub context: Option<usize>,
+    /// Other names for it.
+    pub aliases: Vec<String>,
+    /// Idle time before unloading.
+    pub keep_alive: KeepAlive,
+    /// Pinned at boot.
+    pub pinned: bool,
+    /// Eviction priority multiplier.
+    pub priority: f64,
+    /// Loaded at boot.
+    pub preload: bool,
+    /// Sequences served at once.
+    pub max_sequences: u32,
+    /// The smallest KV budget shedding may shrink it to, in tokens.
+    pub min_context: Option<usize>,
+    /// A chat template replacing the file's.
+    pub chat_template: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    routes: BTreeMap<String, RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    listen: Option<String>,
+    socket: Option<String>,
+    device: Option<String>,
+    memory_ceiling: Option<SizeValue>,
+    headroom: Option<SizeValue>,
+    max_resident: Option<u32>,
+    keep_alive: Option<SizeValue>,
+    state_file: Option<String>,
+    probe_interval: Option<SizeValue>,
+    probe: Option<RawProbe>,
+    load_wait: Option<SizeValue>,
+    shutdown_grace: Option<SizeValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    source: String,
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: String,
+    kind: ModelKind,
+    context: Option<u32>,
+    #[serde(default)]
+    aliases: Vec<String>,
+    keep_alive: Option<SizeValue>,
+    #[serde(default)]
+    pin: bool,
+    priority: Option<f64>,
+    #[serde(default)]
+    preload: bool,
+    max_sequences: Option<u32>,
+    min_context: Option<u32>,
+    chat_template: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    models: Vec<String>,
+    strategy: Option<String>,
+}
+
+/// Sizes and durations may be written as strings ("4GiB", "30m") or plain numbers (bytes, seconds).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Int(i64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn text(&self) -> String {
+        match self {
+            Self::Int(i) => i.to_string(),
+            Self::Text(t) => t.clone(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path` (relative model paths resolve against its directory).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let locator = Locator::new(path, text);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let key = locator.key_at(offset);
+            let message = e.message().trim().to_string();
+            locator.error_at(offset, key, message)
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let daemon = parse_daemon(&locator, &raw.daemon, &base)?;
+        if raw.models.is_empty() {
+            return Err(locator.error(&["models"], "no models are configured; add a [models.NAME] table"));
+        }
+        let mut models = Vec::new();
+        for (name, m) in &raw.models {
+            models.push(parse_model(&locator, name, m, &daemon, &base)?);
+        }
+        let mut routes = Vec::new();
+        for (name, r) in &raw.routes {
+            let strategy = match r.strategy.as_deref() {
+                None => RouteStrategy::PreferResident,
+                Some(s) => RouteStrategy::parse(s).ok_or_else(|| {
+                    locator.error(
+                        &["routes", name, "strategy"],
+                        &format!("unknown strategy {s:?}; expected \"prefer-resident\" or \"ordered\""),
+                    )
+                })?,
+            };
+            routes.push(Route { name: name.clone(), models: r.models.clone(), strategy });
+        }
+        let config = Self { file: path.to_path_buf(), daemon, models, routes };
+        // Names, aliases and routes must resolve and not collide.
+        config.router().map_err(|e| {
+            let key = match &e {
+                ult_policy::RouterError::UnknownTarget { name, .. } | ult_policy::RouterError::EmptyRoute(name) => {
+                    if raw.routes.contains_key(name) {
+                        vec!["routes".to_string(), name.clone(), "models".to_string()]
+                    } else {
+                        let owner = raw.models.iter().find(|(_, m)| m.aliases.contains(name)).map(|(n, _)| n.clone());
+                        vec!["models".into(), owner.unwrap_or_default(), "aliases".into()]
+                    }
+                }
+                ult_policy::RouterError::DuplicateName(name) => {
+                    if raw.routes.contains_key(name) {
+                        vec!["routes".to_string(), name.clone()]
+                    } else {
+                        let owner = raw.models.iter().find(|(_, m)| m.aliases.contains(name)).map(|(n, _)| n.clone());
+                        vec!["models".into(), owner.unwrap_or_else(|| name.clone()), "aliases".into()]
+                    }
+                }
+            };
+            let key: Vec<&str> = key.iter().map(String::as_str).collect();
+            locator.error(&key, &e.to_string())
+        })?;
+        Ok(config)
+    }
+
+    /// The router over these models, aliases and routes.
+    pub fn router(&self) -> Result<Router, ult_policy::RouterError> {
+        Router::try_new(
+            self.models.iter().map(|m| m.name.clone()),
+            self.models.iter().flat_map(|m| m.aliases.iter().map(|a| (a.clone(), m.name.clone()))),
+            self.routes.iter().cloned(),
+        )
+    }
+}
+
+fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonConfig, ConfigError> {
+    let listen = match d.listen.as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
+        Some("" | "none" | "off") => None,
+        Some(s) => Some(s.parse().map_err(|_| {
+            l.error(&["daemon", "listen"], &format!("{s:?} is not an address like \"127.0.0.1:50051\""))
+        })?),
+    };
+    let socket = match d.socket.as_deref() {
+        None => Some(default_state_dir().join("ultd.sock")),
+        Some("" | "none" | "off") => None,
+        Some(s) => Some(resolve(base, s)),
+    };
+    if listen.is_none() && socket.is_none() {
+        return Err(l.error(&["daemon", "listen"], "both listen and socket are off; ultd would be unreachable"));
+    }
+    let size = |key: &str, v: &Option<SizeValue>, default: &str| -> Result<SizeSpec, ConfigError> {
+        let text = v.as_ref().map_or_else(|| default.to_string(), SizeValue::text);
+        let spec = SizeSpec::parse(&text).map_err(|e| l.error(&["daemon", key], &e.to_string()))?;
+        if spec == SizeSpec::Bytes(0) {
+            return Err(l.error(&["daemon", key], "must be greater than 0"));
+        }
+        Ok(spec)
+    };
+    let duration = |key: &str, v: &Option<SizeValue>, default_ms: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(default_ms),
+            Some(v) => parse_duration_ms(&v.text()).map_err(|e| l.error(&["daemon", key], &e.to_string())),
+        }
+    };
+    let memory_ceiling = size("memory_ceiling", &d.memory_ceiling, "85%")?;
+    let headroom = match &d.headroom {
+        Some(SizeValue::Int(0)) => SizeSpec::Bytes(0),
+        Some(SizeValue::Text(t)) if t.trim() == "0" => SizeSpec::Bytes(0),
+        other => size("headroom", other, "2GiB")?,
+    };
+    let keep_alive = match &d.keep_alive {
+        None => KeepAlive::DEFAULT,
+        Some(v) => KeepAlive::parse(&v.text()).map_err(|e| l.error(&["daemon", "keep_alive"], &e.to_string()))?,
+    };
+    let probe_interval_ms = duration("probe_interval", &d.probe_interval, 500)?;
+    if probe_interval_ms == 0 {
+        return Err(l.error(&["daemon", "probe_interval"], "must be greater than 0"));
+    }
+    let probe = match &d.probe {
+        None => ProbeSource::Os,
+        Some(p) => match (p.source.as_str(), &p.path) {
+            ("os", _) => ProbeSource::Os,
+            ("file", Some(path)) => ProbeSource::File(resolve(base, path)),
+            ("file", None) => return Err(l.error(&["daemon", "probe", "path"], "a file probe needs a path")),
+            (other, _) => {
+                return Err(l.error(
+                    &["daemon", "probe", "source"],
+                    &format!("unknown probe source {other:?}; expected \"os\" or \"file\" (tests only)"),
+                ));
+            }
+        },
+    };
+    if d.max_resident == Some(0) {
+        return Err(l.error(&["daemon", "max_resident"], "must be at least 1"));
+    }
+    Ok(DaemonConfig {
+        listen,
+        socket,
+        device: d.device.clone().unwrap_or_else(|| "auto".into()),
+        memory_ceiling,
+        headroom,
+        max_resident: d.max_resident,
+        keep_alive,
+        state_file: match d.state_file.as_deref() {
+            None => Some(default_state_dir().join("state.json")),
+            Some("" | "none" | "off") => None,
+            Some(s) => Some(resolve(base, s)),
+        },
+        probe_interval_ms,
+        probe,
+        load_wait_ms: duration("load_wait", &d.load_wait, 120_000)?,
+        shutdown_grace_ms: duration("shutdown_grace", &d.shutdown_grace, 10_000)?,
+    })
+}
+
+fn parse_model(
+    l: &Locator<'_>,
+    name: &str,
+    m: &RawModel,
+    daemon: &DaemonConfig,
+    base: &Path,
+) -> Result<ModelConfig, ConfigError> {
+    let key = |k: &'static str| ["models", name, k];
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
+        return Err(l.error(&["models", name], "model names use letters, digits, '-', '_', '.' and ':'"));
+    }
+    if m.path.trim().is_empty() {
+        return Err(l.error(&key("path"), "path is empty"));
+    }
+    if let Some(c) = m.context
+        && !(16..=1 << 20).contains(&c)
+    {
+        return Err(l.error(&key("context"), &format!("{c} is not between 16 and 1048576 tokens")));
+    }
+    let keep_alive = match &m.keep_alive {
+        None => daemon.keep_alive,
+        Some(v) => KeepAlive::parse(&v.text()).map_err(|e| l.error(&key("keep_alive"), &e.to_string()))?,
+    };
+    let priority = m.priority.unwrap_or(1.0);
+    if !(priority.is_finite() && priority > 0.0) {
+        return Err(l.error(&key("priority"), &format!("{priority} is not a number greater than 0")));
+    }
+    let max_sequences = m.max_sequences.unwrap_or(1);
+    if !(1..=256).contains(&max_sequences) {
+        return Err(l.error(&key("max_sequences"), &format!("{max_sequences} is not between 1 and 256")));
+    }
+    if let (Some(min), Some(ctx)) = (m.min_context, m.context)
+        && min > ctx
+    {
+        return Err(l.error(&key("min_context"), &format!("{min} is larger than the context {ctx}")));
+    }
+    let mut seen = BTreeSet::new();
+    for a in &m.aliases {
+        if !seen.insert(a) {
+            return Err(l.error(&key("aliases"), &format!("alias {a:?} is listed twice")));
+        }
+    }
+    Ok(ModelConfig {
+        name: name.to_string(),
+        kind: m.kind,
+        path: resolve(base, &m.path),
+        context: m.context.map(|c| c as usize),
+        aliases: m.aliases.clone(),
+        keep_alive,
+        pinned: m.pin,
+        priority,
+        preload: m.preload,
+        max_sequences,
+        min_context: m.min_context.map(|c| c as usize),
+        chat_template: m.chat_template.clone(),
+    })
+}
+
+fn resolve(base: &Path, path: &str) -> PathBuf {
+    let expanded = match path.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME").map_or_else(|| PathBuf::from(path), |h| PathBuf::from(h).join(rest)),
+        None => PathBuf::from(path),
+    };
+    if expanded.is_absolute() { expanded } else { base.join(expanded) }
+}
+
+/// `$ULT_STATE_DIR`, else `~/.cache/ult`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ULT_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp/ult"), |h| PathBuf::from(h).join(".cache/ult"))
+}
+
+/// Finds lines and keys in the TOML source for error messages.
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+    doc: Option<toml_edit::Document<String>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(file: &'a Path, text: &'a str) -> Self {
+        Self { file, text, doc: toml_edit::Document::parse(text.to_string()).ok() }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn error_at(&self, offset: usize, key: String, message: String) -> ConfigError {
+        ConfigError { file: self.file.to_path_buf(), line: self.line_of(offset), key, message }
+    }
+
+    /// An error at the key `path` (or its nearest existing parent).
+    fn error(&self, path: &[&str], message: &str) -> ConfigError {
+        let offset = self.span_of(path).unwrap_or(0);
+        self.error_at(offset, path.join("."), message.to_string())
+    }
+
+    fn span_of(&self, path: &[&str]) -> Option<usize> {
+        let doc = self.doc.as_ref()?;
+        let mut table: &dyn toml_edit::TableLike = doc.as_table();
+        let mut best = None;
+        for (i, part) in path.iter().enumerate() {
+            let (key, item) = table.get_key_value(part)?;
+            best = key.span().map(|s| s.start).or(best);
+            if i + 1 == path.len() {
+                break;
+            }
+            match item.as_table_like() {
+                Some(t) => table = t,
+                None => break,
+            }
+        }
+        best
+    }
+
+    /// The dotted key at `offset`: the enclosing `[table]` header plus the key assigned on that line (or
+    /// on the line where a multi-line value starts).
+    fn key_at(&self, offset: usize) -> String {
+        let line_no = self.line_of(offset);
+        let lines: Vec<&str> = self.text.lines().collect();
+        let mut key = None;
+        let mut header = String::new();
+        for i in (0..line_no.min(lines.len())).rev() {
+            let line = lines[i].trim();
+            if line.starts_with('[') {
+                header = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                break;
+            }
+            if key.is_none()
+                && let Some((k, _)) = line.split_once('=')
+                && !k.trim().is_empty()
+                && !k.contains('"')
+            {
+                key = Some(k.trim().to_string());
+            }
+        }
+        match key {
+            Some(k) if header.is_empty() => k,
+            Some(k) => format!("{header}.{k}"),
+            None => header,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+listen = "127.0.0.1:0"
+socket = "off"
+memory_ceiling = "4GiB"
+headroom = "1GiB"
+
+[models.smollm2]
+path = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+kind = "chat"
+context = 2048
+aliases = ["smol"]
+
+[models.minilm]
+path = "models/minilm"
+kind = "embedding"
+keep_alive = "never"
+
+[routes.chat]
+models = ["smollm2"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/ult/models.toml"), text)
+    }
+
+    fn check_error(text: &str, line: usize, key: &str, message_part: &str) {
+        let e = parse(text).expect_err("should fail");
+        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        assert!(e.message.contains(message_part), "{e}");
+        assert!(e.to_string().starts_with("/etc/ult/models.toml:"), "{e}");
+    }
+
+    #[test]
+    fn a_good_file() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.models.len(), 2);
+        assert_eq!(c.models[1].path, PathBuf::from("/etc/ult/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(c.models[0].keep_alive, KeepAlive::Forever);
+        assert_eq!(c.daemon.memory_ceiling, SizeSpec::Bytes(4 << 30));
+        assert_eq!(c.daemon.socket, None);
+        assert!(c.router().is_ok());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        check_error(&GOOD.replace("context = 2048", "context = \"big\""), 11, "models.smollm2.context", "invalid type");
+        check_error(&GOOD.replace("aliases = [\"smol\"]", "alias = [\"smol\"]"), 12, "models.smollm2.alias", "unknown field `alias`");
+        check_error(&GOOD.replace("kind = \"chat\"", "kind = \"poetry\""), 10, "models.smollm2.kind", "unknown variant");
+        check_error(&GOOD.replace("models = [\"smollm2\"]", "models = [\"gpt5\"]"), 20, "routes.chat.models", "unknown model \"gpt5\"");
+        check_error(&GOOD.replace("\"4GiB\"", "\"0\""), 5, "daemon.memory_ceiling", "greater than 0");
+        check_error(&GOOD.replace("\"4GiB\"", "\"four gigs\""), 5, "daemon.memory_ceiling", "cannot parse");
+        check_error(&GOOD.replace("\"1GiB\"", "\"12 parsecs\""), 6, "daemon.headroom", "cannot parse");
+        check_error(&GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""), 3, "daemon.listen", "not an address");
+        check_error(&GOOD.replace("aliases = [\"smol\"]", "aliases = [\"minilm\"]"), 12, "models.smollm2.aliases", "used more than once");
+        check_error(&GOOD.replace("keep_alive = \"never\"", "keep_alive = \"soon\""), 17, "models.minilm.keep_alive", "cannot parse");
+        check_error(&GOOD.replace("[models.minilm]", "[models.smollm2]"), 14, "models.smollm2", "duplicate");
+        check_error("[daemon]\nlisten = \"127.0.0.1:0\"\n", 1, "models", "no models");
+        check_error(&format!("{GOOD}\n[nonsense]\nx = 1\n"), 22, "nonsense", "unknown field `nonsense`");
+    }
+}

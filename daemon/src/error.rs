@@ -1,0 +1,120 @@
+//! The daemon's request errors and their one mapping to gRPC status codes.
+
+use ult_policy::{HoldReason, Rejection};
+
+use crate::engine::{EngineError, ModelKind};
+
+/// Why a request failed. Every variant maps to one gRPC code in `From<ServiceError> for tonic::Status`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The policy refused (unknown model, no memory, pressure, failed load, …).
+    #[error("{0}")]
+    Rejected(Rejection),
+    /// The model's files could not be read at boot; it stays unavailable until ultd restarts.
+    #[error("model {model} is unavailable: {reason}")]
+    Unavailable {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// The request does not fit the model's kind.
+    #[error("model {model} is a {actual} model; this request needs a {wanted} model")]
+    WrongKind {
+        /// The model.
+        model: String,
+        /// What it is.
+        actual: &'static str,
+        /// What the request needs.
+        wanted: &'static str,
+    },
+    /// Chat messages for a model without a chat template.
+    #[error("model {model} has no chat template; it is served as completion only (send a prompt)")]
+    NoChatTemplate {
+        /// The model.
+        model: String,
+    },
+    /// A field of the request is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The prompt does not fit the model's context.
+    #[error("the prompt has {prompt_tokens} tokens but model {model} holds {context_tokens} (prompt plus at least one generated token must fit)")]
+    ContextTooLong {
+        /// The model.
+        model: String,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// The context.
+        context_tokens: usize,
+    },
+    /// The engine failed while running the request.
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    /// The request waited too long for a load or for memory.
+    #[error("timed out after {waited_ms} ms waiting for {model} to load or for memory to free")]
+    WaitTimeout {
+        /// The model.
+        model: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The daemon is shutting down.
+    #[error("ultd is shutting down")]
+    ShuttingDown,
+}
+
+impl From<Rejection> for ServiceError {
+    fn from(r: Rejection) -> Self {
+        Self::Rejected(r)
+    }
+}
+
+impl ServiceError {
+    /// An invalid argument.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, reason: reason.into() }
+    }
+
+    /// A wrong-kind error.
+    pub fn wrong_kind(model: &str, actual: ModelKind, wanted: &'static str) -> Self {
+        Self::WrongKind { model: model.to_string(), actual: actual.as_str(), wanted }
+    }
+
+    /// The gRPC code this error maps to.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::Rejected(r) => match r {
+                Rejection::UnknownModel { .. } | Rejection::UnknownLease { .. } => Code::NotFound,
+                Rejection::LargerThanCeiling { .. } | Rejection::Exhausted { .. } | Rejection::Pressure { .. } => {
+                    Code::ResourceExhausted
+                }
+                Rejection::LoadFailed { .. } => Code::Unavailable,
+                Rejection::CannotUnload { reason: HoldReason::Loading, .. } => Code::Unavailable,
+                Rejection::CannotUnload { .. } => Code::FailedPrecondition,
+            },
+            Self::Unavailable { .. } | Self::ShuttingDown => Code::Unavailable,
+            Self::WrongKind { .. } | Self::NoChatTemplate { .. } => Code::FailedPrecondition,
+            Self::InvalidArgument { .. } | Self::ContextTooLong { .. } => Code::InvalidArgument,
+            Self::WaitTimeout { .. } => Code::ResourceExhausted,
+            Self::Engine(e) => match e {
+                EngineError::ContextTooLong { .. } | EngineError::EmptyPrompt | EngineError::InvalidParameter { .. } => {
+                    Code::InvalidArgument
+                }
+                EngineError::WorkerGone => Code::Unavailable,
+                _ => Code::Internal,
+            },
+        }
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,519 @@
+//! The `ult.v1.Ult` gRPC service: converts proto messages to ult's own types at this boundary, validates
+//! requests, and drives the state owner and workers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use ult_policy::{LeaseId, PressureLevel, RequestKind, Residency};
+use ult_proto::v1 as pb;
+
+use crate::engine::sampler::SamplingParams;
+use crate::engine::template::ChatMessage;
+use crate::engine::worker::{EmbedJob, FinishReason, GenEvent, GenerateJob, Job};
+use crate::engine::{EngineError, Inspection, ModelKind};
+use crate::error::ServiceError;
+use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent, check_kind};
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Limits on request contents.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// The longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// The most inputs in one embedding request.
+pub const MAX_EMBED_INPUTS: usize = 256;
+/// The default lease length.
+pub const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct UltService {
+    handle: Handle,
+}
+
+impl UltService {
+    /// A service over the state owner behind `handle`.
+    pub fn new(handle: Handle) -> Self {
+        Self { handle }
+    }
+}
+
+/// A validated generation request, in ult's own types.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+/// What a generation request asks for before validation.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A raw prompt.
+    Prompt(String),
+    /// Chat messages.
+    Messages(Vec<ChatMessage>),
+}
+
+/// Checks a generation request against the model and tokenizes it.
+pub fn prepare_generation(
+    model: &crate::registry::RegisteredModel,
+    input: Input,
+    max_tokens: Option<u32>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+) -> Result<GenerateParams, ServiceError> {
+    let name = &model.config.name;
+    let inspection: &Inspection = model
+        .inspection
+        .as_ref()
+        .map_err(|r| ServiceError::Unavailable { model: name.clone(), reason: r.clone() })?;
+    let text = match input {
+        Input::Prompt(p) => {
+            check_kind(model, ModelKind::Completion)?;
+            p
+        }
+        Input::Messages(messages) => {
+            check_kind(model, ModelKind::Chat)?;
+            if messages.is_empty() {
+                return Err(ServiceError::invalid("messages", "no messages"));
+            }
+            if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool")) {
+                return Err(ServiceError::invalid("messages", format!("unknown role {:?}", m.role)));
+            }
+            let template = inspection.template.as_ref().ok_or_else(|| ServiceError::NoChatTemplate { model: name.clone() })?;
+            template.render(&messages, true)?
+        }
+    };
+    if text.is_empty() {
+        return Err(ServiceError::Engine(EngineError::EmptyPrompt));
+    }
+    sampling.validate()?;
+    let context = inspection.context;
+    let max_tokens = match max_tokens {
+        Some(0) => return Err(ServiceError::invalid("max_tokens", "must be at least 1")),
+        Some(n) if n as usize > context => {
+            return Err(ServiceError::invalid(
+                "max_tokens",
+                format!("{n} exceeds model {name}'s context of {context} tokens"),
+            ));
+        }
+        Some(n) => n as usize,
+        None => context,
+    };
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ServiceError::invalid("stop", format!("{} sequences; at most {MAX_STOP_SEQUENCES}", stop.len())));
+    }
+    if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+        return Err(ServiceError::invalid(
+            "stop",
+            format!("stop sequence {s:?} must have 1 to {MAX_STOP_BYTES} bytes"),
+        ));
+    }
+    let tokenizer = &inspection.tokenizer;
+    let bos_text = tokenizer.bos().map(|b| tokenizer.piece_text(b)).unwrap_or_default();
+    let add_bos = bos_text.is_empty() || !text.starts_with(&bos_text);
+    let prompt = tokenizer.encode(&text, add_bos);
+    if prompt.len() >= context {
+        return Err(ServiceError::ContextTooLong { model: name.clone(), prompt_tokens: prompt.len(), context_tokens: context });
+    }
+    Ok(GenerateParams { prompt, max_tokens, sampling, stop })
+}
+
+fn sampling_from(p: Option<pb::SamplingParams>) -> SamplingParams {
+    let p = p.unwrap_or_default();
+    let d = SamplingParams::default();
+    SamplingParams {
+        temperature: p.temperature.unwrap_or(d.temperature),
+        top_k: p.top_k.map(|k| k as usize),
+        top_p: p.top_p,
+        repetition_penalty: p.repetition_penalty.unwrap_or(d.repetition_penalty),
+        repeat_last_n: p.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
+        seed: p.seed,
+    }
+}
+
+fn finish_to_pb(f: FinishReason) -> pb::FinishReason {
+    match f {
+        FinishReason::Eos | FinishReason::Cancelled => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::Context => pb::FinishReason::Context,
+    }
+}
+
+fn pressure_to_pb(p: PressureLevel) -> pb::PressureLevel {
+    match p {
+        PressureLevel::Normal => pb::PressureLevel::Normal,
+        PressureLevel::Warning => pb::PressureLevel::Warning,
+        PressureLevel::Critical => pb::PressureLevel::Critical,
+    }
+}
+
+fn kind_to_pb(k: ModelKind) -> pb::ModelKind {
+    match k {
+        ModelKind::Chat => pb::ModelKind::Chat,
+        ModelKind::Completion => pb::ModelKind::Completion,
+        ModelKind::Embedding => pb::ModelKind::Embedding,
+    }
+}
+
+/// Converts a status view to its wire form.
+pub fn status_to_pb(s: &StatusView) -> pb::StatusResponse {
+    let daemon = pb::DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").into(),
+        device: s.device.clone(),
+        pool_total_bytes: s.pool_total_bytes,
+        ceiling_bytes: s.ceiling_bytes,
+        headroom_bytes: s.headroom_bytes,
+        used_bytes: s.used_bytes,
+        free_bytes: s.free_bytes,
+        available_bytes: s.available_bytes,
+        pressure: pressure_to_pb(s.pressure) as i32,
+        pressure_reason: s.pressure_reason.clone(),
+        uptime_ms: s.uptime_ms,
+        loads_in_flight: s.loads_in_flight,
+        memory: s.snapshot.map(|m| pb::MemorySample {
+            total_bytes: m.total_bytes,
+            available_bytes: m.available_bytes,
+            compressed_bytes: m.compressed_bytes,
+            swap_used_bytes: m.swap_used_bytes,
+            swap_in_per_s: m.swap_in_bytes_per_s,
+            swap_out_per_s: m.swap_out_bytes_per_s,
+            psi_some_avg10: m.psi_some_avg10.unwrap_or(0.0),
+            psi_full_avg10: m.psi_full_avg10.unwrap_or(0.0),
+            process_rss_bytes: m.process_bytes,
+            source: s.probe_source.clone(),
+        }),
+        max_resident: s.max_resident,
+    };
+    pb::StatusResponse {
+        daemon: Some(daemon),
+        models: s.models.iter().map(model_to_pb).collect(),
+        routes: s
+            .routes
+            .iter()
+            .map(|r| pb::RouteStatus { name: r.name.clone(), models: r.models.clone(), strategy: r.strategy.as_str().into() })
+            .collect(),
+    }
+}
+
+fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
+    let reg = &m.model;
+    let insp = reg.inspection.as_ref().ok();
+    let f = insp.map(|i| i.footprint).unwrap_or_default();
+    let mut out = pb::ModelStatus {
+        name: reg.config.name.clone(),
+        kind: kind_to_pb(insp.map_or(reg.config.kind, |i| i.kind)) as i32,
+        path: reg.config.path.display().to_string(),
+        architecture: insp.map(|i| i.architecture.clone()).unwrap_or_default(),
+        aliases: reg.config.aliases.clone(),
+        context_tokens: insp.map_or(0, |i| i.context as u32),
+        predicted_weights_bytes: f.weights_bytes,
+        predicted_kv_bytes: f.kv_bytes(f.context_tokens),
+        predicted_overhead_bytes: f.overhead_bytes + f.scratch_bytes,
+        predicted_bytes: f.total(),
+        kv_bytes_per_token: f.kv_bytes_per_token,
+        keep_alive_ms: reg.config.keep_alive.as_wire_ms(),
+        completion_only: insp.is_some_and(|i| i.kind == ModelKind::Completion),
+        priority: reg.config.priority,
+        last_used_unix_ms: m.last_used_unix_ms.unwrap_or(0),
+        ..Default::default()
+    };
+    match (&reg.inspection, &m.view) {
+        (Err(reason), _) => {
+            out.state = pb::ModelState::Failed as i32;
+            out.failure = reason.clone();
+        }
+        (Ok(_), Some(v)) => {
+            out.state = match v.residency {
+                Residency::Unloaded => pb::ModelState::Unloaded,
+                Residency::Loading => pb::ModelState::Loading,
+                Residency::Resident => pb::ModelState::Resident,
+                Residency::Unloading => pb::ModelState::Unloading,
+                Residency::Failed => pb::ModelState::Failed,
+            } as i32;
+            out.failure = v.failure.clone().unwrap_or_default();
+            out.measured_bytes = v.measured_bytes.unwrap_or(0);
+            out.charged_bytes = v.charged_bytes;
+            out.kv_budget_tokens = v.kv_tokens;
+            out.pinned = v.pinned;
+            out.idle_ms = v.idle_ms.unwrap_or(0);
+            out.in_flight = v.in_flight;
+            out.queued = v.queued;
+            out.leases = v.leases;
+            out.score = v.score;
+            out.load_ms = v.load_ms.unwrap_or(0);
+            out.loads = v.loads;
+            out.requests = v.requests;
+        }
+        (Ok(_), None) => out.state = pb::ModelState::Unloaded as i32,
+    }
+    out
+}
+
+fn watch_to_pb(unix_ms: u64, e: WatchEvent) -> Option<pb::WatchEvent> {
+    use pb::watch_event::Event as E;
+    let event = match e {
+        WatchEvent::Loading { model, predicted_bytes } => E::Loading(pb::ModelLoading { model, predicted_bytes }),
+        WatchEvent::Loaded { model, load_ms, measured_bytes, predicted_bytes } => {
+            E::Loaded(pb::ModelLoaded { model, load_ms, measured_bytes, predicted_bytes })
+        }
+        WatchEvent::LoadFailed { model, reason } => E::LoadFailed(pb::ModelLoadFailed { model, reason }),
+        WatchEvent::Evicted { model, reason, freed_bytes } => E::Evicted(pb::ModelEvicted { model, reason, freed_bytes }),
+        WatchEvent::Pressure { level, reason } => {
+            E::Pressure(pb::PressureChanged { level: pressure_to_pb(level) as i32, reason })
+        }
+        WatchEvent::KvBudget { model, tokens } => E::KvBudget(pb::KvBudgetChanged { model, tokens }),
+        WatchEvent::Progress { .. } => return None,
+    };
+    Some(pb::WatchEvent { unix_ms, event: Some(event) })
+}
+
+#[tonic::async_trait]
+impl pb::ult_server::Ult for UltService {
+    type LoadStream = Stream2<pb::LoadProgress>;
+    type WatchStream = Stream2<pb::WatchEvent>;
+    type GenerateStream = Stream2<pb::GenerateResponse>;
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        let m = self.handle.resolve(&request.get_ref().model).await?;
+        let model = m.config.name.clone();
+        let mut events = self.handle.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let predicted = m.inspection.as_ref().map_or(0, |i| i.footprint.total());
+            let acquire = handle.acquire(&model, RequestKind::Load);
+            tokio::pin!(acquire);
+            loop {
+                tokio::select! {
+                    result = &mut acquire => {
+                        let msg = result.map(|g| pb::LoadProgress {
+                            event: Some(pb::load_progress::Event::Done(pb::LoadDone {
+                                model: model.clone(),
+                                loaded_now: g.load_ms.is_some(),
+                                load_ms: g.load_ms.unwrap_or(0),
+                                measured_bytes: g.measured_bytes.unwrap_or(0),
+                                predicted_bytes: predicted,
+                                evicted: g.evicted.clone(),
+                            })),
+                        });
+                        let _ = tx.send(msg.map_err(Status::from)).await;
+                        break;
+                    }
+                    event = events.recv() => {
+                        if let Ok(crate::supervisor::Stamped { event: WatchEvent::Progress { model: m, loaded_bytes, total_bytes }, .. }) = event
+                            && m == model
+                        {
+                            let p = pb::LoadProgress { event: Some(pb::load_progress::Event::Bytes(pb::LoadBytes { model: m, loaded_bytes, total_bytes })) };
+                            if tx.send(Ok(p)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn unload(&self, request: Request<pb::UnloadRequest>) -> Result<Response<pb::UnloadResponse>, Status> {
+        let name = request.into_inner().model;
+        let m = self.handle.resolve(&name).await?;
+        let u = self.handle.unload(&m.config.name).await?;
+        Ok(Response::new(pb::UnloadResponse { model: m.config.name.clone(), unloaded: u.unloaded, freed_bytes: u.freed_bytes }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.handle.status().await?;
+        Ok(Response::new(status_to_pb(&s)))
+    }
+
+    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut events = self.handle.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(e) => {
+                        if let Some(p) = watch_to_pb(e.unix_ms, e.event)
+                            && tx.send(Ok(p)).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "a watcher fell behind");
+                    }
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let submitted = Instant::now();
+        let req = request.into_inner();
+        let m = self.handle.resolve(&req.model).await?;
+        let input = match req.input {
+            Some(pb::generate_request::Input::Prompt(p)) => Input::Prompt(p),
+            Some(pb::generate_request::Input::Messages(ms)) => Input::Messages(
+                ms.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
+            ),
+            None => return Err(ServiceError::invalid("input", "set prompt or messages").into()),
+        };
+        let params = prepare_generation(&m, input, req.max_tokens, sampling_from(req.sampling), req.stop)?;
+        let grant = self.handle.acquire(&m.config.name, RequestKind::Use).await?;
+        let jobs = grant.jobs.clone().ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
+        let (events_tx, mut events) = mpsc::channel(64);
+        jobs.submit(Job::Generate(GenerateJob {
+            prompt: params.prompt,
+            max_tokens: params.max_tokens,
+            sampling: params.sampling,
+            stop: params.stop,
+            events: events_tx,
+            submitted,
+        }))
+        .map_err(ServiceError::from)?;
+        let (tx, rx) = mpsc::channel(64);
+        let model = m.config.name.clone();
+        tokio::spawn(async move {
+            // Holding the grant keeps the request in flight; dropping it tells the state owner it is done.
+            let grant = grant;
+            loop {
+                tokio::select! {
+                    event = events.recv() => {
+                        let msg = match event {
+                            Some(GenEvent::Delta(text)) => Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(text)) }),
+                            Some(GenEvent::Done(s)) => Ok(pb::GenerateResponse {
+                                event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
+                                    model: model.clone(),
+                                    finish_reason: finish_to_pb(s.finish) as i32,
+                                    prompt_tokens: s.prompt_tokens as u32,
+                                    completion_tokens: s.completion_tokens as u32,
+                                    prompt_tokens_per_s: s.prompt_tps(),
+                                    decode_tokens_per_s: s.decode_tps(),
+                                    load_ms: grant.load_ms,
+                                    queue_ms: s.queue_ms as u64,
+                                    time_to_first_token_ms: s.ttft_ms as u64,
+                                    total_ms: s.total_ms as u64,
+                                })),
+                            }),
+                            Some(GenEvent::Failed(e)) => Err(Status::from(ServiceError::Engine(e))),
+                            None => Err(Status::from(ServiceError::Engine(EngineError::WorkerGone))),
+                        };
+                        let last = !matches!(&msg, Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(_)) }));
+                        if tx.send(msg).await.is_err() || last {
+                            break;
+                        }
+                    }
+                    // The client went away: dropping `events` cancels the job at its next decode step.
+                    () = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let req = request.into_inner();
+        let m = self.handle.resolve(&req.model).await?;
+        check_kind(&m, ModelKind::Embedding)?;
+        let insp: Arc<Inspection> = m
+            .inspection
+            .clone()
+            .map_err(|r| ServiceError::Unavailable { model: m.config.name.clone(), reason: r })?;
+        if req.inputs.is_empty() {
+            return Err(ServiceError::invalid("inputs", "no inputs").into());
+        }
+        if req.inputs.len() > MAX_EMBED_INPUTS {
+            return Err(ServiceError::invalid("inputs", format!("{} inputs; at most {MAX_EMBED_INPUTS}", req.inputs.len())).into());
+        }
+        let mut inputs = Vec::with_capacity(req.inputs.len());
+        for text in &req.inputs {
+            if text.is_empty() {
+                return Err(ServiceError::invalid("inputs", "an input is empty").into());
+            }
+            let ids = insp.tokenizer.encode(text, true);
+            if ids.len() > insp.context {
+                return Err(ServiceError::ContextTooLong {
+                    model: m.config.name.clone(),
+                    prompt_tokens: ids.len(),
+                    context_tokens: insp.context,
+                }
+                .into());
+            }
+            inputs.push(ids);
+        }
+        let prompt_tokens = inputs.iter().map(Vec::len).sum::<usize>() as u32;
+        let grant = self.handle.acquire(&m.config.name, RequestKind::Use).await?;
+        let jobs = grant.jobs.clone().ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        jobs.submit(Job::Embed(EmbedJob { inputs, reply })).map_err(ServiceError::from)?;
+        let vectors = rx.await.map_err(|_| ServiceError::Engine(EngineError::WorkerGone))?.map_err(ServiceError::from)?;
+        Ok(Response::new(pb::EmbedResponse {
+            model: m.config.name.clone(),
+            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+            prompt_tokens,
+            load_ms: grant.load_ms,
+        }))
+    }
+
+    async fn pin(&self, request: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+        let model = self.handle.pin(&request.into_inner().model, true).await?;
+        Ok(Response::new(pb::PinResponse { model, pinned: true }))
+    }
+
+    async fn unpin(&self, request: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+        let model = self.handle.pin(&request.into_inner().model, false).await?;
+        Ok(Response::new(pb::PinResponse { model, pinned: false }))
+    }
+
+    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+        let req = request.into_inner();
+        let ttl = if req.ttl_ms == 0 { DEFAULT_LEASE_MS } else { req.ttl_ms };
+        let (model, lease, expires) = self.handle.lease(&req.model, ttl).await?;
+        Ok(Response::new(pb::LeaseResponse { model, lease_id: lease.0, expires_unix_ms: expires }))
+    }
+
+    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let released = self.handle.release(LeaseId(request.into_inner().lease_id)).await?;
+        Ok(Response::new(pb::ReleaseResponse { released }))
+    }
+
+    async fn plan_load(&self, request: Request<pb::PlanLoadRequest>) -> Result<Response<pb::PlanLoadResponse>, Status> {
+        let m = self.handle.resolve(&request.into_inner().model).await?;
+        let p = self.handle.plan_load(&m.config.name).await?;
+        Ok(Response::new(pb::PlanLoadResponse {
+            model: p.model,
+            fits: p.fits,
+            already_resident: p.already_resident,
+            need_bytes: p.need_bytes,
+            free_bytes: p.free_bytes,
+            evictions: p
+                .victims
+                .into_iter()
+                .map(|v| pb::PlannedEviction { model: v.model, bytes: v.bytes, score: v.score })
+                .collect(),
+            refusal: p.refusal.map(|r| r.to_string()).unwrap_or_else(|| {
+                if p.would_wait { "busy models hold the memory; the load would wait for them".into() } else { String::new() }
+            }),
+        }))
+    }
+}
