@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use ult_proto::v1 as pb;
@@ -55,7 +56,10 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        Self::Rpc { code: s.code(), message: s.message().to_string() }
+        Self::Rpc {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
     }
 }
 
@@ -138,6 +142,18 @@ pub struct ModelInfo {
     pub completion_only: bool,
     /// Last use, ms since the epoch (None if never).
     pub last_used_unix_ms: Option<u64>,
+    /// Tokens generated over every load.
+    pub generated_tokens: u64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: u64,
+    /// Generations completed.
+    pub completed: u64,
+    /// Generations cancelled by their client.
+    pub cancelled: u64,
+    /// Requests failed in the engine.
+    pub failed: u64,
+    /// Inputs embedded.
+    pub embedded: u64,
 }
 
 /// The daemon's memory.
@@ -371,7 +387,10 @@ impl Client {
                     }
                 }))
                 .await
-                .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?
+                .map_err(|source| ClientError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?
         } else {
             let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
                 addr.to_string()
@@ -383,9 +402,14 @@ impl Client {
                 .connect_timeout(Duration::from_secs(5))
                 .connect()
                 .await
-                .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?
+                .map_err(|source| ClientError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?
         };
-        Ok(Self { inner: UltClient::new(channel).max_decoding_message_size(64 << 20) })
+        Ok(Self {
+            inner: UltClient::new(channel).max_decoding_message_size(64 << 20),
+        })
     }
 
     /// The daemon's memory and every model.
@@ -395,8 +419,18 @@ impl Client {
     }
 
     /// Loads a model, calling `progress(loaded, total)` as bytes load.
-    pub async fn load(&mut self, model: &str, mut progress: impl FnMut(u64, u64)) -> Result<LoadOutcome, ClientError> {
-        let mut stream = self.inner.load(pb::LoadRequest { model: model.into() }).await?.into_inner();
+    pub async fn load(
+        &mut self,
+        model: &str,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<LoadOutcome, ClientError> {
+        let mut stream = self
+            .inner
+            .load(pb::LoadRequest {
+                model: model.into(),
+            })
+            .await?
+            .into_inner();
         while let Some(item) = stream.next().await {
             match item?.event {
                 Some(pb::load_progress::Event::Bytes(b)) => progress(b.loaded_bytes, b.total_bytes),
@@ -418,20 +452,34 @@ impl Client {
 
     /// Unloads a model.
     pub async fn unload(&mut self, model: &str) -> Result<UnloadOutcome, ClientError> {
-        let r = self.inner.unload(pb::UnloadRequest { model: model.into() }).await?.into_inner();
-        Ok(UnloadOutcome { model: r.model, unloaded: r.unloaded, freed_bytes: r.freed_bytes })
+        let r = self
+            .inner
+            .unload(pb::UnloadRequest {
+                model: model.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(UnloadOutcome {
+            model: r.model,
+            unloaded: r.unloaded,
+            freed_bytes: r.freed_bytes,
+        })
     }
 
     /// Starts a generation; the stream yields deltas and then the final statistics.
     pub async fn generate(
         &mut self,
         req: GenerateRequest,
-    ) -> Result<impl Stream<Item = Result<GenerateEvent, ClientError>> + use<>, ClientError> {
+    ) -> Result<BoxStream<'static, Result<GenerateEvent, ClientError>>, ClientError> {
         let input = if req.messages.is_empty() {
             pb::generate_request::Input::Prompt(req.prompt)
         } else {
             pb::generate_request::Input::Messages(pb::Messages {
-                messages: req.messages.into_iter().map(|(role, content)| pb::ChatMessage { role, content }).collect(),
+                messages: req
+                    .messages
+                    .into_iter()
+                    .map(|(role, content)| pb::ChatMessage { role, content })
+                    .collect(),
             })
         };
         let s = req.sampling;
@@ -453,22 +501,30 @@ impl Client {
             })
             .await?
             .into_inner();
-        Ok(stream.filter_map(|item| async move {
-            match item {
-                Err(e) => Some(Err(ClientError::from(e))),
-                Ok(r) => match r.event {
-                    Some(pb::generate_response::Event::Delta(t)) => Some(Ok(GenerateEvent::Delta(t))),
-                    Some(pb::generate_response::Event::Done(d)) => Some(Ok(GenerateEvent::Done(stats_from(d)))),
-                    None => None,
-                },
-            }
-        }))
+        Ok(stream
+            .filter_map(|item| async move {
+                match item {
+                    Err(e) => Some(Err(ClientError::from(e))),
+                    Ok(r) => match r.event {
+                        Some(pb::generate_response::Event::Delta(t)) => {
+                            Some(Ok(GenerateEvent::Delta(t)))
+                        }
+                        Some(pb::generate_response::Event::Done(d)) => {
+                            Some(Ok(GenerateEvent::Done(stats_from(d))))
+                        }
+                        None => None,
+                    },
+                }
+            })
+            .boxed())
     }
 
     /// Generates to completion, returning the text and statistics.
-    pub async fn generate_text(&mut self, req: GenerateRequest) -> Result<(String, GenerateStats), ClientError> {
-        let stream = self.generate(req).await?;
-        futures::pin_mut!(stream);
+    pub async fn generate_text(
+        &mut self,
+        req: GenerateRequest,
+    ) -> Result<(String, GenerateStats), ClientError> {
+        let mut stream = self.generate(req).await?;
         let mut text = String::new();
         while let Some(event) = stream.next().await {
             match event? {
@@ -480,8 +536,19 @@ impl Client {
     }
 
     /// Embeds texts.
-    pub async fn embed(&mut self, model: &str, inputs: Vec<String>) -> Result<EmbedOutcome, ClientError> {
-        let r = self.inner.embed(pb::EmbedRequest { model: model.into(), inputs }).await?.into_inner();
+    pub async fn embed(
+        &mut self,
+        model: &str,
+        inputs: Vec<String>,
+    ) -> Result<EmbedOutcome, ClientError> {
+        let r = self
+            .inner
+            .embed(pb::EmbedRequest {
+                model: model.into(),
+                inputs,
+            })
+            .await?
+            .into_inner();
         Ok(EmbedOutcome {
             model: r.model,
             embeddings: r.embeddings.into_iter().map(|e| e.values).collect(),
@@ -491,19 +558,48 @@ impl Client {
 
     /// Pins a model (loading it if needed).
     pub async fn pin(&mut self, model: &str) -> Result<String, ClientError> {
-        Ok(self.inner.pin(pb::PinRequest { model: model.into() }).await?.into_inner().model)
+        Ok(self
+            .inner
+            .pin(pb::PinRequest {
+                model: model.into(),
+            })
+            .await?
+            .into_inner()
+            .model)
     }
 
     /// Unpins a model.
     pub async fn unpin(&mut self, model: &str) -> Result<String, ClientError> {
-        Ok(self.inner.unpin(pb::PinRequest { model: model.into() }).await?.into_inner().model)
+        Ok(self
+            .inner
+            .unpin(pb::PinRequest {
+                model: model.into(),
+            })
+            .await?
+            .into_inner()
+            .model)
     }
 
     /// Leases a model for `ttl` (None: the daemon's default).
-    pub async fn lease(&mut self, model: &str, ttl: Option<Duration>) -> Result<LeaseInfo, ClientError> {
+    pub async fn lease(
+        &mut self,
+        model: &str,
+        ttl: Option<Duration>,
+    ) -> Result<LeaseInfo, ClientError> {
         let ttl_ms = ttl.map_or(0, |d| d.as_millis() as u64);
-        let r = self.inner.lease(pb::LeaseRequest { model: model.into(), ttl_ms }).await?.into_inner();
-        Ok(LeaseInfo { model: r.model, lease_id: r.lease_id, expires_unix_ms: r.expires_unix_ms })
+        let r = self
+            .inner
+            .lease(pb::LeaseRequest {
+                model: model.into(),
+                ttl_ms,
+            })
+            .await?
+            .into_inner();
+        Ok(LeaseInfo {
+            model: r.model,
+            lease_id: r.lease_id,
+            expires_unix_ms: r.expires_unix_ms,
+        })
     }
 
     /// Releases a lease; false when it did not exist.
@@ -517,27 +613,41 @@ impl Client {
 
     /// What loading a model would do.
     pub async fn plan_load(&mut self, model: &str) -> Result<PlanOutcome, ClientError> {
-        let r = self.inner.plan_load(pb::PlanLoadRequest { model: model.into() }).await?.into_inner();
+        let r = self
+            .inner
+            .plan_load(pb::PlanLoadRequest {
+                model: model.into(),
+            })
+            .await?
+            .into_inner();
         Ok(PlanOutcome {
             model: r.model,
             fits: r.fits,
             already_resident: r.already_resident,
             need_bytes: r.need_bytes,
             free_bytes: r.free_bytes,
-            evictions: r.evictions.into_iter().map(|e| (e.model, e.bytes, e.score)).collect(),
+            evictions: r
+                .evictions
+                .into_iter()
+                .map(|e| (e.model, e.bytes, e.score))
+                .collect(),
             refusal: (!r.refusal.is_empty()).then_some(r.refusal),
         })
     }
 
     /// State changes as they happen.
-    pub async fn watch(&mut self) -> Result<impl Stream<Item = Result<WatchItem, ClientError>> + use<>, ClientError> {
+    pub async fn watch(
+        &mut self,
+    ) -> Result<BoxStream<'static, Result<WatchItem, ClientError>>, ClientError> {
         let stream = self.inner.watch(pb::WatchRequest {}).await?.into_inner();
-        Ok(stream.filter_map(|item| async move {
-            match item {
-                Err(e) => Some(Err(ClientError::from(e))),
-                Ok(e) => watch_from(e).map(Ok),
-            }
-        }))
+        Ok(stream
+            .filter_map(|item| async move {
+                match item {
+                    Err(e) => Some(Err(ClientError::from(e))),
+                    Ok(e) => watch_from(e).map(Ok),
+                }
+            })
+            .boxed())
     }
 }
 
@@ -614,18 +724,30 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 loads: m.loads,
                 requests: m.requests,
                 completion_only: m.completion_only,
+                generated_tokens: m.generated_tokens,
+                prompt_tokens: m.prompt_tokens,
+                completed: m.completed,
+                cancelled: m.cancelled,
+                failed: m.failed,
+                embedded: m.embedded,
             })
             .collect(),
         routes: s
             .routes
             .into_iter()
-            .map(|r| RouteInfo { name: r.name, models: r.models, strategy: r.strategy })
+            .map(|r| RouteInfo {
+                name: r.name,
+                models: r.models,
+                strategy: r.strategy,
+            })
             .collect(),
     }
 }
 
 fn stats_from(d: pb::GenerateDone) -> GenerateStats {
-    let finish = match pb::FinishReason::try_from(d.finish_reason).unwrap_or(pb::FinishReason::Unspecified) {
+    let finish = match pb::FinishReason::try_from(d.finish_reason)
+        .unwrap_or(pb::FinishReason::Unspecified)
+    {
         pb::FinishReason::Eos => "eos",
         pb::FinishReason::Stop => "stop",
         pb::FinishReason::Length => "length",
@@ -649,18 +771,38 @@ fn stats_from(d: pb::GenerateDone) -> GenerateStats {
 fn watch_from(e: pb::WatchEvent) -> Option<WatchItem> {
     use pb::watch_event::Event as E;
     let (kind, model, detail) = match e.event? {
-        E::Loading(l) => ("loading", Some(l.model), format!("predicted {} bytes", l.predicted_bytes)),
+        E::Loading(l) => (
+            "loading",
+            Some(l.model),
+            format!("predicted {} bytes", l.predicted_bytes),
+        ),
         E::Loaded(l) => (
             "loaded",
             Some(l.model),
-            format!("{} ms, measured {} bytes (predicted {})", l.load_ms, l.measured_bytes, l.predicted_bytes),
+            format!(
+                "{} ms, measured {} bytes (predicted {})",
+                l.load_ms, l.measured_bytes, l.predicted_bytes
+            ),
         ),
-        E::Evicted(v) => ("evicted", Some(v.model), format!("{} ({} bytes)", v.reason, v.freed_bytes)),
+        E::Evicted(v) => (
+            "evicted",
+            Some(v.model),
+            format!("{} ({} bytes)", v.reason, v.freed_bytes),
+        ),
         E::LoadFailed(f) => ("load-failed", Some(f.model), f.reason),
-        E::Pressure(p) => ("pressure", None, format!("{}: {}", pressure_name(p.level), p.reason)),
+        E::Pressure(p) => (
+            "pressure",
+            None,
+            format!("{}: {}", pressure_name(p.level), p.reason),
+        ),
         E::KvBudget(k) => ("kv-budget", Some(k.model), format!("{} tokens", k.tokens)),
     };
-    Some(WatchItem { unix_ms: e.unix_ms, kind: kind.into(), model, detail })
+    Some(WatchItem {
+        unix_ms: e.unix_ms,
+        kind: kind.into(),
+        model,
+        detail,
+    })
 }
 
 /// Formats bytes for people: "93.8 MiB".

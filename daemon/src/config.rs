@@ -211,7 +211,10 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let daemon = parse_daemon(&locator, &raw.daemon, &base)?;
         if raw.models.is_empty() {
-            return Err(locator.error(&["models"], "no models are configured; add a [models.NAME] table"));
+            return Err(locator.error(
+                &["models"],
+                "no models are configured; add a [models.NAME] table",
+            ));
         }
         let mut models = Vec::new();
         for (name, m) in &raw.models {
@@ -224,21 +227,37 @@ impl Config {
                 Some(s) => RouteStrategy::parse(s).ok_or_else(|| {
                     locator.error(
                         &["routes", name, "strategy"],
-                        &format!("unknown strategy {s:?}; expected \"prefer-resident\" or \"ordered\""),
+                        &format!(
+                            "unknown strategy {s:?}; expected \"prefer-resident\" or \"ordered\""
+                        ),
                     )
                 })?,
             };
-            routes.push(Route { name: name.clone(), models: r.models.clone(), strategy });
+            routes.push(Route {
+                name: name.clone(),
+                models: r.models.clone(),
+                strategy,
+            });
         }
-        let config = Self { file: path.to_path_buf(), daemon, models, routes };
+        let config = Self {
+            file: path.to_path_buf(),
+            daemon,
+            models,
+            routes,
+        };
         // Names, aliases and routes must resolve and not collide.
         config.router().map_err(|e| {
             let key = match &e {
-                ult_policy::RouterError::UnknownTarget { name, .. } | ult_policy::RouterError::EmptyRoute(name) => {
+                ult_policy::RouterError::UnknownTarget { name, .. }
+                | ult_policy::RouterError::EmptyRoute(name) => {
                     if raw.routes.contains_key(name) {
                         vec!["routes".to_string(), name.clone(), "models".to_string()]
                     } else {
-                        let owner = raw.models.iter().find(|(_, m)| m.aliases.contains(name)).map(|(n, _)| n.clone());
+                        let owner = raw
+                            .models
+                            .iter()
+                            .find(|(_, m)| m.aliases.contains(name))
+                            .map(|(n, _)| n.clone());
                         vec!["models".into(), owner.unwrap_or_default(), "aliases".into()]
                     }
                 }
@@ -246,8 +265,16 @@ impl Config {
                     if raw.routes.contains_key(name) {
                         vec!["routes".to_string(), name.clone()]
                     } else {
-                        let owner = raw.models.iter().find(|(_, m)| m.aliases.contains(name)).map(|(n, _)| n.clone());
-                        vec!["models".into(), owner.unwrap_or_else(|| name.clone()), "aliases".into()]
+                        let owner = raw
+                            .models
+                            .iter()
+                            .find(|(_, m)| m.aliases.contains(name))
+                            .map(|(n, _)| n.clone());
+                        vec![
+                            "models".into(),
+                            owner.unwrap_or_else(|| name.clone()),
+                            "aliases".into(),
+                        ]
                     }
                 }
             };
@@ -261,7 +288,9 @@ impl Config {
     pub fn router(&self) -> Result<Router, ult_policy::RouterError> {
         Router::try_new(
             self.models.iter().map(|m| m.name.clone()),
-            self.models.iter().flat_map(|m| m.aliases.iter().map(|a| (a.clone(), m.name.clone()))),
+            self.models
+                .iter()
+                .flat_map(|m| m.aliases.iter().map(|a| (a.clone(), m.name.clone()))),
             self.routes.iter().cloned(),
         )
     }
@@ -272,7 +301,10 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         None => Some(SocketAddr::from(([127, 0, 0, 1], 50051))),
         Some("" | "none" | "off") => None,
         Some(s) => Some(s.parse().map_err(|_| {
-            l.error(&["daemon", "listen"], &format!("{s:?} is not an address like \"127.0.0.1:50051\""))
+            l.error(
+                &["daemon", "listen"],
+                &format!("{s:?} is not an address like \"127.0.0.1:50051\""),
+            )
         })?),
     };
     let socket = match d.socket.as_deref() {
@@ -281,22 +313,29 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         Some(s) => Some(resolve(base, s)),
     };
     if listen.is_none() && socket.is_none() {
-        return Err(l.error(&["daemon", "listen"], "both listen and socket are off; ultd would be unreachable"));
+        return Err(l.error(
+            &["daemon", "listen"],
+            "both listen and socket are off; ultd would be unreachable",
+        ));
     }
     let size = |key: &str, v: &Option<SizeValue>, default: &str| -> Result<SizeSpec, ConfigError> {
-        let text = v.as_ref().map_or_else(|| default.to_string(), SizeValue::text);
+        let text = v
+            .as_ref()
+            .map_or_else(|| default.to_string(), SizeValue::text);
         let spec = SizeSpec::parse(&text).map_err(|e| l.error(&["daemon", key], &e.to_string()))?;
         if spec == SizeSpec::Bytes(0) {
             return Err(l.error(&["daemon", key], "must be greater than 0"));
         }
         Ok(spec)
     };
-    let duration = |key: &str, v: &Option<SizeValue>, default_ms: u64| -> Result<u64, ConfigError> {
-        match v {
-            None => Ok(default_ms),
-            Some(v) => parse_duration_ms(&v.text()).map_err(|e| l.error(&["daemon", key], &e.to_string())),
-        }
-    };
+    let duration =
+        |key: &str, v: &Option<SizeValue>, default_ms: u64| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default_ms),
+                Some(v) => parse_duration_ms(&v.text())
+                    .map_err(|e| l.error(&["daemon", key], &e.to_string())),
+            }
+        };
     let memory_ceiling = size("memory_ceiling", &d.memory_ceiling, "85%")?;
     let headroom = match &d.headroom {
         Some(SizeValue::Int(0)) => SizeSpec::Bytes(0),
@@ -305,7 +344,8 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
     };
     let keep_alive = match &d.keep_alive {
         None => KeepAlive::DEFAULT,
-        Some(v) => KeepAlive::parse(&v.text()).map_err(|e| l.error(&["daemon", "keep_alive"], &e.to_string()))?,
+        Some(v) => KeepAlive::parse(&v.text())
+            .map_err(|e| l.error(&["daemon", "keep_alive"], &e.to_string()))?,
     };
     let probe_interval_ms = duration("probe_interval", &d.probe_interval, 500)?;
     if probe_interval_ms == 0 {
@@ -313,17 +353,21 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
     }
     let probe = match &d.probe {
         None => ProbeSource::Os,
-        Some(p) => match (p.source.as_str(), &p.path) {
-            ("os", _) => ProbeSource::Os,
-            ("file", Some(path)) => ProbeSource::File(resolve(base, path)),
-            ("file", None) => return Err(l.error(&["daemon", "probe", "path"], "a file probe needs a path")),
-            (other, _) => {
-                return Err(l.error(
+        Some(p) => {
+            match (p.source.as_str(), &p.path) {
+                ("os", _) => ProbeSource::Os,
+                ("file", Some(path)) => ProbeSource::File(resolve(base, path)),
+                ("file", None) => {
+                    return Err(l.error(&["daemon", "probe", "path"], "a file probe needs a path"));
+                }
+                (other, _) => {
+                    return Err(l.error(
                     &["daemon", "probe", "source"],
                     &format!("unknown probe source {other:?}; expected \"os\" or \"file\" (tests only)"),
                 ));
+                }
             }
-        },
+        }
     };
     if d.max_resident == Some(0) {
         return Err(l.error(&["daemon", "max_resident"], "must be at least 1"));
@@ -356,8 +400,15 @@ fn parse_model(
     base: &Path,
 ) -> Result<ModelConfig, ConfigError> {
     let key = |k: &'static str| ["models", name, k];
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')) {
-        return Err(l.error(&["models", name], "model names use letters, digits, '-', '_', '.' and ':'"));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(l.error(
+            &["models", name],
+            "model names use letters, digits, '-', '_', '.' and ':'",
+        ));
     }
     if m.path.trim().is_empty() {
         return Err(l.error(&key("path"), "path is empty"));
@@ -365,24 +416,38 @@ fn parse_model(
     if let Some(c) = m.context
         && !(16..=1 << 20).contains(&c)
     {
-        return Err(l.error(&key("context"), &format!("{c} is not between 16 and 1048576 tokens")));
+        return Err(l.error(
+            &key("context"),
+            &format!("{c} is not between 16 and 1048576 tokens"),
+        ));
     }
     let keep_alive = match &m.keep_alive {
         None => daemon.keep_alive,
-        Some(v) => KeepAlive::parse(&v.text()).map_err(|e| l.error(&key("keep_alive"), &e.to_string()))?,
+        Some(v) => {
+            KeepAlive::parse(&v.text()).map_err(|e| l.error(&key("keep_alive"), &e.to_string()))?
+        }
     };
     let priority = m.priority.unwrap_or(1.0);
     if !(priority.is_finite() && priority > 0.0) {
-        return Err(l.error(&key("priority"), &format!("{priority} is not a number greater than 0")));
+        return Err(l.error(
+            &key("priority"),
+            &format!("{priority} is not a number greater than 0"),
+        ));
     }
     let max_sequences = m.max_sequences.unwrap_or(1);
     if !(1..=256).contains(&max_sequences) {
-        return Err(l.error(&key("max_sequences"), &format!("{max_sequences} is not between 1 and 256")));
+        return Err(l.error(
+            &key("max_sequences"),
+            &format!("{max_sequences} is not between 1 and 256"),
+        ));
     }
     if let (Some(min), Some(ctx)) = (m.min_context, m.context)
         && min > ctx
     {
-        return Err(l.error(&key("min_context"), &format!("{min} is larger than the context {ctx}")));
+        return Err(l.error(
+            &key("min_context"),
+            &format!("{min} is larger than the context {ctx}"),
+        ));
     }
     let mut seen = BTreeSet::new();
     for a in &m.aliases {
@@ -408,10 +473,15 @@ fn parse_model(
 
 fn resolve(base: &Path, path: &str) -> PathBuf {
     let expanded = match path.strip_prefix("~/") {
-        Some(rest) => std::env::var_os("HOME").map_or_else(|| PathBuf::from(path), |h| PathBuf::from(h).join(rest)),
+        Some(rest) => std::env::var_os("HOME")
+            .map_or_else(|| PathBuf::from(path), |h| PathBuf::from(h).join(rest)),
         None => PathBuf::from(path),
     };
-    if expanded.is_absolute() { expanded } else { base.join(expanded) }
+    if expanded.is_absolute() {
+        expanded
+    } else {
+        base.join(expanded)
+    }
 }
 
 /// `$ULT_STATE_DIR`, else `~/.cache/ult`.
@@ -419,7 +489,10 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ULT_STATE_DIR") {
         return PathBuf::from(dir);
     }
-    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp/ult"), |h| PathBuf::from(h).join(".cache/ult"))
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from("/tmp/ult"),
+        |h| PathBuf::from(h).join(".cache/ult"),
+    )
 }
 
 /// Finds lines and keys in the TOML source for error messages.
@@ -431,15 +504,27 @@ struct Locator<'a> {
 
 impl<'a> Locator<'a> {
     fn new(file: &'a Path, text: &'a str) -> Self {
-        Self { file, text, doc: toml_edit::Document::parse(text.to_string()).ok() }
+        Self {
+            file,
+            text,
+            doc: toml_edit::Document::parse(text.to_string()).ok(),
+        }
     }
 
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     fn error_at(&self, offset: usize, key: String, message: String) -> ConfigError {
-        ConfigError { file: self.file.to_path_buf(), line: self.line_of(offset), key, message }
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: self.line_of(offset),
+            key,
+            message,
+        }
     }
 
     /// An error at the key `path` (or its nearest existing parent).
@@ -476,7 +561,10 @@ impl<'a> Locator<'a> {
         for i in (0..line_no.min(lines.len())).rev() {
             let line = lines[i].trim();
             if line.starts_with('[') {
-                header = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+                header = line
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .trim()
+                    .to_string();
                 break;
             }
             if key.is_none()
@@ -536,7 +624,10 @@ models = ["smollm2"]
     fn a_good_file() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.models.len(), 2);
-        assert_eq!(c.models[1].path, PathBuf::from("/etc/ult/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(
+            c.models[1].path,
+            PathBuf::from("/etc/ult/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
         assert_eq!(c.models[0].keep_alive, KeepAlive::Forever);
         assert_eq!(c.daemon.memory_ceiling, SizeSpec::Bytes(4 << 30));
         assert_eq!(c.daemon.socket, None);
@@ -545,18 +636,83 @@ models = ["smollm2"]
 
     #[test]
     fn errors_name_file_line_and_key() {
-        check_error(&GOOD.replace("context = 2048", "context = \"big\""), 11, "models.smollm2.context", "invalid type");
-        check_error(&GOOD.replace("aliases = [\"smol\"]", "alias = [\"smol\"]"), 12, "models.smollm2.alias", "unknown field `alias`");
-        check_error(&GOOD.replace("kind = \"chat\"", "kind = \"poetry\""), 10, "models.smollm2.kind", "unknown variant");
-        check_error(&GOOD.replace("models = [\"smollm2\"]", "models = [\"gpt5\"]"), 20, "routes.chat.models", "unknown model \"gpt5\"");
-        check_error(&GOOD.replace("\"4GiB\"", "\"0\""), 5, "daemon.memory_ceiling", "greater than 0");
-        check_error(&GOOD.replace("\"4GiB\"", "\"four gigs\""), 5, "daemon.memory_ceiling", "cannot parse");
-        check_error(&GOOD.replace("\"1GiB\"", "\"12 parsecs\""), 6, "daemon.headroom", "cannot parse");
-        check_error(&GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""), 3, "daemon.listen", "not an address");
-        check_error(&GOOD.replace("aliases = [\"smol\"]", "aliases = [\"minilm\"]"), 12, "models.smollm2.aliases", "used more than once");
-        check_error(&GOOD.replace("keep_alive = \"never\"", "keep_alive = \"soon\""), 17, "models.minilm.keep_alive", "cannot parse");
-        check_error(&GOOD.replace("[models.minilm]", "[models.smollm2]"), 14, "models.smollm2", "duplicate");
-        check_error("[daemon]\nlisten = \"127.0.0.1:0\"\n", 1, "models", "no models");
-        check_error(&format!("{GOOD}\n[nonsense]\nx = 1\n"), 22, "nonsense", "unknown field `nonsense`");
+        check_error(
+            &GOOD.replace("context = 2048", "context = \"big\""),
+            11,
+            "models.smollm2.context",
+            "invalid type",
+        );
+        check_error(
+            &GOOD.replace("aliases = [\"smol\"]", "alias = [\"smol\"]"),
+            12,
+            "models.smollm2.alias",
+            "unknown field `alias`",
+        );
+        check_error(
+            &GOOD.replace("kind = \"chat\"", "kind = \"poetry\""),
+            10,
+            "models.smollm2.kind",
+            "unknown variant",
+        );
+        check_error(
+            &GOOD.replace("models = [\"smollm2\"]", "models = [\"gpt5\"]"),
+            20,
+            "routes.chat.models",
+            "unknown model \"gpt5\"",
+        );
+        check_error(
+            &GOOD.replace("\"4GiB\"", "\"0\""),
+            5,
+            "daemon.memory_ceiling",
+            "greater than 0",
+        );
+        check_error(
+            &GOOD.replace("\"4GiB\"", "\"four gigs\""),
+            5,
+            "daemon.memory_ceiling",
+            "cannot parse",
+        );
+        check_error(
+            &GOOD.replace("\"1GiB\"", "\"12 parsecs\""),
+            6,
+            "daemon.headroom",
+            "cannot parse",
+        );
+        check_error(
+            &GOOD.replace("listen = \"127.0.0.1:0\"", "listen = \"localhost\""),
+            3,
+            "daemon.listen",
+            "not an address",
+        );
+        check_error(
+            &GOOD.replace("aliases = [\"smol\"]", "aliases = [\"minilm\"]"),
+            12,
+            "models.smollm2.aliases",
+            "used more than once",
+        );
+        check_error(
+            &GOOD.replace("keep_alive = \"never\"", "keep_alive = \"soon\""),
+            17,
+            "models.minilm.keep_alive",
+            "cannot parse",
+        );
+        check_error(
+            &GOOD.replace("[models.minilm]", "[models.smollm2]"),
+            14,
+            "models.smollm2",
+            "duplicate",
+        );
+        check_error(
+            "[daemon]\nlisten = \"127.0.0.1:0\"\n",
+            1,
+            "models",
+            "no models",
+        );
+        check_error(
+            &format!("{GOOD}\n[nonsense]\nx = 1\n"),
+            22,
+            "nonsense",
+            "unknown field `nonsense`",
+        );
     }
 }

@@ -143,7 +143,10 @@ impl EngineError {
 
     /// Wraps a Candle error with what was being done.
     pub fn candle(context: String, source: candle_core::Error) -> Self {
-        Self::Candle { context, source: Box::new(source) }
+        Self::Candle {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 
@@ -254,7 +257,9 @@ impl CandleEngine {
     /// An engine on `device` ("cpu", "cuda", "cuda:N", "metal", "metal:N", or "auto").
     pub fn new(device: &str) -> Result<Self, EngineError> {
         let wrap = |e| EngineError::candle(format!("opening device {device}"), e);
-        let (kind, index) = device.split_once(':').map_or((device, 0), |(k, i)| (k, i.parse().unwrap_or(0)));
+        let (kind, index) = device
+            .split_once(':')
+            .map_or((device, 0), |(k, i)| (k, i.parse().unwrap_or(0)));
         let device = match kind {
             "cpu" => Device::Cpu,
             "cuda" => Device::new_cuda(index).map_err(wrap)?,
@@ -271,7 +276,6 @@ impl CandleEngine {
         };
         Ok(Self { device })
     }
-
 }
 
 impl Engine for CandleEngine {
@@ -296,7 +300,10 @@ impl Engine for CandleEngine {
                 let config = BertConfig::read(&dir.join("config.json"))?;
                 let map = map_file(&header.path)?;
                 let bert = Bert::load(&header, &map, config, &self.device, progress)?;
-                let mut model = EmbeddingModel { bert, max_input: inspection.context };
+                let mut model = EmbeddingModel {
+                    bert,
+                    max_input: inspection.context,
+                };
                 // Warm-up: the first pass sizes Candle's lazily built structures.
                 model.embed(&[101, 2023, 102])?;
                 Ok(Box::new(model))
@@ -304,10 +311,19 @@ impl Engine for CandleEngine {
             ModelKind::Chat | ModelKind::Completion => {
                 let header = GgufHeader::read(&source.path)?;
                 let map = map_file(&source.path)?;
-                let src = WeightSource { header: &header, data: &map, device: &self.device, progress };
+                let src = WeightSource {
+                    header: &header,
+                    data: &map,
+                    device: &self.device,
+                    progress,
+                };
                 let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);
-                let mut model = DecoderModel { transformer, cache: None, budget: kv_tokens.min(inspection.context) };
+                let mut model = DecoderModel {
+                    transformer,
+                    cache: None,
+                    budget: kv_tokens.min(inspection.context),
+                };
                 model.warm_up()?;
                 Ok(Box::new(model))
             }
@@ -333,12 +349,18 @@ impl Engine for CandleEngine {
 
 /// Maps a file read-only.
 fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
-    let file = std::fs::File::open(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
+    let file = std::fs::File::open(path).map_err(|e| EngineError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })?;
     // SAFETY: the map is read-only and lives only for the load; ult's model files are not modified while
     // it runs (a truncation under it would fault the loader, which the header checks make unlikely).
     #[allow(unsafe_code)]
     let map = unsafe { memmap2::Mmap::map(&file) };
-    map.map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })
+    map.map_err(|e| EngineError::Io {
+        path: path.display().to_string(),
+        source: e,
+    })
 }
 
 fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineError> {
@@ -356,12 +378,29 @@ fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineErr
         None => DEFAULT_CONTEXT.min(trained),
     };
     let tokenizer = Arc::new(Tokenizer::from_gguf(&header.vocab)?);
-    let template_source = source.chat_template.clone().or_else(|| header.chat_template.clone());
+    let template_source = source
+        .chat_template
+        .clone()
+        .or_else(|| header.chat_template.clone());
     let template = match (source.kind, template_source) {
         (ModelKind::Chat, Some(src)) => {
-            let bos = tokenizer.bos().map(|id| tokenizer.piece_text(id)).unwrap_or_default();
-            let eos = tokenizer.eos().map(|id| header.vocab.tokens.get(id as usize).cloned().unwrap_or_default());
-            Some(Arc::new(ChatTemplate::new(&src, bos, eos.unwrap_or_default())?))
+            let bos = tokenizer
+                .bos()
+                .map(|id| tokenizer.piece_text(id))
+                .unwrap_or_default();
+            let eos = tokenizer.eos().map(|id| {
+                header
+                    .vocab
+                    .tokens
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            });
+            Some(Arc::new(ChatTemplate::new(
+                &src,
+                bos,
+                eos.unwrap_or_default(),
+            )?))
         }
         _ => None,
     };
@@ -388,7 +427,10 @@ fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
     let header = SafetensorsHeader::read(&dir.join("model.safetensors"))?;
     let config = BertConfig::read(&dir.join("config.json"))?;
     let tokenizer = Arc::new(Tokenizer::from_bert_json(&dir.join("tokenizer.json"))?);
-    let max_input = source.context.unwrap_or(config.max_positions).min(config.max_positions);
+    let max_input = source
+        .context
+        .unwrap_or(config.max_positions)
+        .min(config.max_positions);
     // Activations for one input of max_input tokens: hidden states, q/k/v, scores, intermediate.
     let (h, n) = (config.hidden, max_input);
     let activations = n * (6 * h + 4 * h) * 4 + 2 * config.heads * n * n * 4;
@@ -426,7 +468,11 @@ struct DecoderModel {
 impl DecoderModel {
     /// Allocates the KV cache at the current budget if it is missing or sized differently.
     fn ensure_cache(&mut self) -> Result<(), EngineError> {
-        if self.cache.as_ref().is_none_or(|c| c.capacity() != self.budget) {
+        if self
+            .cache
+            .as_ref()
+            .is_none_or(|c| c.capacity() != self.budget)
+        {
             self.cache = None;
             let cache = self
                 .transformer
@@ -459,11 +505,17 @@ impl LoadedModel for DecoderModel {
             return Err(EngineError::EmptyPrompt);
         }
         if prompt.len() > self.budget {
-            return Err(EngineError::ContextTooLong { prompt_tokens: prompt.len(), context_tokens: self.budget });
+            return Err(EngineError::ContextTooLong {
+                prompt_tokens: prompt.len(),
+                context_tokens: self.budget,
+            });
         }
         let vocab = self.transformer.hparams().vocab_size as u32;
         if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(EngineError::InvalidParameter { field: "prompt", reason: format!("token id {bad} is outside the vocabulary") });
+            return Err(EngineError::InvalidParameter {
+                field: "prompt",
+                reason: format!("token id {bad} is outside the vocabulary"),
+            });
         }
         self.ensure_cache()?;
         let transformer = &self.transformer;
@@ -471,7 +523,11 @@ impl LoadedModel for DecoderModel {
         cache.clear();
         let mut logits = None;
         for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = Some(transformer.forward(chunk, cache).map_err(|e| EngineError::candle("prefill".into(), e))?);
+            logits = Some(
+                transformer
+                    .forward(chunk, cache)
+                    .map_err(|e| EngineError::candle("prefill".into(), e))?,
+            );
         }
         logits
             .ok_or(EngineError::EmptyPrompt)?
@@ -483,7 +539,10 @@ impl LoadedModel for DecoderModel {
         let transformer = &self.transformer;
         let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
         if cache.len() >= cache.capacity() {
-            return Err(EngineError::ContextTooLong { prompt_tokens: cache.len() + 1, context_tokens: cache.capacity() });
+            return Err(EngineError::ContextTooLong {
+                prompt_tokens: cache.len() + 1,
+                context_tokens: cache.capacity(),
+            });
         }
         transformer
             .forward(&[token], cache)
@@ -492,7 +551,10 @@ impl LoadedModel for DecoderModel {
     }
 
     fn embed(&mut self, _input: &[u32]) -> Result<Vec<f32>, EngineError> {
-        Err(EngineError::InvalidParameter { field: "model", reason: "this model generates text; it does not embed".into() })
+        Err(EngineError::InvalidParameter {
+            field: "model",
+            reason: "this model generates text; it does not embed".into(),
+        })
     }
 
     fn budget(&self) -> usize {
@@ -524,7 +586,10 @@ struct EmbeddingModel {
 
 impl LoadedModel for EmbeddingModel {
     fn begin(&mut self, _prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        Err(EngineError::InvalidParameter { field: "model", reason: "this is an embedding model; it does not generate text".into() })
+        Err(EngineError::InvalidParameter {
+            field: "model",
+            reason: "this is an embedding model; it does not generate text".into(),
+        })
     }
 
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
@@ -533,9 +598,14 @@ impl LoadedModel for EmbeddingModel {
 
     fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError> {
         if input.len() > self.max_input.min(self.bert.max_positions()) {
-            return Err(EngineError::ContextTooLong { prompt_tokens: input.len(), context_tokens: self.max_input });
+            return Err(EngineError::ContextTooLong {
+                prompt_tokens: input.len(),
+                context_tokens: self.max_input,
+            });
         }
-        self.bert.embed(input).map_err(|e| EngineError::candle("embedding".into(), e))
+        self.bert
+            .embed(input)
+            .map_err(|e| EngineError::candle("embedding".into(), e))
     }
 
     fn budget(&self) -> usize {

@@ -43,7 +43,9 @@ pub enum ServiceError {
         reason: String,
     },
     /// The prompt does not fit the model's context.
-    #[error("the prompt has {prompt_tokens} tokens but model {model} holds {context_tokens} (prompt plus at least one generated token must fit)")]
+    #[error(
+        "the prompt has {prompt_tokens} tokens but model {model} holds {context_tokens} (prompt plus at least one generated token must fit)"
+    )]
     ContextTooLong {
         /// The model.
         model: String,
@@ -77,12 +79,19 @@ impl From<Rejection> for ServiceError {
 impl ServiceError {
     /// An invalid argument.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument { field, reason: reason.into() }
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
     }
 
     /// A wrong-kind error.
     pub fn wrong_kind(model: &str, actual: ModelKind, wanted: &'static str) -> Self {
-        Self::WrongKind { model: model.to_string(), actual: actual.as_str(), wanted }
+        Self::WrongKind {
+            model: model.to_string(),
+            actual: actual.as_str(),
+            wanted,
+        }
     }
 
     /// The gRPC code this error maps to.
@@ -91,11 +100,14 @@ impl ServiceError {
         match self {
             Self::Rejected(r) => match r {
                 Rejection::UnknownModel { .. } | Rejection::UnknownLease { .. } => Code::NotFound,
-                Rejection::LargerThanCeiling { .. } | Rejection::Exhausted { .. } | Rejection::Pressure { .. } => {
-                    Code::ResourceExhausted
-                }
+                Rejection::LargerThanCeiling { .. }
+                | Rejection::Exhausted { .. }
+                | Rejection::Pressure { .. } => Code::ResourceExhausted,
                 Rejection::LoadFailed { .. } => Code::Unavailable,
-                Rejection::CannotUnload { reason: HoldReason::Loading, .. } => Code::Unavailable,
+                Rejection::CannotUnload {
+                    reason: HoldReason::Loading,
+                    ..
+                } => Code::Unavailable,
                 Rejection::CannotUnload { .. } => Code::FailedPrecondition,
             },
             Self::Unavailable { .. } | Self::ShuttingDown => Code::Unavailable,
@@ -103,9 +115,9 @@ impl ServiceError {
             Self::InvalidArgument { .. } | Self::ContextTooLong { .. } => Code::InvalidArgument,
             Self::WaitTimeout { .. } => Code::ResourceExhausted,
             Self::Engine(e) => match e {
-                EngineError::ContextTooLong { .. } | EngineError::EmptyPrompt | EngineError::InvalidParameter { .. } => {
-                    Code::InvalidArgument
-                }
+                EngineError::ContextTooLong { .. }
+                | EngineError::EmptyPrompt
+                | EngineError::InvalidParameter { .. } => Code::InvalidArgument,
                 EngineError::WorkerGone => Code::Unavailable,
                 _ => Code::Internal,
             },

@@ -43,7 +43,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ULT_LOG").unwrap_or_else(|_| "ultd=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ULT_LOG")
+                .unwrap_or_else(|_| "ultd=info,warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -56,7 +57,12 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        println!("{}: ok ({} models, {} routes)", config.file.display(), config.models.len(), config.routes.len());
+        println!(
+            "{}: ok ({} models, {} routes)",
+            config.file.display(),
+            config.models.len(),
+            config.routes.len()
+        );
         return ExitCode::SUCCESS;
     }
     match run(config, args.device) {
@@ -76,18 +82,30 @@ fn load_config(args: &Args) -> Result<Config, ultd::config::ConfigError> {
         message: format!("cannot read: {e}"),
     })?;
     // Command-line overrides are applied to the document so they are validated like the file itself.
-    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| ultd::config::ConfigError {
-        file: args.config.clone(),
-        line: e.span().map_or(0, |s| text[..s.start].matches('\n').count() + 1),
-        key: String::new(),
-        message: e.message().to_string(),
-    })?;
-    for (key, value) in [("listen", &args.listen), ("socket", &args.socket), ("device", &args.device), ("state_file", &args.state_file)] {
+    let mut doc: toml_edit::DocumentMut =
+        text.parse()
+            .map_err(|e: toml_edit::TomlError| ultd::config::ConfigError {
+                file: args.config.clone(),
+                line: e
+                    .span()
+                    .map_or(0, |s| text[..s.start].matches('\n').count() + 1),
+                key: String::new(),
+                message: e.message().to_string(),
+            })?;
+    for (key, value) in [
+        ("listen", &args.listen),
+        ("socket", &args.socket),
+        ("device", &args.device),
+        ("state_file", &args.state_file),
+    ] {
         if let Some(v) = value {
             doc["daemon"][key] = toml_edit::value(v.as_str());
         }
     }
-    let text = if [&args.listen, &args.socket, &args.device, &args.state_file].iter().any(|v| v.is_some()) {
+    let text = if [&args.listen, &args.socket, &args.device, &args.state_file]
+        .iter()
+        .any(|v| v.is_some())
+    {
         doc.to_string()
     } else {
         text

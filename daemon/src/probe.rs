@@ -76,7 +76,11 @@ impl Prober {
             candle_core::Device::Cpu => None,
             d => device_memory(d).map(|(free, total)| (d.clone(), total.saturating_sub(free))),
         };
-        Self { source, previous: None, device }
+        Self {
+            source,
+            previous: None,
+            device,
+        }
     }
 
     /// Takes one sample.
@@ -125,7 +129,9 @@ fn os_sample(_previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters),
 pub fn process_rss() -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
-        std::fs::read_to_string("/proc/self/statm").ok().and_then(|t| linux::parse_statm(&t, 4096))
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|t| linux::parse_statm(&t, 4096))
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -135,7 +141,9 @@ pub fn process_rss() -> Option<u64> {
 
 /// Rates between two counter readings, per second.
 pub fn rates(previous: Option<&Counters>, now: &Counters) -> (f64, f64, f64) {
-    let Some(p) = previous else { return (0.0, 0.0, 0.0) };
+    let Some(p) = previous else {
+        return (0.0, 0.0, 0.0);
+    };
     let dt = now.at.duration_since(p.at).as_secs_f64();
     if dt <= 0.0 {
         return (0.0, 0.0, 0.0);
@@ -149,10 +157,14 @@ pub fn rates(previous: Option<&Counters>, now: &Counters) -> (f64, f64, f64) {
 
 /// Parses a snapshot file written by a test.
 fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ProbeError::Read { path: path.display().to_string(), source: e })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ProbeError::Parse { path: path.display().to_string(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| ProbeError::Read {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ProbeError::Parse {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let u = |k: &str| v[k].as_u64().unwrap_or(0);
     let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
     Ok(MemorySnapshot {
@@ -183,7 +195,8 @@ pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
             // The driver reports for the current context; candle binds its context to this thread on use.
             let stream = d.cuda_stream();
             stream.context().bind_to_thread().ok()?;
-            let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+            let (free, total) =
+                candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
             Some((free as u64, total as u64))
         }
         _ => None,

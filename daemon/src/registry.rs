@@ -31,8 +31,13 @@ impl RegisteredModel {
             pinned: self.config.pinned,
             priority: self.config.priority,
             keep_alive: self.config.keep_alive,
-            min_kv_tokens: u32::try_from(self.config.min_context.unwrap_or(context / 4).clamp(1, context))
-                .unwrap_or(u32::MAX),
+            min_kv_tokens: u32::try_from(
+                self.config
+                    .min_context
+                    .unwrap_or(context / 4)
+                    .clamp(1, context),
+            )
+            .unwrap_or(u32::MAX),
         })
     }
 }
@@ -59,7 +64,10 @@ impl Registry {
                 chat_template: m.chat_template.clone(),
             };
             let started = std::time::Instant::now();
-            let inspection = engine.inspect(&source).map(Arc::new).map_err(|e| e.to_string());
+            let inspection = engine
+                .inspect(&source)
+                .map(Arc::new)
+                .map_err(|e| e.to_string());
             match &inspection {
                 Ok(i) => tracing::info!(
                     model = %m.name,
@@ -72,7 +80,14 @@ impl Registry {
                 ),
                 Err(e) => tracing::error!(model = %m.name, error = %e, "model unavailable"),
             }
-            models.insert(m.name.clone(), Arc::new(RegisteredModel { config: m.clone(), source, inspection }));
+            models.insert(
+                m.name.clone(),
+                Arc::new(RegisteredModel {
+                    config: m.clone(),
+                    source,
+                    inspection,
+                }),
+            );
         }
         Self { models }
     }

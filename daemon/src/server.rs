@@ -33,7 +33,10 @@ pub struct Running {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running").field("tcp", &self.tcp).field("socket", &self.socket).finish_non_exhaustive()
+        f.debug_struct("Running")
+            .field("tcp", &self.tcp)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
     }
 }
 
@@ -57,9 +60,11 @@ impl Running {
 pub async fn spawn(config: Config, engine: Arc<dyn Engine>) -> anyhow::Result<Running> {
     let inspect_engine = engine.clone();
     let inspect_config = config.clone();
-    let registry = tokio::task::spawn_blocking(move || Registry::inspect(&inspect_config, inspect_engine.as_ref()))
-        .await
-        .context("inspecting models")?;
+    let registry = tokio::task::spawn_blocking(move || {
+        Registry::inspect(&inspect_config, inspect_engine.as_ref())
+    })
+    .await
+    .context("inspecting models")?;
     let prober = Prober::new(config.daemon.probe.clone(), &engine.device());
     let handle = supervisor::start(&config, Arc::new(registry), engine, prober);
     serve(&config, handle).await
@@ -84,12 +89,15 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
     let mut tasks = Vec::new();
     let mut tcp = None;
     if let Some(addr) = config.daemon.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         let bound = listener.local_addr().context("reading the bound address")?;
         let (tx, rx) = oneshot::channel::<()>();
-        let server = router().serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = rx.await;
-        });
+        let server =
+            router().serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = rx.await;
+            });
         tasks.push(tokio::spawn(server));
         stop.push(tx);
         tcp = Some(bound);
@@ -103,9 +111,11 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         }
         // A stale socket from a previous run would make bind fail.
         if path.exists() {
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
-        let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        let listener = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting permissions on {}", path.display()))?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -117,5 +127,11 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         stop.push(tx);
         socket = Some(path.clone());
     }
-    Ok(Running { tcp, socket, handle, stop, tasks })
+    Ok(Running {
+        tcp,
+        socket,
+        handle,
+        stop,
+        tasks,
+    })
 }

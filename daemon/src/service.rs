@@ -74,10 +74,14 @@ pub fn prepare_generation(
     stop: Vec<String>,
 ) -> Result<GenerateParams, ServiceError> {
     let name = &model.config.name;
-    let inspection: &Inspection = model
-        .inspection
-        .as_ref()
-        .map_err(|r| ServiceError::Unavailable { model: name.clone(), reason: r.clone() })?;
+    let inspection: &Inspection =
+        model
+            .inspection
+            .as_ref()
+            .map_err(|r| ServiceError::Unavailable {
+                model: name.clone(),
+                reason: r.clone(),
+            })?;
     let text = match input {
         Input::Prompt(p) => {
             check_kind(model, ModelKind::Completion)?;
@@ -88,10 +92,22 @@ pub fn prepare_generation(
             if messages.is_empty() {
                 return Err(ServiceError::invalid("messages", "no messages"));
             }
-            if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool")) {
-                return Err(ServiceError::invalid("messages", format!("unknown role {:?}", m.role)));
+            if let Some(m) = messages
+                .iter()
+                .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool"))
+            {
+                return Err(ServiceError::invalid(
+                    "messages",
+                    format!("unknown role {:?}", m.role),
+                ));
             }
-            let template = inspection.template.as_ref().ok_or_else(|| ServiceError::NoChatTemplate { model: name.clone() })?;
+            let template =
+                inspection
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| ServiceError::NoChatTemplate {
+                        model: name.clone(),
+                    })?;
             template.render(&messages, true)?
         }
     };
@@ -112,22 +128,40 @@ pub fn prepare_generation(
         None => context,
     };
     if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(ServiceError::invalid("stop", format!("{} sequences; at most {MAX_STOP_SEQUENCES}", stop.len())));
+        return Err(ServiceError::invalid(
+            "stop",
+            format!("{} sequences; at most {MAX_STOP_SEQUENCES}", stop.len()),
+        ));
     }
-    if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
         return Err(ServiceError::invalid(
             "stop",
             format!("stop sequence {s:?} must have 1 to {MAX_STOP_BYTES} bytes"),
         ));
     }
     let tokenizer = &inspection.tokenizer;
-    let bos_text = tokenizer.bos().map(|b| tokenizer.piece_text(b)).unwrap_or_default();
+    let bos_text = tokenizer
+        .bos()
+        .map(|b| tokenizer.piece_text(b))
+        .unwrap_or_default();
     let add_bos = bos_text.is_empty() || !text.starts_with(&bos_text);
     let prompt = tokenizer.encode(&text, add_bos);
     if prompt.len() >= context {
-        return Err(ServiceError::ContextTooLong { model: name.clone(), prompt_tokens: prompt.len(), context_tokens: context });
+        return Err(ServiceError::ContextTooLong {
+            model: name.clone(),
+            prompt_tokens: prompt.len(),
+            context_tokens: context,
+        });
     }
-    Ok(GenerateParams { prompt, max_tokens, sampling, stop })
+    Ok(GenerateParams {
+        prompt,
+        max_tokens,
+        sampling,
+        stop,
+    })
 }
 
 fn sampling_from(p: Option<pb::SamplingParams>) -> SamplingParams {
@@ -203,7 +237,11 @@ pub fn status_to_pb(s: &StatusView) -> pb::StatusResponse {
         routes: s
             .routes
             .iter()
-            .map(|r| pb::RouteStatus { name: r.name.clone(), models: r.models.clone(), strategy: r.strategy.as_str().into() })
+            .map(|r| pb::RouteStatus {
+                name: r.name.clone(),
+                models: r.models.clone(),
+                strategy: r.strategy.as_str().into(),
+            })
             .collect(),
     }
 }
@@ -228,6 +266,12 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         completion_only: insp.is_some_and(|i| i.kind == ModelKind::Completion),
         priority: reg.config.priority,
         last_used_unix_ms: m.last_used_unix_ms.unwrap_or(0),
+        prompt_tokens: m.counters.prompt_tokens,
+        generated_tokens: m.counters.generated_tokens,
+        completed: m.counters.completed,
+        cancelled: m.counters.cancelled,
+        failed: m.counters.failed,
+        embedded: m.counters.embedded,
         ..Default::default()
     };
     match (&reg.inspection, &m.view) {
@@ -265,19 +309,49 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
 fn watch_to_pb(unix_ms: u64, e: WatchEvent) -> Option<pb::WatchEvent> {
     use pb::watch_event::Event as E;
     let event = match e {
-        WatchEvent::Loading { model, predicted_bytes } => E::Loading(pb::ModelLoading { model, predicted_bytes }),
-        WatchEvent::Loaded { model, load_ms, measured_bytes, predicted_bytes } => {
-            E::Loaded(pb::ModelLoaded { model, load_ms, measured_bytes, predicted_bytes })
+        WatchEvent::Loading {
+            model,
+            predicted_bytes,
+        } => E::Loading(pb::ModelLoading {
+            model,
+            predicted_bytes,
+        }),
+        WatchEvent::Loaded {
+            model,
+            load_ms,
+            measured_bytes,
+            predicted_bytes,
+        } => E::Loaded(pb::ModelLoaded {
+            model,
+            load_ms,
+            measured_bytes,
+            predicted_bytes,
+        }),
+        WatchEvent::LoadFailed { model, reason } => {
+            E::LoadFailed(pb::ModelLoadFailed { model, reason })
         }
-        WatchEvent::LoadFailed { model, reason } => E::LoadFailed(pb::ModelLoadFailed { model, reason }),
-        WatchEvent::Evicted { model, reason, freed_bytes } => E::Evicted(pb::ModelEvicted { model, reason, freed_bytes }),
-        WatchEvent::Pressure { level, reason } => {
-            E::Pressure(pb::PressureChanged { level: pressure_to_pb(level) as i32, reason })
+        WatchEvent::Evicted {
+            model,
+            reason,
+            freed_bytes,
+        } => E::Evicted(pb::ModelEvicted {
+            model,
+            reason,
+            freed_bytes,
+        }),
+        WatchEvent::Pressure { level, reason } => E::Pressure(pb::PressureChanged {
+            level: pressure_to_pb(level) as i32,
+            reason,
+        }),
+        WatchEvent::KvBudget { model, tokens } => {
+            E::KvBudget(pb::KvBudgetChanged { model, tokens })
         }
-        WatchEvent::KvBudget { model, tokens } => E::KvBudget(pb::KvBudgetChanged { model, tokens }),
         WatchEvent::Progress { .. } => return None,
     };
-    Some(pb::WatchEvent { unix_ms, event: Some(event) })
+    Some(pb::WatchEvent {
+        unix_ms,
+        event: Some(event),
+    })
 }
 
 #[tonic::async_trait]
@@ -287,7 +361,10 @@ impl pb::ult_server::Ult for UltService {
     type GenerateStream = Stream2<pb::GenerateResponse>;
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+    async fn load(
+        &self,
+        request: Request<pb::LoadRequest>,
+    ) -> Result<Response<Self::LoadStream>, Status> {
         let m = self.handle.resolve(&request.get_ref().model).await?;
         let model = m.config.name.clone();
         let mut events = self.handle.subscribe();
@@ -330,19 +407,32 @@ impl pb::ult_server::Ult for UltService {
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn unload(&self, request: Request<pb::UnloadRequest>) -> Result<Response<pb::UnloadResponse>, Status> {
+    async fn unload(
+        &self,
+        request: Request<pb::UnloadRequest>,
+    ) -> Result<Response<pb::UnloadResponse>, Status> {
         let name = request.into_inner().model;
         let m = self.handle.resolve(&name).await?;
         let u = self.handle.unload(&m.config.name).await?;
-        Ok(Response::new(pb::UnloadResponse { model: m.config.name.clone(), unloaded: u.unloaded, freed_bytes: u.freed_bytes }))
+        Ok(Response::new(pb::UnloadResponse {
+            model: m.config.name.clone(),
+            unloaded: u.unloaded,
+            freed_bytes: u.freed_bytes,
+        }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.handle.status().await?;
         Ok(Response::new(status_to_pb(&s)))
     }
 
-    async fn watch(&self, _request: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let mut events = self.handle.subscribe();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
@@ -366,20 +456,41 @@ impl pb::ult_server::Ult for UltService {
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let submitted = Instant::now();
         let req = request.into_inner();
         let m = self.handle.resolve(&req.model).await?;
         let input = match req.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Prompt(p),
             Some(pb::generate_request::Input::Messages(ms)) => Input::Messages(
-                ms.messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect(),
+                ms.messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
             ),
             None => return Err(ServiceError::invalid("input", "set prompt or messages").into()),
         };
-        let params = prepare_generation(&m, input, req.max_tokens, sampling_from(req.sampling), req.stop)?;
-        let grant = self.handle.acquire(&m.config.name, RequestKind::Use).await?;
-        let jobs = grant.jobs.clone().ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
+        let params = prepare_generation(
+            &m,
+            input,
+            req.max_tokens,
+            sampling_from(req.sampling),
+            req.stop,
+        )?;
+        let grant = self
+            .handle
+            .acquire(&m.config.name, RequestKind::Use)
+            .await?;
+        let jobs = grant
+            .jobs
+            .clone()
+            .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
         let (events_tx, mut events) = mpsc::channel(64);
         jobs.submit(Job::Generate(GenerateJob {
             prompt: params.prompt,
@@ -431,19 +542,29 @@ impl pb::ult_server::Ult for UltService {
     }
 
     #[tracing::instrument(skip_all, fields(model = %request.get_ref().model))]
-    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
         let req = request.into_inner();
         let m = self.handle.resolve(&req.model).await?;
         check_kind(&m, ModelKind::Embedding)?;
-        let insp: Arc<Inspection> = m
-            .inspection
-            .clone()
-            .map_err(|r| ServiceError::Unavailable { model: m.config.name.clone(), reason: r })?;
+        let insp: Arc<Inspection> =
+            m.inspection
+                .clone()
+                .map_err(|r| ServiceError::Unavailable {
+                    model: m.config.name.clone(),
+                    reason: r,
+                })?;
         if req.inputs.is_empty() {
             return Err(ServiceError::invalid("inputs", "no inputs").into());
         }
         if req.inputs.len() > MAX_EMBED_INPUTS {
-            return Err(ServiceError::invalid("inputs", format!("{} inputs; at most {MAX_EMBED_INPUTS}", req.inputs.len())).into());
+            return Err(ServiceError::invalid(
+                "inputs",
+                format!("{} inputs; at most {MAX_EMBED_INPUTS}", req.inputs.len()),
+            )
+            .into());
         }
         let mut inputs = Vec::with_capacity(req.inputs.len());
         for text in &req.inputs {
@@ -462,42 +583,87 @@ impl pb::ult_server::Ult for UltService {
             inputs.push(ids);
         }
         let prompt_tokens = inputs.iter().map(Vec::len).sum::<usize>() as u32;
-        let grant = self.handle.acquire(&m.config.name, RequestKind::Use).await?;
-        let jobs = grant.jobs.clone().ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
+        let grant = self
+            .handle
+            .acquire(&m.config.name, RequestKind::Use)
+            .await?;
+        let jobs = grant
+            .jobs
+            .clone()
+            .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
         let (reply, rx) = tokio::sync::oneshot::channel();
-        jobs.submit(Job::Embed(EmbedJob { inputs, reply })).map_err(ServiceError::from)?;
-        let vectors = rx.await.map_err(|_| ServiceError::Engine(EngineError::WorkerGone))?.map_err(ServiceError::from)?;
+        jobs.submit(Job::Embed(EmbedJob { inputs, reply }))
+            .map_err(ServiceError::from)?;
+        let vectors = rx
+            .await
+            .map_err(|_| ServiceError::Engine(EngineError::WorkerGone))?
+            .map_err(ServiceError::from)?;
         Ok(Response::new(pb::EmbedResponse {
             model: m.config.name.clone(),
-            embeddings: vectors.into_iter().map(|values| pb::Embedding { values }).collect(),
+            embeddings: vectors
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
             prompt_tokens,
             load_ms: grant.load_ms,
         }))
     }
 
-    async fn pin(&self, request: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+    async fn pin(
+        &self,
+        request: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinResponse>, Status> {
         let model = self.handle.pin(&request.into_inner().model, true).await?;
-        Ok(Response::new(pb::PinResponse { model, pinned: true }))
+        Ok(Response::new(pb::PinResponse {
+            model,
+            pinned: true,
+        }))
     }
 
-    async fn unpin(&self, request: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+    async fn unpin(
+        &self,
+        request: Request<pb::PinRequest>,
+    ) -> Result<Response<pb::PinResponse>, Status> {
         let model = self.handle.pin(&request.into_inner().model, false).await?;
-        Ok(Response::new(pb::PinResponse { model, pinned: false }))
+        Ok(Response::new(pb::PinResponse {
+            model,
+            pinned: false,
+        }))
     }
 
-    async fn lease(&self, request: Request<pb::LeaseRequest>) -> Result<Response<pb::LeaseResponse>, Status> {
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
         let req = request.into_inner();
-        let ttl = if req.ttl_ms == 0 { DEFAULT_LEASE_MS } else { req.ttl_ms };
+        let ttl = if req.ttl_ms == 0 {
+            DEFAULT_LEASE_MS
+        } else {
+            req.ttl_ms
+        };
         let (model, lease, expires) = self.handle.lease(&req.model, ttl).await?;
-        Ok(Response::new(pb::LeaseResponse { model, lease_id: lease.0, expires_unix_ms: expires }))
+        Ok(Response::new(pb::LeaseResponse {
+            model,
+            lease_id: lease.0,
+            expires_unix_ms: expires,
+        }))
     }
 
-    async fn release(&self, request: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let released = self.handle.release(LeaseId(request.into_inner().lease_id)).await?;
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let released = self
+            .handle
+            .release(LeaseId(request.into_inner().lease_id))
+            .await?;
         Ok(Response::new(pb::ReleaseResponse { released }))
     }
 
-    async fn plan_load(&self, request: Request<pb::PlanLoadRequest>) -> Result<Response<pb::PlanLoadResponse>, Status> {
+    async fn plan_load(
+        &self,
+        request: Request<pb::PlanLoadRequest>,
+    ) -> Result<Response<pb::PlanLoadResponse>, Status> {
         let m = self.handle.resolve(&request.into_inner().model).await?;
         let p = self.handle.plan_load(&m.config.name).await?;
         Ok(Response::new(pb::PlanLoadResponse {
@@ -509,10 +675,18 @@ impl pb::ult_server::Ult for UltService {
             evictions: p
                 .victims
                 .into_iter()
-                .map(|v| pb::PlannedEviction { model: v.model, bytes: v.bytes, score: v.score })
+                .map(|v| pb::PlannedEviction {
+                    model: v.model,
+                    bytes: v.bytes,
+                    score: v.score,
+                })
                 .collect(),
             refusal: p.refusal.map(|r| r.to_string()).unwrap_or_else(|| {
-                if p.would_wait { "busy models hold the memory; the load would wait for them".into() } else { String::new() }
+                if p.would_wait {
+                    "busy models hold the memory; the load would wait for them".into()
+                } else {
+                    String::new()
+                }
             }),
         }))
     }

@@ -46,20 +46,37 @@ impl DesiredState {
     pub fn load(path: &Path) -> Result<Self, StateFileError> {
         match std::fs::read(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(StateFileError::Io { path: path.display().to_string(), source: e }),
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StateFileError::Invalid { path: path.display().to_string(), reason: e.to_string() }),
+            Err(e) => Err(StateFileError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateFileError::Invalid {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
         }
     }
 
     /// Writes `path` atomically.
     pub fn save(&self, path: &Path) -> Result<(), StateFileError> {
-        let io = |source| StateFileError::Io { path: path.display().to_string(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let io = |source| StateFileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io)?;
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let json = serde_json::to_vec_pretty(&Self { version: 1, ..self.clone() })
-            .map_err(|e| StateFileError::Invalid { path: path.display().to_string(), reason: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(&Self {
+            version: 1,
+            ..self.clone()
+        })
+        .map_err(|e| StateFileError::Invalid {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         {
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             f.write_all(&json).map_err(io)?;
@@ -82,10 +99,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.json");
         assert_eq!(DesiredState::load(&path).unwrap(), DesiredState::default());
-        let s = DesiredState { version: 1, pinned: ["a".to_string()].into(), loaded: ["b".to_string()].into() };
+        let s = DesiredState {
+            version: 1,
+            pinned: ["a".to_string()].into(),
+            loaded: ["b".to_string()].into(),
+        };
         s.save(&path).unwrap();
         assert_eq!(DesiredState::load(&path).unwrap(), s);
         std::fs::write(&path, b"{not json").unwrap();
-        assert!(matches!(DesiredState::load(&path), Err(StateFileError::Invalid { .. })));
+        assert!(matches!(
+            DesiredState::load(&path),
+            Err(StateFileError::Invalid { .. })
+        ));
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use ult_policy::{
-    Action, EvictReason, Event, Governor, GovernorConfig, LeaseId, LoadPreview, MemorySnapshot, Plan, PressureLevel,
-    Rejection, RequestId, RequestKind, Residency, Route, Router,
+    Action, Event, EvictReason, Governor, GovernorConfig, LeaseId, LoadPreview, MemorySnapshot,
+    Plan, PressureLevel, Rejection, RequestId, RequestKind, Residency, Route, Router,
 };
 
 use crate::config::Config;
@@ -117,7 +117,9 @@ struct DoneGuard {
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        let _ = self.tx.send(Msg::Done { model: std::mem::take(&mut self.model) });
+        let _ = self.tx.send(Msg::Done {
+            model: std::mem::take(&mut self.model),
+        });
     }
 }
 
@@ -182,6 +184,50 @@ pub struct ModelStatus {
     pub view: Option<ult_policy::ModelView>,
     /// Milliseconds since the epoch of the last use.
     pub last_used_unix_ms: Option<u64>,
+    /// Counters accumulated over every load of this model.
+    pub counters: Counters,
+}
+
+/// Cumulative request counters of one model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Prompt tokens processed.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Generations completed.
+    pub completed: u64,
+    /// Generations cancelled by their client.
+    pub cancelled: u64,
+    /// Requests that failed in the engine.
+    pub failed: u64,
+    /// Inputs embedded.
+    pub embedded: u64,
+}
+
+impl Counters {
+    fn read(s: &crate::engine::worker::WorkerStats) -> Self {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Self {
+            prompt_tokens: r(&s.prompt_tokens),
+            generated_tokens: r(&s.generated_tokens),
+            completed: r(&s.completed),
+            cancelled: r(&s.cancelled),
+            failed: r(&s.failed),
+            embedded: r(&s.embedded),
+        }
+    }
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            prompt_tokens: self.prompt_tokens + o.prompt_tokens,
+            generated_tokens: self.generated_tokens + o.generated_tokens,
+            completed: self.completed + o.completed,
+            cancelled: self.cancelled + o.cancelled,
+            failed: self.failed + o.failed,
+            embedded: self.embedded + o.embedded,
+        }
+    }
 }
 
 /// What an explicit unload did.
@@ -196,22 +242,69 @@ pub struct Unloaded {
 type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
 
 enum Msg {
-    Resolve { name: String, reply: Reply<Arc<RegisteredModel>> },
-    Acquire { id: RequestId, model: String, kind: RequestKind, reply: Reply<Grant> },
-    Cancel { id: RequestId },
-    Done { model: String },
-    Progress { model: String, loaded: u64, total: u64 },
-    LoadFinished { model: String, result: Result<LoadedModelBox, EngineError>, measured_bytes: u64, load_ms: u64 },
-    WorkerExited { model: String, crash: Option<EngineError> },
+    Resolve {
+        name: String,
+        reply: Reply<Arc<RegisteredModel>>,
+    },
+    Acquire {
+        id: RequestId,
+        model: String,
+        kind: RequestKind,
+        reply: Reply<Grant>,
+    },
+    Cancel {
+        id: RequestId,
+    },
+    Done {
+        model: String,
+    },
+    Progress {
+        model: String,
+        loaded: u64,
+        total: u64,
+    },
+    LoadFinished {
+        model: String,
+        result: Result<LoadedModelBox, EngineError>,
+        measured_bytes: u64,
+        load_ms: u64,
+    },
+    WorkerExited {
+        model: String,
+        crash: Option<EngineError>,
+    },
     Snapshot(MemorySnapshot),
     Tick,
-    Status { reply: Reply<StatusView> },
-    Unload { name: String, reply: Reply<Unloaded> },
-    Pin { id: RequestId, name: String, pin: bool, reply: Reply<String> },
-    Lease { id: RequestId, name: String, ttl_ms: u64, reply: Reply<(String, LeaseId, u64)> },
-    Release { lease: LeaseId, reply: Reply<bool> },
-    PlanLoad { name: String, reply: Reply<LoadPreview> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Status {
+        reply: Reply<StatusView>,
+    },
+    Unload {
+        name: String,
+        reply: Reply<Unloaded>,
+    },
+    Pin {
+        id: RequestId,
+        name: String,
+        pin: bool,
+        reply: Reply<String>,
+    },
+    Lease {
+        id: RequestId,
+        name: String,
+        ttl_ms: u64,
+        reply: Reply<(String, LeaseId, u64)>,
+    },
+    Release {
+        lease: LeaseId,
+        reply: Reply<bool>,
+    },
+    PlanLoad {
+        name: String,
+        reply: Reply<LoadPreview>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 struct LoadedModelBox(Box<dyn LoadedModel>);
@@ -241,7 +334,9 @@ impl std::fmt::Debug for Handle {
 impl Handle {
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, ServiceError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| ServiceError::ShuttingDown)?;
+        self.tx
+            .send(make(reply))
+            .map_err(|_| ServiceError::ShuttingDown)?;
         rx.await.map_err(|_| ServiceError::ShuttingDown)?
     }
 
@@ -266,9 +361,18 @@ impl Handle {
         let id = self.new_id();
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Acquire { id, model: model.to_string(), kind, reply })
+            .send(Msg::Acquire {
+                id,
+                model: model.to_string(),
+                kind,
+                reply,
+            })
             .map_err(|_| ServiceError::ShuttingDown)?;
-        let mut cancel = CancelGuard { tx: self.tx.clone(), id, armed: true };
+        let mut cancel = CancelGuard {
+            tx: self.tx.clone(),
+            id,
+            armed: true,
+        };
         let started = Instant::now();
         let result = tokio::time::timeout(self.load_wait, rx).await;
         cancel.armed = false;
@@ -299,13 +403,29 @@ impl Handle {
     /// Pins (`pin = true`) or unpins a model; returns the resolved name.
     pub async fn pin(&self, name: &str, pin: bool) -> Result<String, ServiceError> {
         let (name, id) = (name.to_string(), self.new_id());
-        self.ask(|reply| Msg::Pin { id, name, pin, reply }).await
+        self.ask(|reply| Msg::Pin {
+            id,
+            name,
+            pin,
+            reply,
+        })
+        .await
     }
 
     /// Leases a model for `ttl_ms`.
-    pub async fn lease(&self, name: &str, ttl_ms: u64) -> Result<(String, LeaseId, u64), ServiceError> {
+    pub async fn lease(
+        &self,
+        name: &str,
+        ttl_ms: u64,
+    ) -> Result<(String, LeaseId, u64), ServiceError> {
         let (name, id) = (name.to_string(), self.new_id());
-        self.ask(|reply| Msg::Lease { id, name, ttl_ms, reply }).await
+        self.ask(|reply| Msg::Lease {
+            id,
+            name,
+            ttl_ms,
+            reply,
+        })
+        .await
     }
 
     /// Releases a lease.
@@ -361,10 +481,17 @@ struct Supervisor {
     state_file: Option<std::path::PathBuf>,
     background: BTreeMap<RequestId, String>,
     next_internal_id: u64,
+    /// Counters of workers that have exited, so totals survive unloads.
+    retired: BTreeMap<String, Counters>,
 }
 
 /// Starts the state owner and its probe and tick tasks; returns the handle.
-pub fn start(config: &Config, registry: Arc<Registry>, engine: Arc<dyn Engine>, mut prober: Prober) -> Handle {
+pub fn start(
+    config: &Config,
+    registry: Arc<Registry>,
+    engine: Arc<dyn Engine>,
+    mut prober: Prober,
+) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(4096);
     let first = prober.sample();
@@ -422,6 +549,7 @@ pub fn start(config: &Config, registry: Arc<Registry>, engine: Arc<dyn Engine>, 
         state_file: d.state_file.clone(),
         background: BTreeMap::new(),
         next_internal_id: 1 << 62,
+        retired: BTreeMap::new(),
     };
     tracing::info!(
         ceiling_bytes = ceiling,
@@ -433,8 +561,18 @@ pub fn start(config: &Config, registry: Arc<Registry>, engine: Arc<dyn Engine>, 
     let boot: Vec<(String, bool)> = config
         .models
         .iter()
-        .filter(|m| m.pinned || m.preload || sup.desired.pinned.contains(&m.name) || sup.desired.loaded.contains(&m.name))
-        .map(|m| (m.name.clone(), m.pinned || sup.desired.pinned.contains(&m.name)))
+        .filter(|m| {
+            m.pinned
+                || m.preload
+                || sup.desired.pinned.contains(&m.name)
+                || sup.desired.loaded.contains(&m.name)
+        })
+        .map(|m| {
+            (
+                m.name.clone(),
+                m.pinned || sup.desired.pinned.contains(&m.name),
+            )
+        })
         .collect();
     tokio::spawn(sup.run(rx, boot));
     // The probe samples on a blocking thread (reading /proc or sysctls can stall under pressure).
@@ -479,7 +617,9 @@ pub fn start(config: &Config, registry: Arc<Registry>, engine: Arc<dyn Engine>, 
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Supervisor {
@@ -488,7 +628,10 @@ impl Supervisor {
     }
 
     fn emit(&self, event: WatchEvent) {
-        let _ = self.events.send(Stamped { unix_ms: unix_ms(), event });
+        let _ = self.events.send(Stamped {
+            unix_ms: unix_ms(),
+            event,
+        });
     }
 
     fn internal_id(&mut self) -> RequestId {
@@ -504,7 +647,14 @@ impl Supervisor {
             let plan = if pin {
                 self.governor.pin(id, &name, now)
             } else {
-                Ok(self.governor.handle(Event::Request { id, model: name.clone(), kind: RequestKind::Load }, now))
+                Ok(self.governor.handle(
+                    Event::Request {
+                        id,
+                        model: name.clone(),
+                        kind: RequestKind::Load,
+                    },
+                    now,
+                ))
             };
             match plan {
                 Ok(plan) => self.execute(plan),
@@ -527,12 +677,26 @@ impl Supervisor {
             Msg::Resolve { name, reply } => {
                 let _ = reply.send(self.resolve(&name));
             }
-            Msg::Acquire { id, model, kind, reply } => {
+            Msg::Acquire {
+                id,
+                model,
+                kind,
+                reply,
+            } => {
                 if reply.is_closed() {
                     return;
                 }
-                self.waiting.insert(id, Waiter { model: model.clone(), kind, reply });
-                let plan = self.governor.handle(Event::Request { id, model, kind }, now);
+                self.waiting.insert(
+                    id,
+                    Waiter {
+                        model: model.clone(),
+                        kind,
+                        reply,
+                    },
+                );
+                let plan = self
+                    .governor
+                    .handle(Event::Request { id, model, kind }, now);
                 self.execute(plan);
             }
             Msg::Cancel { id } => {
@@ -545,22 +709,46 @@ impl Supervisor {
                 let plan = self.governor.handle(Event::RequestDone { model }, now);
                 self.execute(plan);
             }
-            Msg::Progress { model, loaded, total } => {
-                self.emit(WatchEvent::Progress { model, loaded_bytes: loaded, total_bytes: total });
+            Msg::Progress {
+                model,
+                loaded,
+                total,
+            } => {
+                self.emit(WatchEvent::Progress {
+                    model,
+                    loaded_bytes: loaded,
+                    total_bytes: total,
+                });
             }
-            Msg::LoadFinished { model, result, measured_bytes, load_ms } => {
+            Msg::LoadFinished {
+                model,
+                result,
+                measured_bytes,
+                load_ms,
+            } => {
                 self.loading = None;
                 self.on_load_finished(model, result, measured_bytes, load_ms, now);
                 self.start_next_load();
             }
             Msg::WorkerExited { model, crash } => {
                 let event = match crash {
-                    None => Event::UnloadFinished { model: model.clone() },
+                    None => Event::UnloadFinished {
+                        model: model.clone(),
+                    },
                     Some(e) => {
                         tracing::error!(model = %model, error = %e, "worker crashed; model dropped");
-                        self.workers.remove(&model);
-                        self.emit(WatchEvent::Evicted { model: model.clone(), reason: "crashed".into(), freed_bytes: 0 });
-                        Event::Lost { model: model.clone(), reason: e.to_string() }
+                        if let Some(w) = self.workers.remove(&model) {
+                            self.retire(&model, &w);
+                        }
+                        self.emit(WatchEvent::Evicted {
+                            model: model.clone(),
+                            reason: "crashed".into(),
+                            freed_bytes: 0,
+                        });
+                        Event::Lost {
+                            model: model.clone(),
+                            reason: e.to_string(),
+                        }
                     }
                 };
                 let plan = self.governor.handle(event, now);
@@ -580,18 +768,29 @@ impl Supervisor {
             Msg::Unload { name, reply } => {
                 let result = self.resolve(&name).and_then(|m| {
                     let model = m.config.name.clone();
-                    let was = self.governor.model(&model, now).map_or(0, |v| v.charged_bytes);
+                    let was = self
+                        .governor
+                        .model(&model, now)
+                        .map_or(0, |v| v.charged_bytes);
                     let plan = self.governor.unload(&model, now)?;
                     let unloaded = !plan.is_empty();
                     self.execute(plan);
                     if self.desired.loaded.remove(&model) {
                         self.save_desired();
                     }
-                    Ok(Unloaded { unloaded, freed_bytes: if unloaded { was } else { 0 } })
+                    Ok(Unloaded {
+                        unloaded,
+                        freed_bytes: if unloaded { was } else { 0 },
+                    })
                 });
                 let _ = reply.send(result);
             }
-            Msg::Pin { id, name, pin, reply } => {
+            Msg::Pin {
+                id,
+                name,
+                pin,
+                reply,
+            } => {
                 let result = self.resolve(&name).and_then(|m| {
                     let model = m.config.name.clone();
                     let plan = if pin {
@@ -608,7 +807,12 @@ impl Supervisor {
                 });
                 let _ = reply.send(result);
             }
-            Msg::Lease { id, name, ttl_ms, reply } => {
+            Msg::Lease {
+                id,
+                name,
+                ttl_ms,
+                reply,
+            } => {
                 let result = self.resolve(&name).and_then(|m| {
                     let model = m.config.name.clone();
                     self.background.insert(id, model.clone());
@@ -619,16 +823,22 @@ impl Supervisor {
                 let _ = reply.send(result);
             }
             Msg::Release { lease, reply } => {
-                let result = self.governor.release(lease, now).map_err(ServiceError::from).map(|plan| {
-                    self.execute(plan);
-                    true
-                });
+                let result = self
+                    .governor
+                    .release(lease, now)
+                    .map_err(ServiceError::from)
+                    .map(|plan| {
+                        self.execute(plan);
+                        true
+                    });
                 let _ = reply.send(result);
             }
             Msg::PlanLoad { name, reply } => {
-                let result = self
-                    .resolve(&name)
-                    .and_then(|m| self.governor.preview_load(&m.config.name, now).map_err(ServiceError::from));
+                let result = self.resolve(&name).and_then(|m| {
+                    self.governor
+                        .preview_load(&m.config.name, now)
+                        .map_err(ServiceError::from)
+                });
                 let _ = reply.send(result);
             }
             Msg::Shutdown { .. } => {}
@@ -636,15 +846,28 @@ impl Supervisor {
     }
 
     fn resolve(&self, name: &str) -> Result<Arc<RegisteredModel>, ServiceError> {
-        let model = self.router.resolve(name, &self.governor, self.now()).or_else(|e| {
-            // Models that could not be inspected are not in the governor; the router still knows them.
-            if self.registry.get(name).is_some() { Ok(name.to_string()) } else { Err(e) }
-        })?;
+        let model = self
+            .router
+            .resolve(name, &self.governor, self.now())
+            .or_else(|e| {
+                // Models that could not be inspected are not in the governor; the router still knows them.
+                if self.registry.get(name).is_some() {
+                    Ok(name.to_string())
+                } else {
+                    Err(e)
+                }
+            })?;
         let m = self.registry.get(&model).ok_or_else(|| {
-            ServiceError::Rejected(Rejection::UnknownModel { name: name.to_string(), known: self.router.known_names() })
+            ServiceError::Rejected(Rejection::UnknownModel {
+                name: name.to_string(),
+                known: self.router.known_names(),
+            })
         })?;
         if let Err(reason) = &m.inspection {
-            return Err(ServiceError::Unavailable { model: model.clone(), reason: reason.clone() });
+            return Err(ServiceError::Unavailable {
+                model: model.clone(),
+                reason: reason.clone(),
+            });
         }
         Ok(m.clone())
     }
@@ -653,19 +876,39 @@ impl Supervisor {
         for action in plan.actions {
             match action {
                 Action::Load { model, kv_tokens } => {
-                    let predicted = self.registry.get(&model).and_then(|m| m.inspection.as_ref().ok()).map_or(0, |i| i.footprint.total());
-                    self.emit(WatchEvent::Loading { model: model.clone(), predicted_bytes: predicted });
+                    let predicted = self
+                        .registry
+                        .get(&model)
+                        .and_then(|m| m.inspection.as_ref().ok())
+                        .map_or(0, |i| i.footprint.total());
+                    self.emit(WatchEvent::Loading {
+                        model: model.clone(),
+                        predicted_bytes: predicted,
+                    });
                     self.loads.push_back((model, kv_tokens));
                     self.start_next_load();
                 }
-                Action::Unload { model, reason, bytes } => {
+                Action::Unload {
+                    model,
+                    reason,
+                    bytes,
+                } => {
                     tracing::info!(model = %model, reason = reason.as_str(), bytes, "unloading");
-                    self.emit(WatchEvent::Evicted { model: model.clone(), reason: reason.as_str().into(), freed_bytes: bytes });
+                    self.emit(WatchEvent::Evicted {
+                        model: model.clone(),
+                        reason: reason.as_str().into(),
+                        freed_bytes: bytes,
+                    });
                     self.note_eviction(&model, reason);
                     match self.workers.remove(&model) {
-                        Some(worker) => worker.stop(),
+                        Some(worker) => {
+                            self.retire(&model, &worker);
+                            worker.stop();
+                        }
                         None => {
-                            let plan = self.governor.handle(Event::UnloadFinished { model }, self.now());
+                            let plan = self
+                                .governor
+                                .handle(Event::UnloadFinished { model }, self.now());
                             self.execute(plan);
                         }
                     }
@@ -681,7 +924,11 @@ impl Supervisor {
                     }
                     self.emit(WatchEvent::KvBudget { model, tokens });
                 }
-                Action::Admit { id, model, caused_load } => self.grant(id, &model, caused_load),
+                Action::Admit {
+                    id,
+                    model,
+                    caused_load,
+                } => self.grant(id, &model, caused_load),
                 Action::Reject { id, reason } => {
                     if let Some(w) = self.waiting.remove(&id) {
                         let _ = w.reply.send(Err(ServiceError::Rejected(reason)));
@@ -703,13 +950,17 @@ impl Supervisor {
             return;
         }
         // The load waiting for this room is the first waiting (not yet loading) model of a waiting request.
-        let target = self
-            .waiting
-            .values()
-            .map(|w| w.model.clone())
-            .find(|m| matches!(self.governor.residency(m), Some(Residency::Unloaded | Residency::Failed)));
+        let target = self.waiting.values().map(|w| w.model.clone()).find(|m| {
+            matches!(
+                self.governor.residency(m),
+                Some(Residency::Unloaded | Residency::Failed)
+            )
+        });
         if let Some(t) = target {
-            self.evicted_for.entry(t).or_default().push(model.to_string());
+            self.evicted_for
+                .entry(t)
+                .or_default()
+                .push(model.to_string());
         }
     }
 
@@ -721,15 +972,27 @@ impl Supervisor {
             // The request went away between the plan and now: give the slot back.
             return;
         };
-        let Some(registered) = self.registry.get(model).cloned() else { return };
+        let Some(registered) = self.registry.get(model).cloned() else {
+            return;
+        };
         let jobs = self.workers.get(model).and_then(Worker::sender);
-        let done = (waiter.kind == RequestKind::Use).then(|| DoneGuard { tx: self.tx.clone(), model: model.to_string() });
-        let (load_ms, measured) = self.last_load.get(model).map_or((None, None), |&(ms, bytes)| (Some(ms), Some(bytes)));
+        let done = (waiter.kind == RequestKind::Use).then(|| DoneGuard {
+            tx: self.tx.clone(),
+            model: model.to_string(),
+        });
+        let (load_ms, measured) = self
+            .last_load
+            .get(model)
+            .map_or((None, None), |&(ms, bytes)| (Some(ms), Some(bytes)));
         let grant = Grant {
             model: registered,
             jobs,
             load_ms: if caused_load { load_ms } else { None },
-            evicted: if caused_load { self.evicted_for.get(model).cloned().unwrap_or_default() } else { Vec::new() },
+            evicted: if caused_load {
+                self.evicted_for.get(model).cloned().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
             measured_bytes: measured,
             _done: done,
         };
@@ -741,51 +1004,83 @@ impl Supervisor {
         if self.loading.is_some() {
             return;
         }
-        let Some((model, kv_tokens)) = self.loads.pop_front() else { return };
-        let Some(registered) = self.registry.get(&model).cloned() else { return };
-        let Ok(inspection) = registered.inspection.clone() else { return };
+        let Some((model, kv_tokens)) = self.loads.pop_front() else {
+            return;
+        };
+        let Some(registered) = self.registry.get(&model).cloned() else {
+            return;
+        };
+        let Ok(inspection) = registered.inspection.clone() else {
+            return;
+        };
         self.loading = Some(model.clone());
         let tx = self.tx.clone();
         let engine = self.engine.clone();
         let total = inspection.load_bytes;
-        let spawned = std::thread::Builder::new().name(format!("ult-load-{model}")).spawn(move || {
-            let started = Instant::now();
-            let device_before = engine.device_memory();
-            let rss_before = crate::probe::process_rss();
-            let loaded = AtomicU64::new(0);
-            let reported = AtomicU64::new(0);
-            let progress = |bytes: u64| {
-                let now = loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
-                // Report every 2% (and the end).
-                if now >= reported.load(Ordering::Relaxed) + total / 50 || now >= total {
-                    reported.store(now, Ordering::Relaxed);
-                    let _ = tx.send(Msg::Progress { model: model.clone(), loaded: now, total });
-                }
-            };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.load(&registered.source, &inspection, kv_tokens as usize, &progress)
-            }))
-            .unwrap_or_else(|p| Err(EngineError::from_panic("loading", p)));
-            let measured = match (device_before, engine.device_memory()) {
-                (Some((free_before, _)), Some((free_after, _))) => free_before.saturating_sub(free_after),
-                _ if crate::alloc::installed() => crate::alloc::thread_net_bytes().max(0) as u64,
-                _ => crate::probe::process_rss().zip(rss_before).map_or(0, |(a, b)| a.saturating_sub(b)),
-            };
-            let _ = tx.send(Msg::LoadFinished {
-                model,
-                result: result.map(LoadedModelBox),
-                measured_bytes: measured,
-                load_ms: started.elapsed().as_millis() as u64,
+        let spawned = std::thread::Builder::new()
+            .name(format!("ult-load-{model}"))
+            .spawn(move || {
+                let started = Instant::now();
+                let device_before = engine.device_memory();
+                let rss_before = crate::probe::process_rss();
+                let loaded = AtomicU64::new(0);
+                let reported = AtomicU64::new(0);
+                let progress = |bytes: u64| {
+                    let now = loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
+                    // Report every 2% (and the end).
+                    if now >= reported.load(Ordering::Relaxed) + total / 50 || now >= total {
+                        reported.store(now, Ordering::Relaxed);
+                        let _ = tx.send(Msg::Progress {
+                            model: model.clone(),
+                            loaded: now,
+                            total,
+                        });
+                    }
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.load(
+                        &registered.source,
+                        &inspection,
+                        kv_tokens as usize,
+                        &progress,
+                    )
+                }))
+                .unwrap_or_else(|p| Err(EngineError::from_panic("loading", p)));
+                let measured = match (device_before, engine.device_memory()) {
+                    (Some((free_before, _)), Some((free_after, _))) => {
+                        free_before.saturating_sub(free_after)
+                    }
+                    _ if crate::alloc::installed() => {
+                        crate::alloc::thread_net_bytes().max(0) as u64
+                    }
+                    _ => crate::probe::process_rss()
+                        .zip(rss_before)
+                        .map_or(0, |(a, b)| a.saturating_sub(b)),
+                };
+                let _ = tx.send(Msg::LoadFinished {
+                    model,
+                    result: result.map(LoadedModelBox),
+                    measured_bytes: measured,
+                    load_ms: started.elapsed().as_millis() as u64,
+                });
             });
-        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a load thread");
             self.loading = None;
         }
     }
 
-    fn on_load_finished(&mut self, model: String, result: Result<LoadedModelBox, EngineError>, measured: u64, load_ms: u64, now: u64) {
-        let Some(registered) = self.registry.get(&model).cloned() else { return };
+    fn on_load_finished(
+        &mut self,
+        model: String,
+        result: Result<LoadedModelBox, EngineError>,
+        measured: u64,
+        load_ms: u64,
+        now: u64,
+    ) {
+        let Some(registered) = self.registry.get(&model).cloned() else {
+            return;
+        };
         let event = match result {
             Ok(LoadedModelBox(loaded)) => {
                 let tokenizer = match &registered.inspection {
@@ -805,21 +1100,59 @@ impl Supervisor {
                             i.footprint.steady_bytes() + i.footprint.kv_bytes(kv_tokens)
                         });
                         tracing::info!(model = %model, load_ms, measured_bytes = measured, predicted_bytes = predicted, "loaded");
-                        self.emit(WatchEvent::Loaded { model: model.clone(), load_ms, measured_bytes: measured, predicted_bytes: predicted });
-                        Event::LoadFinished { model: model.clone(), measured_bytes: measured, kv_tokens, load_ms }
+                        self.emit(WatchEvent::Loaded {
+                            model: model.clone(),
+                            load_ms,
+                            measured_bytes: measured,
+                            predicted_bytes: predicted,
+                        });
+                        Event::LoadFinished {
+                            model: model.clone(),
+                            measured_bytes: measured,
+                            kv_tokens,
+                            load_ms,
+                        }
                     }
-                    Err(e) => Event::LoadFailed { model: model.clone(), reason: format!("cannot start its worker: {e}") },
+                    Err(e) => Event::LoadFailed {
+                        model: model.clone(),
+                        reason: format!("cannot start its worker: {e}"),
+                    },
                 }
             }
             Err(e) => {
                 tracing::error!(model = %model, error = %e, "load failed");
-                self.emit(WatchEvent::LoadFailed { model: model.clone(), reason: e.to_string() });
-                Event::LoadFailed { model: model.clone(), reason: e.to_string() }
+                self.emit(WatchEvent::LoadFailed {
+                    model: model.clone(),
+                    reason: e.to_string(),
+                });
+                Event::LoadFailed {
+                    model: model.clone(),
+                    reason: e.to_string(),
+                }
             }
         };
         let plan = self.governor.handle(event, now);
         self.execute(plan);
         self.evicted_for.remove(&model);
+    }
+
+    fn retire(&mut self, model: &str, worker: &Worker) {
+        let c = Counters::read(worker.stats());
+        let total = self.retired.get(model).copied().unwrap_or_default().add(c);
+        self.retired.insert(model.to_string(), total);
+    }
+
+    fn counters(&self, model: &str) -> Counters {
+        let live = self
+            .workers
+            .get(model)
+            .map(|w| Counters::read(w.stats()))
+            .unwrap_or_default();
+        self.retired
+            .get(model)
+            .copied()
+            .unwrap_or_default()
+            .add(live)
     }
 
     fn save_desired(&self) {
@@ -839,8 +1172,16 @@ impl Supervisor {
             .values()
             .map(|m| {
                 let view = self.governor.model(&m.config.name, now);
-                let last_used_unix_ms = view.as_ref().and_then(|v| v.last_used_ms).map(|t| self.started_unix_ms + t);
-                ModelStatus { model: m.clone(), view, last_used_unix_ms }
+                let last_used_unix_ms = view
+                    .as_ref()
+                    .and_then(|v| v.last_used_ms)
+                    .map(|t| self.started_unix_ms + t);
+                ModelStatus {
+                    model: m.clone(),
+                    view,
+                    last_used_unix_ms,
+                    counters: self.counters(&m.config.name),
+                }
             })
             .collect();
         StatusView {
@@ -886,9 +1227,13 @@ pub fn check_kind(m: &RegisteredModel, wanted: ModelKind) -> Result<(), ServiceE
     }
     match (wanted, actual) {
         (ModelKind::Chat, ModelKind::Completion) if m.config.kind == ModelKind::Chat => {
-            Err(ServiceError::NoChatTemplate { model: m.config.name.clone() })
+            Err(ServiceError::NoChatTemplate {
+                model: m.config.name.clone(),
+            })
         }
-        (ModelKind::Chat, ModelKind::Completion) => Err(ServiceError::NoChatTemplate { model: m.config.name.clone() }),
+        (ModelKind::Chat, ModelKind::Completion) => Err(ServiceError::NoChatTemplate {
+            model: m.config.name.clone(),
+        }),
         _ => Err(ServiceError::wrong_kind(
             &m.config.name,
             actual,

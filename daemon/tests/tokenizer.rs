@@ -1,6 +1,7 @@
 //! Tokenizer fixtures: ult's tokenizers against ids produced by independent implementations
 //! (transformers for the gpt2 vocabulary, sentencepiece for the llama vocabulary, tokenizers for BERT;
 //! see scripts/tokenizer-fixtures.py), on chat tags, digits, tabs, non-ASCII text and emoji.
+#![allow(clippy::unwrap_used)] // tests and examples may unwrap
 
 use std::path::PathBuf;
 
@@ -17,14 +18,22 @@ fn models() -> PathBuf {
 
 fn check(tokenizer: &Tokenizer, fixture: &str) {
     let path = root().join("daemon/tests/fixtures/tokenizer").join(fixture);
-    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut failures = Vec::new();
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tokenizer.encode(text, tokenizer.kind() == "wordpiece");
         if got != expected {
-            failures.push(format!("{text:?}\n  expected {expected:?}\n  got      {got:?}"));
+            failures.push(format!(
+                "{text:?}\n  expected {expected:?}\n  got      {got:?}"
+            ));
         }
         // Decoding gives the text back for the byte-level and SentencePiece vocabularies (control tokens
         // render as nothing).
@@ -32,12 +41,19 @@ fn check(tokenizer: &Tokenizer, fixture: &str) {
             assert_eq!(tokenizer.decode(&got), text, "round trip");
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.as_array().unwrap().len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.as_array().unwrap().len(),
+        failures.join("\n")
+    );
 }
 
 fn gguf_tokenizer(file: &str) -> Tokenizer {
     let path = models().join(file);
-    let header = GgufHeader::read(&path).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models.sh)"));
+    let header =
+        GgufHeader::read(&path).unwrap_or_else(|e| panic!("{e} (run scripts/fetch-models.sh)"));
     Tokenizer::from_gguf(&header.vocab).unwrap()
 }
 

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::footprint::Footprint;
-use crate::plan::{Action, EvictReason, Event, HoldReason, Holder, Plan, Rejection};
+use crate::plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
 use crate::pressure::{MemorySnapshot, PressureLevel, PressureThresholds, Verdict};
 use crate::score::Gdsf;
 use crate::size::KeepAlive;
@@ -60,7 +60,9 @@ impl Backoff {
     /// The delay after `attempts` consecutive failures.
     pub fn delay_ms(&self, attempts: u32) -> u64 {
         let shift = attempts.saturating_sub(1).min(32);
-        self.initial_ms.saturating_mul(1u64 << shift).min(self.max_ms)
+        self.initial_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.max_ms)
     }
 }
 
@@ -95,7 +97,10 @@ impl GovernorConfig {
             thresholds: PressureThresholds::default(),
             shed_cooldown_ms: 2_000,
             default_load_bandwidth: 2e9,
-            backoff: Backoff { initial_ms: 1_000, max_ms: 300_000 },
+            backoff: Backoff {
+                initial_ms: 1_000,
+                max_ms: 300_000,
+            },
             frequency_half_life_ms: 60 * 60 * 1000,
         }
     }
@@ -370,9 +375,12 @@ impl Governor {
             Event::Request { id, model, kind } => self.on_request(id, &model, kind, now, &mut plan),
             Event::RequestDone { model } => self.on_request_done(&model, now, &mut plan),
             Event::Cancel { id } => self.on_cancel(id, now, &mut plan),
-            Event::LoadFinished { model, measured_bytes, kv_tokens, load_ms } => {
-                self.on_load_finished(&model, measured_bytes, kv_tokens, load_ms, now, &mut plan)
-            }
+            Event::LoadFinished {
+                model,
+                measured_bytes,
+                kv_tokens,
+                load_ms,
+            } => self.on_load_finished(&model, measured_bytes, kv_tokens, load_ms, now, &mut plan),
             Event::LoadFailed { model, reason } => {
                 self.on_load_failed(&model, reason, now, &mut plan)
             }
@@ -416,7 +424,10 @@ impl Governor {
             };
         }
         if let Some(reason) = entry.hold_reason(now) {
-            return Err(Rejection::CannotUnload { model: model.to_string(), reason });
+            return Err(Rejection::CannotUnload {
+                model: model.to_string(),
+                reason,
+            });
         }
         self.evict(model, EvictReason::Explicit, &mut plan);
         Ok(plan)
@@ -472,7 +483,9 @@ impl Governor {
             return Ok(preview);
         }
         match self.plan_admission(model, now) {
-            Admission::Fits { shrinks, victims, .. } => {
+            Admission::Fits {
+                shrinks, victims, ..
+            } => {
                 preview.fits = true;
                 preview.shrinks = shrinks;
                 preview.victims = victims;
@@ -566,7 +579,9 @@ impl Governor {
             plan.actions.push(Action::Reject { id, reason });
             return;
         }
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         match entry.residency {
             Residency::Resident => {
                 self.admit(id, model, kind, false, now, plan);
@@ -577,7 +592,10 @@ impl Governor {
             Residency::Failed => {
                 let retry_at = entry.failure.as_ref().map_or(0, |f| f.retry_at_ms);
                 if now < retry_at {
-                    let reason = entry.failure.as_ref().map_or_else(String::new, |f| f.reason.clone());
+                    let reason = entry
+                        .failure
+                        .as_ref()
+                        .map_or_else(String::new, |f| f.reason.clone());
                     plan.actions.push(Action::Reject {
                         id,
                         reason: Rejection::LoadFailed {
@@ -594,7 +612,14 @@ impl Governor {
         }
     }
 
-    fn try_load(&mut self, id: RequestId, model: &str, kind: RequestKind, now: u64, plan: &mut Plan) {
+    fn try_load(
+        &mut self,
+        id: RequestId,
+        model: &str,
+        kind: RequestKind,
+        now: u64,
+        plan: &mut Plan,
+    ) {
         if self.pending.iter().any(|(_, m, _)| m == model) {
             // Single flight: the model already waits for memory; queue behind that request.
             self.pending.push_back((id, model.to_string(), kind));
@@ -619,7 +644,9 @@ impl Governor {
     }
 
     fn on_request_done(&mut self, model: &str, now: u64, plan: &mut Plan) {
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         entry.in_flight = entry.in_flight.saturating_sub(1);
         if entry.in_flight == 0 {
             entry.idle_since_ms = now;
@@ -647,7 +674,9 @@ impl Governor {
         now: u64,
         plan: &mut Plan,
     ) {
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         if entry.residency != Residency::Loading {
             return;
         }
@@ -701,7 +730,9 @@ impl Governor {
 
     fn on_load_failed(&mut self, model: &str, reason: String, now: u64, plan: &mut Plan) {
         let backoff = self.config.backoff;
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         if entry.residency != Residency::Loading {
             return;
         }
@@ -745,7 +776,9 @@ impl Governor {
     }
 
     fn on_unload_finished(&mut self, model: &str, now: u64, plan: &mut Plan) {
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         if entry.residency != Residency::Unloading {
             return;
         }
@@ -762,7 +795,9 @@ impl Governor {
 
     fn on_lost(&mut self, model: &str, reason: String, now: u64, plan: &mut Plan) {
         let backoff = self.config.backoff;
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         if !matches!(entry.residency, Residency::Resident | Residency::Unloading) {
             return;
         }
@@ -778,7 +813,11 @@ impl Governor {
         for (id, _) in std::mem::take(&mut entry.waiters) {
             plan.actions.push(Action::Reject {
                 id,
-                reason: Rejection::LoadFailed { model: model.to_string(), reason: reason.clone(), retry_in_ms: delay },
+                reason: Rejection::LoadFailed {
+                    model: model.to_string(),
+                    reason: reason.clone(),
+                    retry_in_ms: delay,
+                },
             });
         }
         self.drain_pending(now, plan);
@@ -839,7 +878,9 @@ impl Governor {
     ) {
         let default_bandwidth = self.config.default_load_bandwidth;
         let gdsf = self.gdsf.clone();
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         if kind == RequestKind::Use {
             entry.in_flight += 1;
             entry.requests += 1;
@@ -855,16 +896,26 @@ impl Governor {
             entry.reload_cost_ms(default_bandwidth),
             entry.charged(),
         );
-        plan.actions.push(Action::Admit { id, model: model.to_string(), caused_load });
+        plan.actions.push(Action::Admit {
+            id,
+            model: model.to_string(),
+            caused_load,
+        });
     }
 
     fn evict(&mut self, model: &str, reason: EvictReason, plan: &mut Plan) {
-        let Some(entry) = self.models.get_mut(model) else { return };
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
         let bytes = entry.charged();
         entry.residency = Residency::Unloading;
         let score = entry.score;
         self.gdsf.on_evict(score);
-        plan.actions.push(Action::Unload { model: model.to_string(), reason, bytes });
+        plan.actions.push(Action::Unload {
+            model: model.to_string(),
+            reason,
+            bytes,
+        });
     }
 
     /// The ceiling the OS allows: what it has available plus what ult already holds, less the headroom.
@@ -926,7 +977,9 @@ impl Governor {
         // (lowest score) first.
         if deficit > 0 {
             for (name, _) in self.idle_by_score() {
-                let Some(e) = self.models.get(&name) else { continue };
+                let Some(e) = self.models.get(&name) else {
+                    continue;
+                };
                 let min = e.spec.min_kv_tokens.min(e.spec.footprint.context_tokens);
                 let saved = e
                     .spec
@@ -952,7 +1005,9 @@ impl Governor {
                 if deficit == 0 && excess_count == 0 {
                     break;
                 }
-                let Some(e) = self.models.get(&name) else { continue };
+                let Some(e) = self.models.get(&name) else {
+                    continue;
+                };
                 let bytes = e.charged();
                 let reason = if deficit == 0 {
                     EvictReason::MaxResident
@@ -961,7 +1016,12 @@ impl Governor {
                 };
                 deficit = deficit.saturating_sub(bytes);
                 excess_count = excess_count.saturating_sub(1);
-                victims.push(PlannedVictim { model: name, bytes, score, reason });
+                victims.push(PlannedVictim {
+                    model: name,
+                    bytes,
+                    score,
+                    reason,
+                });
             }
         }
         if deficit == 0 && excess_count == 0 {
@@ -972,7 +1032,10 @@ impl Governor {
         let transient: Vec<&Holder> = holders
             .iter()
             .filter(|h| {
-                matches!(h.reason, HoldReason::Busy | HoldReason::Loading | HoldReason::Unloading)
+                matches!(
+                    h.reason,
+                    HoldReason::Busy | HoldReason::Loading | HoldReason::Unloading
+                )
             })
             .collect();
         let transient_bytes: u64 = transient.iter().map(|h| h.bytes).sum();
@@ -1003,7 +1066,10 @@ impl Governor {
         for (name, tokens) in shrinks {
             if let Some(e) = self.models.get_mut(&name) {
                 e.kv_tokens = tokens;
-                plan.actions.push(Action::SetKvBudget { model: name, tokens });
+                plan.actions.push(Action::SetKvBudget {
+                    model: name,
+                    tokens,
+                });
             }
         }
         if !victims.is_empty() {
@@ -1015,7 +1081,10 @@ impl Governor {
         if let Some(e) = self.models.get_mut(model) {
             e.residency = Residency::Loading;
             e.kv_tokens = e.spec.footprint.context_tokens;
-            plan.actions.push(Action::Load { model: model.to_string(), kv_tokens: e.kv_tokens });
+            plan.actions.push(Action::Load {
+                model: model.to_string(),
+                kv_tokens: e.kv_tokens,
+            });
         }
     }
 
@@ -1055,7 +1124,12 @@ impl Governor {
             }
             let b = self.models.get(&name).map_or(0, Entry::charged);
             freed = freed.saturating_add(b);
-            victims.push(PlannedVictim { model: name, bytes: b, score, reason });
+            victims.push(PlannedVictim {
+                model: name,
+                bytes: b,
+                score,
+                reason,
+            });
         }
         victims
     }
@@ -1100,17 +1174,24 @@ impl Governor {
             {
                 e.kv_dropped = true;
                 freed = freed.saturating_add(e.spec.footprint.kv_bytes(e.kv_tokens));
-                plan.actions.push(Action::DropIdleKv { model: name.clone() });
+                plan.actions.push(Action::DropIdleKv {
+                    model: name.clone(),
+                });
                 acted = true;
             }
         }
         if freed < target {
             for name in &idle {
-                let Some(e) = self.models.get_mut(name) else { continue };
+                let Some(e) = self.models.get_mut(name) else {
+                    continue;
+                };
                 let min = e.spec.min_kv_tokens.min(e.spec.footprint.context_tokens);
                 if e.kv_tokens > min {
                     e.kv_tokens = min;
-                    plan.actions.push(Action::SetKvBudget { model: name.clone(), tokens: min });
+                    plan.actions.push(Action::SetKvBudget {
+                        model: name.clone(),
+                        tokens: min,
+                    });
                     acted = true;
                 }
             }
@@ -1143,12 +1224,17 @@ impl Governor {
             .collect();
         for name in names {
             let free = self.free_bytes();
-            let Some(e) = self.models.get_mut(&name) else { continue };
+            let Some(e) = self.models.get_mut(&name) else {
+                continue;
+            };
             let full = e.spec.footprint.context_tokens;
             let extra = e.spec.footprint.kv_bytes(full) - e.spec.footprint.kv_bytes(e.kv_tokens);
             if extra <= free {
                 e.kv_tokens = full;
-                plan.actions.push(Action::SetKvBudget { model: name, tokens: full });
+                plan.actions.push(Action::SetKvBudget {
+                    model: name,
+                    tokens: full,
+                });
             }
         }
     }
@@ -1228,7 +1314,9 @@ impl Governor {
                 .then(a.last_used_ms.cmp(&b.last_used_ms))
                 .then(a.spec.name.cmp(&b.spec.name))
         });
-        out.into_iter().map(|e| (e.spec.name.clone(), e.score)).collect()
+        out.into_iter()
+            .map(|e| (e.spec.name.clone(), e.score))
+            .collect()
     }
 
     fn view(&self, e: &Entry, now: u64) -> ModelView {
@@ -1244,7 +1332,11 @@ impl Governor {
             pinned: e.pinned,
             predicted_bytes: e.spec.footprint.total(),
             measured_bytes: e.measured_total,
-            charged_bytes: if e.residency.holds_memory() { e.charged() } else { 0 },
+            charged_bytes: if e.residency.holds_memory() {
+                e.charged()
+            } else {
+                0
+            },
             kv_tokens: e.kv_tokens,
             kv_dropped: e.kv_dropped,
             in_flight: e.in_flight,

@@ -22,7 +22,7 @@ pub use governor::{
     Backoff, Governor, GovernorConfig, LeaseId, LoadPreview, ModelSpec, ModelView, PlannedVictim,
     RequestId, RequestKind, Residency,
 };
-pub use plan::{Action, EvictReason, Event, Holder, HoldReason, Plan, Rejection};
+pub use plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
 pub use pressure::{MemorySnapshot, OsPressure, PressureLevel, PressureThresholds, Verdict};
 pub use route::{Route, RouteStrategy, Router, RouterError};
 pub use score::Gdsf;

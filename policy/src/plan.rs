@@ -288,15 +288,28 @@ impl fmt::Display for Rejection {
         use crate::format_bytes as b;
         match self {
             Self::UnknownModel { name, known } => {
-                write!(f, "unknown model {name:?}; known models: {}", known.join(", "))
+                write!(
+                    f,
+                    "unknown model {name:?}; known models: {}",
+                    known.join(", ")
+                )
             }
-            Self::LargerThanCeiling { model, need, ceiling } => write!(
+            Self::LargerThanCeiling {
+                model,
+                need,
+                ceiling,
+            } => write!(
                 f,
                 "model {model} needs {} ({need} bytes) but the memory ceiling is {} ({ceiling} bytes)",
                 b(*need),
                 b(*ceiling)
             ),
-            Self::Exhausted { model, need, free, holders } => {
+            Self::Exhausted {
+                model,
+                need,
+                free,
+                holders,
+            } => {
                 write!(
                     f,
                     "not enough memory to load {model}: needs {}, {} free; held by ",
@@ -315,9 +328,16 @@ impl fmt::Display for Rejection {
                 Ok(())
             }
             Self::Pressure { model, reason } => {
-                write!(f, "memory pressure is critical ({reason}); not loading {model} now")
+                write!(
+                    f,
+                    "memory pressure is critical ({reason}); not loading {model} now"
+                )
             }
-            Self::LoadFailed { model, reason, retry_in_ms } => write!(
+            Self::LoadFailed {
+                model,
+                reason,
+                retry_in_ms,
+            } => write!(
                 f,
                 "model {model} failed to load: {reason} (next attempt allowed in {:.1} s)",
                 *retry_in_ms as f64 / 1000.0

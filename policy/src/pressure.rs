@@ -149,17 +149,29 @@ impl PressureThresholds {
         }
         let swap_out = finite_or_zero(snapshot.swap_out_bytes_per_s);
         if swap_out >= self.swap_out_critical {
-            raise(PressureLevel::Critical, format!("swapping out {}/s", rate(swap_out)));
+            raise(
+                PressureLevel::Critical,
+                format!("swapping out {}/s", rate(swap_out)),
+            );
         } else if swap_out >= self.swap_out_warning {
-            raise(PressureLevel::Warning, format!("swapping out {}/s", rate(swap_out)));
+            raise(
+                PressureLevel::Warning,
+                format!("swapping out {}/s", rate(swap_out)),
+            );
         }
         let growth = finite_or_zero(snapshot.compressed_growth_bytes_per_s);
         if growth >= self.compressor_growth_warning {
-            raise(PressureLevel::Warning, format!("compressor growing {}/s", rate(growth)));
+            raise(
+                PressureLevel::Warning,
+                format!("compressor growing {}/s", rate(growth)),
+            );
         }
         if let Some(full) = snapshot.psi_full_avg10.map(finite_or_zero) {
             if full >= self.psi_full_critical {
-                raise(PressureLevel::Critical, format!("PSI full avg10 {full:.1}%"));
+                raise(
+                    PressureLevel::Critical,
+                    format!("PSI full avg10 {full:.1}%"),
+                );
             } else if full >= self.psi_full_warning {
                 raise(PressureLevel::Warning, format!("PSI full avg10 {full:.1}%"));
             }
@@ -170,12 +182,14 @@ impl PressureThresholds {
             raise(PressureLevel::Warning, format!("PSI some avg10 {some:.1}%"));
         }
         match snapshot.os_level {
-            Some(OsPressure::Critical) => {
-                raise(PressureLevel::Critical, "the OS reports critical memory pressure".into())
-            }
-            Some(OsPressure::Warn) => {
-                raise(PressureLevel::Warning, "the OS reports memory pressure (warn)".into())
-            }
+            Some(OsPressure::Critical) => raise(
+                PressureLevel::Critical,
+                "the OS reports critical memory pressure".into(),
+            ),
+            Some(OsPressure::Warn) => raise(
+                PressureLevel::Warning,
+                "the OS reports memory pressure (warn)".into(),
+            ),
             _ => {}
         }
         Verdict {
@@ -220,42 +234,66 @@ mod tests {
         check(snapshot(12), PressureLevel::Warning, "headroom");
         check(snapshot(7), PressureLevel::Critical, "half the headroom");
         check(
-            MemorySnapshot { swap_out_bytes_per_s: 4e6, ..snapshot(100) },
+            MemorySnapshot {
+                swap_out_bytes_per_s: 4e6,
+                ..snapshot(100)
+            },
             PressureLevel::Warning,
             "swapping out",
         );
         check(
-            MemorySnapshot { swap_out_bytes_per_s: 1e9, ..snapshot(100) },
+            MemorySnapshot {
+                swap_out_bytes_per_s: 1e9,
+                ..snapshot(100)
+            },
             PressureLevel::Critical,
             "swapping out",
         );
         check(
-            MemorySnapshot { compressed_growth_bytes_per_s: 1e9, ..snapshot(100) },
+            MemorySnapshot {
+                compressed_growth_bytes_per_s: 1e9,
+                ..snapshot(100)
+            },
             PressureLevel::Warning,
             "compressor",
         );
         check(
-            MemorySnapshot { psi_full_avg10: Some(7.0), ..snapshot(100) },
+            MemorySnapshot {
+                psi_full_avg10: Some(7.0),
+                ..snapshot(100)
+            },
             PressureLevel::Warning,
             "PSI full",
         );
         check(
-            MemorySnapshot { psi_full_avg10: Some(40.0), ..snapshot(100) },
+            MemorySnapshot {
+                psi_full_avg10: Some(40.0),
+                ..snapshot(100)
+            },
             PressureLevel::Critical,
             "PSI full",
         );
         check(
-            MemorySnapshot { psi_some_avg10: Some(30.0), ..snapshot(100) },
+            MemorySnapshot {
+                psi_some_avg10: Some(30.0),
+                ..snapshot(100)
+            },
             PressureLevel::Warning,
             "PSI some",
         );
         check(
-            MemorySnapshot { os_level: Some(OsPressure::Warn), ..snapshot(100) },
+            MemorySnapshot {
+                os_level: Some(OsPressure::Warn),
+                ..snapshot(100)
+            },
             PressureLevel::Warning,
             "OS",
         );
         check(
-            MemorySnapshot { os_level: Some(OsPressure::Critical), ..snapshot(100) },
+            MemorySnapshot {
+                os_level: Some(OsPressure::Critical),
+                ..snapshot(100)
+            },
             PressureLevel::Critical,
             "OS",
         );

@@ -100,7 +100,10 @@ impl Router {
         }
         for (alias, target) in aliases {
             if !router.models.contains(&target) {
-                return Err(RouterError::UnknownTarget { name: alias, target });
+                return Err(RouterError::UnknownTarget {
+                    name: alias,
+                    target,
+                });
             }
             if router.models.contains(&alias) || router.aliases.contains_key(&alias) {
                 return Err(RouterError::DuplicateName(alias));
@@ -112,7 +115,10 @@ impl Router {
                 return Err(RouterError::EmptyRoute(route.name));
             }
             if let Some(target) = route.models.iter().find(|m| !router.models.contains(*m)) {
-                return Err(RouterError::UnknownTarget { name: route.name, target: target.clone() });
+                return Err(RouterError::UnknownTarget {
+                    name: route.name,
+                    target: target.clone(),
+                });
             }
             if router.models.contains(&route.name)
                 || router.aliases.contains_key(&route.name)

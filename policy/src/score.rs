@@ -61,7 +61,10 @@ mod tests {
 
     #[test]
     fn frequency_halves_per_half_life() {
-        let g = Gdsf { clock: 0.0, half_life_ms: 1000 };
+        let g = Gdsf {
+            clock: 0.0,
+            half_life_ms: 1000,
+        };
         assert!((g.decayed(8.0, 0, 1000) - 4.0).abs() < 1e-9);
         assert!((g.decayed(8.0, 0, 3000) - 1.0).abs() < 1e-9);
         assert_eq!(g.decayed(8.0, 5000, 1000), 8.0);

@@ -1,9 +1,10 @@
 //! Table tests and properties of the governor: admission, eviction order, pins, busy models, leases,
 //! keep-alive, pressure shedding, failures and backoff, and the ceiling invariant over random events.
+#![allow(clippy::unwrap_used)] // tests and examples may unwrap
 
 use proptest::prelude::*;
 use ult_policy::{
-    Action, EvictReason, Event, Footprint, Governor, GovernorConfig, HoldReason, KeepAlive,
+    Action, Event, EvictReason, Footprint, Governor, GovernorConfig, HoldReason, KeepAlive,
     MemorySnapshot, ModelSpec, PressureLevel, Rejection, RequestId, RequestKind, Residency,
 };
 
@@ -52,7 +53,14 @@ impl Harness {
     }
 
     fn with_config(config: GovernorConfig, specs: Vec<ModelSpec>) -> Self {
-        Self { gov: Governor::new(config, specs), strict: true, now: 0, next_id: 1, in_progress: vec![], log: vec![] }
+        Self {
+            gov: Governor::new(config, specs),
+            strict: true,
+            now: 0,
+            next_id: 1,
+            in_progress: vec![],
+            log: vec![],
+        }
     }
 
     fn record(&mut self, plan: ult_policy::Plan) -> Vec<Action> {
@@ -87,7 +95,11 @@ impl Harness {
     fn request(&mut self, model: &str, kind: RequestKind) -> (RequestId, Vec<Action>) {
         let id = RequestId(self.next_id);
         self.next_id += 1;
-        let actions = self.event(Event::Request { id, model: model.into(), kind });
+        let actions = self.event(Event::Request {
+            id,
+            model: model.into(),
+            kind,
+        });
         (id, actions)
     }
 
@@ -97,8 +109,18 @@ impl Harness {
         while let Some(a) = (!self.in_progress.is_empty()).then(|| self.in_progress.remove(0)) {
             let followup = match a {
                 Action::Load { model, kv_tokens } => {
-                    let predicted = self.gov.model(&model, self.now).unwrap().footprint.total_with_kv(kv_tokens);
-                    Event::LoadFinished { model, measured_bytes: predicted, kv_tokens, load_ms: 100 }
+                    let predicted = self
+                        .gov
+                        .model(&model, self.now)
+                        .unwrap()
+                        .footprint
+                        .total_with_kv(kv_tokens);
+                    Event::LoadFinished {
+                        model,
+                        measured_bytes: predicted,
+                        kv_tokens,
+                        load_ms: 100,
+                    }
                 }
                 Action::Unload { model, .. } => Event::UnloadFinished { model },
                 _ => unreachable!(),
@@ -110,13 +132,21 @@ impl Harness {
 
     fn use_and_finish(&mut self, model: &str) {
         let (id, _) = self.request(model, RequestKind::Use);
-        let mut admitted = self.log.iter().any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id));
+        let mut admitted = self
+            .log
+            .iter()
+            .any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id));
         if !admitted {
             self.settle();
-            admitted = self.log.iter().any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id));
+            admitted = self
+                .log
+                .iter()
+                .any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id));
         }
         assert!(admitted, "request for {model} not admitted: {:?}", self.log);
-        self.event(Event::RequestDone { model: model.into() });
+        self.event(Event::RequestDone {
+            model: model.into(),
+        });
         self.settle();
     }
 
@@ -147,8 +177,17 @@ fn cold_request_loads_once_for_concurrent_requests() {
     let mut h = Harness::new(10, vec![spec("a", 4)]);
     let (_, first) = h.request("a", RequestKind::Use);
     let (_, second) = h.request("a", RequestKind::Use);
-    assert_eq!(first.iter().filter(|a| matches!(a, Action::Load { .. })).count(), 1);
-    assert!(second.is_empty(), "the second request waits on the same load: {second:?}");
+    assert_eq!(
+        first
+            .iter()
+            .filter(|a| matches!(a, Action::Load { .. }))
+            .count(),
+        1
+    );
+    assert!(
+        second.is_empty(),
+        "the second request waits on the same load: {second:?}"
+    );
     let after = h.settle();
     let admits: Vec<bool> = after
         .iter()
@@ -179,8 +218,18 @@ fn model_larger_than_ceiling_is_refused_with_both_numbers() {
     let mut h = Harness::new(4, vec![spec("big", 5)]);
     let (id, actions) = h.request("big", RequestKind::Use);
     let r = rejection_of(&actions, id).unwrap();
-    assert_eq!(r, Rejection::LargerThanCeiling { model: "big".into(), need: 5 * GIB, ceiling: 4 * GIB });
-    assert!(r.to_string().contains("5.00 GiB") && r.to_string().contains("4.00 GiB"), "{r}");
+    assert_eq!(
+        r,
+        Rejection::LargerThanCeiling {
+            model: "big".into(),
+            need: 5 * GIB,
+            ceiling: 4 * GIB
+        }
+    );
+    assert!(
+        r.to_string().contains("5.00 GiB") && r.to_string().contains("4.00 GiB"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -194,7 +243,10 @@ fn eviction_is_by_score_not_age() {
     h.use_and_finish("b");
     h.now += 10;
     h.use_and_finish("c");
-    assert_eq!(h.evictions(), vec![("b".to_string(), EvictReason::MakeRoom)]);
+    assert_eq!(
+        h.evictions(),
+        vec![("b".to_string(), EvictReason::MakeRoom)]
+    );
     assert_eq!(h.residency("a"), Residency::Resident);
 }
 
@@ -212,11 +264,17 @@ fn pinned_and_busy_models_are_never_evicted() {
     assert!(actions.is_empty(), "waits: {actions:?}");
     assert_eq!(h.gov.model("new", 0).unwrap().queued, 1);
     // When busy finishes, it is evicted for new, and the waiting request is admitted after the load.
-    h.event(Event::RequestDone { model: "busy".into() });
+    h.event(Event::RequestDone {
+        model: "busy".into(),
+    });
     h.settle();
     assert_eq!(h.residency("p"), Residency::Resident);
     assert_eq!(h.residency("busy"), Residency::Unloaded);
-    assert!(h.log.iter().any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id)));
+    assert!(
+        h.log
+            .iter()
+            .any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id))
+    );
 }
 
 #[test]
@@ -225,15 +283,24 @@ fn refusal_names_each_holder_and_why() {
     p.pinned = true;
     let mut h = Harness::new(10, vec![p, spec("leased", 4), spec("new", 4)]);
     h.use_and_finish("p");
-    let (_, _, plan) = h.gov.lease(RequestId(900), "leased", 60_000, h.now).unwrap();
+    let (_, _, plan) = h
+        .gov
+        .lease(RequestId(900), "leased", 60_000, h.now)
+        .unwrap();
     h.record(plan);
     h.settle();
     let (id, actions) = h.request("new", RequestKind::Use);
     match rejection_of(&actions, id) {
         Some(Rejection::Exhausted { need, holders, .. }) => {
             assert_eq!(need, 4 * GIB);
-            let reasons: Vec<_> = holders.iter().map(|h| (h.model.as_str(), h.reason)).collect();
-            assert_eq!(reasons, vec![("leased", HoldReason::Leased), ("p", HoldReason::Pinned)]);
+            let reasons: Vec<_> = holders
+                .iter()
+                .map(|h| (h.model.as_str(), h.reason))
+                .collect();
+            assert_eq!(
+                reasons,
+                vec![("leased", HoldReason::Leased), ("p", HoldReason::Pinned)]
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -242,7 +309,10 @@ fn refusal_names_each_holder_and_why() {
     h.event(Event::Tick);
     let (id2, actions) = h.request("new", RequestKind::Use);
     assert!(rejection_of(&actions, id2).is_none());
-    assert_eq!(h.evictions(), vec![("leased".to_string(), EvictReason::MakeRoom)]);
+    assert_eq!(
+        h.evictions(),
+        vec![("leased".to_string(), EvictReason::MakeRoom)]
+    );
 }
 
 #[test]
@@ -271,7 +341,10 @@ fn keep_alive_expiry_unloads_idle_models_only() {
     h.settle();
     assert_eq!(h.residency("a"), Residency::Unloaded);
     assert_eq!(h.residency("forever"), Residency::Resident);
-    assert!(h.evictions().contains(&("a".to_string(), EvictReason::KeepAlive)));
+    assert!(
+        h.evictions()
+            .contains(&("a".to_string(), EvictReason::KeepAlive))
+    );
 }
 
 #[test]
@@ -279,13 +352,28 @@ fn failed_load_backs_off_then_retries() {
     let mut h = Harness::new(10, vec![spec("bad", 1)]);
     let (id, _) = h.request("bad", RequestKind::Use);
     h.in_progress.clear();
-    let actions = h.event(Event::LoadFailed { model: "bad".into(), reason: "truncated".into() });
-    assert!(matches!(rejection_of(&actions, id), Some(Rejection::LoadFailed { retry_in_ms: 1000, .. })));
+    let actions = h.event(Event::LoadFailed {
+        model: "bad".into(),
+        reason: "truncated".into(),
+    });
+    assert!(matches!(
+        rejection_of(&actions, id),
+        Some(Rejection::LoadFailed {
+            retry_in_ms: 1000,
+            ..
+        })
+    ));
     assert_eq!(h.residency("bad"), Residency::Failed);
     // Within the backoff: refused at once, no load attempted (no hot loop).
     h.now += 500;
     let (id, actions) = h.request("bad", RequestKind::Use);
-    assert!(matches!(rejection_of(&actions, id), Some(Rejection::LoadFailed { retry_in_ms: 500, .. })));
+    assert!(matches!(
+        rejection_of(&actions, id),
+        Some(Rejection::LoadFailed {
+            retry_in_ms: 500,
+            ..
+        })
+    ));
     assert!(!actions.iter().any(|a| matches!(a, Action::Load { .. })));
     // After it: one new attempt; a second failure doubles the delay.
     h.now += 500;
@@ -293,8 +381,17 @@ fn failed_load_backs_off_then_retries() {
     assert!(actions.iter().any(|a| matches!(a, Action::Load { .. })));
     h.in_progress.clear();
     let (id3, _) = h.request("bad", RequestKind::Use);
-    let actions = h.event(Event::LoadFailed { model: "bad".into(), reason: "truncated".into() });
-    assert!(matches!(rejection_of(&actions, id3), Some(Rejection::LoadFailed { retry_in_ms: 2000, .. })));
+    let actions = h.event(Event::LoadFailed {
+        model: "bad".into(),
+        reason: "truncated".into(),
+    });
+    assert!(matches!(
+        rejection_of(&actions, id3),
+        Some(Rejection::LoadFailed {
+            retry_in_ms: 2000,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -304,14 +401,26 @@ fn explicit_unload_refuses_busy_pinned_and_leased() {
     let (_, _) = h.request("a", RequestKind::Use);
     assert_eq!(
         h.gov.unload("a", h.now),
-        Err(Rejection::CannotUnload { model: "a".into(), reason: HoldReason::Busy })
+        Err(Rejection::CannotUnload {
+            model: "a".into(),
+            reason: HoldReason::Busy
+        })
     );
     h.event(Event::RequestDone { model: "a".into() });
     h.gov.pin(RequestId(99), "a", h.now).unwrap();
-    assert!(matches!(h.gov.unload("a", h.now), Err(Rejection::CannotUnload { reason: HoldReason::Pinned, .. })));
+    assert!(matches!(
+        h.gov.unload("a", h.now),
+        Err(Rejection::CannotUnload {
+            reason: HoldReason::Pinned,
+            ..
+        })
+    ));
     h.gov.unpin("a", h.now).unwrap();
     let plan = h.gov.unload("a", h.now).unwrap();
-    assert_eq!(plan.unloads().collect::<Vec<_>>(), vec![("a", EvictReason::Explicit)]);
+    assert_eq!(
+        plan.unloads().collect::<Vec<_>>(),
+        vec![("a", EvictReason::Explicit)]
+    );
 }
 
 #[test]
@@ -323,7 +432,10 @@ fn max_resident_evicts_by_count() {
     h.use_and_finish("a");
     h.use_and_finish("b");
     h.use_and_finish("c");
-    assert_eq!(h.evictions(), vec![("b".to_string(), EvictReason::MaxResident)]);
+    assert_eq!(
+        h.evictions(),
+        vec![("b".to_string(), EvictReason::MaxResident)]
+    );
 }
 
 #[test]
@@ -333,7 +445,13 @@ fn kv_budgets_shrink_before_anything_is_evicted() {
     let mut h = Harness::new(11, vec![spec_kv("a", 2, 4), spec_kv("b", 2, 4)]);
     h.use_and_finish("a");
     let (_, actions) = h.request("b", RequestKind::Use);
-    assert!(actions.contains(&Action::SetKvBudget { model: "a".into(), tokens: 256 }), "{actions:?}");
+    assert!(
+        actions.contains(&Action::SetKvBudget {
+            model: "a".into(),
+            tokens: 256
+        }),
+        "{actions:?}"
+    );
     assert!(h.evictions().is_empty());
     h.settle();
     assert_eq!(h.residency("a"), Residency::Resident);
@@ -353,7 +471,10 @@ fn snapshot(available_gib: u64, process_gib: u64) -> MemorySnapshot {
 fn pressure_sheds_in_documented_order() {
     let mut config = GovernorConfig::new(40 * GIB, 8 * GIB);
     config.shed_cooldown_ms = 1000;
-    let mut h = Harness::with_config(config, vec![spec_kv("a", 2, 4), spec_kv("b", 2, 4), spec_kv("c", 2, 4)]);
+    let mut h = Harness::with_config(
+        config,
+        vec![spec_kv("a", 2, 4), spec_kv("b", 2, 4), spec_kv("c", 2, 4)],
+    );
     h.event(Event::Snapshot(snapshot(40, 1)));
     for m in ["a", "b", "c"] {
         h.use_and_finish(m);
@@ -362,22 +483,42 @@ fn pressure_sheds_in_documented_order() {
     h.use_and_finish("c");
     // Warning from PSI (no byte deficit): drop idle KV caches, shrink budgets; no eviction.
     h.now += 10;
-    let warn = MemorySnapshot { psi_some_avg10: Some(50.0), ..snapshot(30, 18) };
+    let warn = MemorySnapshot {
+        psi_some_avg10: Some(50.0),
+        ..snapshot(30, 18)
+    };
     let actions = h.event(Event::Snapshot(warn));
-    assert!(matches!(actions[0], Action::PressureChanged { level: PressureLevel::Warning, .. }));
-    assert!(actions.iter().any(|a| matches!(a, Action::DropIdleKv { .. })));
+    assert!(matches!(
+        actions[0],
+        Action::PressureChanged {
+            level: PressureLevel::Warning,
+            ..
+        }
+    ));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::DropIdleKv { .. }))
+    );
     assert!(h.evictions().is_empty());
     // Within the cooldown, nothing more happens.
     h.now += 10;
     let actions = h.event(Event::Snapshot(snapshot(3, 18)));
-    assert!(!actions.iter().any(|a| matches!(a, Action::Unload { .. })), "{actions:?}");
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Unload { .. })),
+        "{actions:?}"
+    );
     // After it, critical (available < headroom/2): evict idle models by score, lowest first (a, b before c).
     h.now += 1000;
     let actions = h.event(Event::Snapshot(snapshot(3, 18)));
     let evicted: Vec<_> = actions
         .iter()
         .filter_map(|a| match a {
-            Action::Unload { model, reason: EvictReason::Pressure, .. } => Some(model.as_str()),
+            Action::Unload {
+                model,
+                reason: EvictReason::Pressure,
+                ..
+            } => Some(model.as_str()),
             _ => None,
         })
         .collect();
@@ -386,7 +527,10 @@ fn pressure_sheds_in_documented_order() {
     // New loads are refused while critical.
     h.settle();
     let (id, actions) = h.request("a", RequestKind::Use);
-    assert!(matches!(rejection_of(&actions, id), Some(Rejection::Pressure { .. })));
+    assert!(matches!(
+        rejection_of(&actions, id),
+        Some(Rejection::Pressure { .. })
+    ));
     // Back to normal: loads are admitted again and shrunk budgets grow back.
     h.now += 1000;
     h.event(Event::Snapshot(snapshot(40, 10)));
@@ -397,14 +541,20 @@ fn pressure_sheds_in_documented_order() {
 #[test]
 fn os_ceiling_limits_loads_when_other_apps_use_memory() {
     // The configured ceiling is generous but the OS has only 6 GiB available beyond the 8 GiB headroom.
-    let mut h = Harness::with_config(GovernorConfig::new(100 * GIB, 8 * GIB), vec![spec("a", 4), spec("b", 4)]);
+    let mut h = Harness::with_config(
+        GovernorConfig::new(100 * GIB, 8 * GIB),
+        vec![spec("a", 4), spec("b", 4)],
+    );
     h.event(Event::Snapshot(snapshot(14, 0)));
     h.use_and_finish("a");
     // A fresh snapshot shows a's 4 GiB in our process; the effective ceiling stays 6 GiB.
     h.event(Event::Snapshot(snapshot(10, 4)));
     assert_eq!(h.gov.effective_ceiling(), 6 * GIB);
     h.use_and_finish("b");
-    assert_eq!(h.evictions(), vec![("a".to_string(), EvictReason::MakeRoom)]);
+    assert_eq!(
+        h.evictions(),
+        vec![("a".to_string(), EvictReason::MakeRoom)]
+    );
 }
 
 #[test]
@@ -415,9 +565,22 @@ fn measurement_above_prediction_restores_the_ceiling() {
     let (id, _) = h.request("b", RequestKind::Use);
     h.in_progress.clear();
     // b turns out to take 7 GiB: a (idle) is evicted to keep the ledger under the ceiling.
-    let actions = h.event(Event::LoadFinished { model: "b".into(), measured_bytes: 7 * GIB, kv_tokens: 1024, load_ms: 5 });
-    assert!(actions.iter().any(|a| matches!(a, Action::Unload { model, .. } if model == "a")));
-    assert!(actions.iter().any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id)));
+    let actions = h.event(Event::LoadFinished {
+        model: "b".into(),
+        measured_bytes: 7 * GIB,
+        kv_tokens: 1024,
+        load_ms: 5,
+    });
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Unload { model, .. } if model == "a"))
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Admit { id: i, .. } if *i == id))
+    );
     assert_eq!(h.gov.model("b", 0).unwrap().charged_bytes, 7 * GIB);
 }
 

@@ -15,7 +15,12 @@ use ult_client::{Client, GenerateEvent, GenerateRequest, Sampling, StatusReport,
 #[command(version, about)]
 struct Cli {
     /// ultd's address: host:port or unix:///path/to/ultd.sock.
-    #[arg(long, env = "ULT_ADDR", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "ULT_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     addr: String,
     /// Print JSON instead of tables (documented in README.md, "ultctl --json").
     #[arg(long, global = true)]
@@ -114,7 +119,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ultctl: {e}");
@@ -132,8 +140,10 @@ fn main() -> ExitCode {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -181,7 +191,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     o.load_ms,
                     human_bytes(o.measured_bytes),
                     human_bytes(o.predicted_bytes),
-                    if o.evicted.is_empty() { String::new() } else { format!("; evicted {}", o.evicted.join(", ")) }
+                    if o.evicted.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; evicted {}", o.evicted.join(", "))
+                    }
                 )?;
             } else {
                 writeln!(out, "{} is already resident", o.model)?;
@@ -192,7 +206,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&o)?)?;
             } else if o.unloaded {
-                writeln!(out, "unloaded {} ({} freed)", o.model, human_bytes(o.freed_bytes))?;
+                writeln!(
+                    out,
+                    "unloaded {} ({} freed)",
+                    o.model,
+                    human_bytes(o.freed_bytes)
+                )?;
             } else {
                 writeln!(out, "{} was not resident", o.model)?;
             }
@@ -200,7 +219,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Generate { model, prompt, chat, system, max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop } => {
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+        } => {
             let messages = if chat || system.is_some() {
                 let mut m = Vec::new();
                 if let Some(s) = system {
@@ -216,7 +247,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 prompt,
                 messages,
                 max_tokens,
-                sampling: Sampling { temperature, top_k, top_p, repetition_penalty, seed },
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    repetition_penalty,
+                    seed,
+                },
                 stop,
             };
             let stream = client.generate(req).await?;
@@ -247,7 +284,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 stats.prompt_tokens_per_s,
                                 stats.decode_tokens_per_s,
                                 stats.time_to_first_token_ms,
-                                stats.load_ms.map(|ms| format!(", loaded in {ms} ms")).unwrap_or_default()
+                                stats
+                                    .load_ms
+                                    .map(|ms| format!(", loaded in {ms} ms"))
+                                    .unwrap_or_default()
                             );
                         }
                         return Ok(ExitCode::SUCCESS);
@@ -265,8 +305,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .zip(&o.embeddings)
                     .map(|(t, e)| {
-                        let head: Vec<String> = e.iter().take(4).map(|x| format!("{x:.4}")).collect();
-                        vec![truncate(t, 40), e.len().to_string(), format!("[{}, …]", head.join(", "))]
+                        let head: Vec<String> =
+                            e.iter().take(4).map(|x| format!("{x:.4}")).collect();
+                        vec![
+                            truncate(t, 40),
+                            e.len().to_string(),
+                            format!("[{}, …]", head.join(", ")),
+                        ]
                     })
                     .collect();
                 table(&mut out, &["TEXT", "DIM", "VALUES"], &rows)?;
@@ -274,21 +319,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pin { model } => {
             let m = client.pin(&model).await?;
-            print_line(&mut out, json, &serde_json::json!({"model": m, "pinned": true}), &format!("pinned {m}"))?;
+            print_line(
+                &mut out,
+                json,
+                &serde_json::json!({"model": m, "pinned": true}),
+                &format!("pinned {m}"),
+            )?;
         }
         Command::Unpin { model } => {
             let m = client.unpin(&model).await?;
-            print_line(&mut out, json, &serde_json::json!({"model": m, "pinned": false}), &format!("unpinned {m}"))?;
+            print_line(
+                &mut out,
+                json,
+                &serde_json::json!({"model": m, "pinned": false}),
+                &format!("unpinned {m}"),
+            )?;
         }
         Command::Lease { model, ttl } => {
             let l = client.lease(&model, ttl.map(Duration::from_secs)).await?;
-            let text = format!("lease {} on {} until {} (unix ms)", l.lease_id, l.model, l.expires_unix_ms);
+            let text = format!(
+                "lease {} on {} until {} (unix ms)",
+                l.lease_id, l.model, l.expires_unix_ms
+            );
             print_line(&mut out, json, &serde_json::to_value(&l)?, &text)?;
         }
         Command::Release { lease_id } => {
             let released = client.release(lease_id).await?;
-            let text = if released { format!("released lease {lease_id}") } else { format!("no lease {lease_id}") };
-            print_line(&mut out, json, &serde_json::json!({"lease_id": lease_id, "released": released}), &text)?;
+            let text = if released {
+                format!("released lease {lease_id}")
+            } else {
+                format!("no lease {lease_id}")
+            };
+            print_line(
+                &mut out,
+                json,
+                &serde_json::json!({"lease_id": lease_id, "released": released}),
+                &text,
+            )?;
             if !released {
                 return Ok(ExitCode::from(1));
             }
@@ -300,10 +367,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if p.already_resident {
                 writeln!(out, "{} is already resident", p.model)?;
             } else {
-                writeln!(out, "{}: needs {}, {} free", p.model, human_bytes(p.need_bytes), human_bytes(p.free_bytes))?;
+                writeln!(
+                    out,
+                    "{}: needs {}, {} free",
+                    p.model,
+                    human_bytes(p.need_bytes),
+                    human_bytes(p.free_bytes)
+                )?;
                 match (&p.refusal, p.fits) {
                     (Some(r), _) => writeln!(out, "would not load: {r}")?,
-                    (None, true) if p.evictions.is_empty() => writeln!(out, "fits without evicting anything")?,
+                    (None, true) if p.evictions.is_empty() => {
+                        writeln!(out, "fits without evicting anything")?
+                    }
                     _ => {
                         let rows: Vec<Vec<String>> = p
                             .evictions
@@ -327,7 +402,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(&item)?)?;
                 } else {
-                    writeln!(out, "{} {:<11} {:<12} {}", item.unix_ms, item.kind, item.model.unwrap_or_default(), item.detail)?;
+                    writeln!(
+                        out,
+                        "{} {:<11} {:<12} {}",
+                        item.unix_ms,
+                        item.kind,
+                        item.model.unwrap_or_default(),
+                        item.detail
+                    )?;
                 }
                 out.flush()?;
             }
@@ -337,7 +419,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_line(out: &mut impl Write, json: bool, value: &serde_json::Value, text: &str) -> anyhow::Result<()> {
+fn print_line(
+    out: &mut impl Write,
+    json: bool,
+    value: &serde_json::Value,
+    text: &str,
+) -> anyhow::Result<()> {
     if json {
         writeln!(out, "{value}")?;
     } else {
@@ -347,7 +434,11 @@ fn print_line(out: &mut impl Write, json: bool, value: &serde_json::Value, text:
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n - 1).collect::<String>())
+    }
 }
 
 fn duration(ms: u64) -> String {
@@ -389,10 +480,16 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
                 m.kind.clone(),
                 state,
                 human_bytes(m.predicted_bytes),
-                m.measured_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                m.measured_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "-".into()),
                 format!("{}", m.kv_budget_tokens),
                 if m.pinned { "yes".into() } else { "".into() },
-                if m.state == ult_client::ModelState::Resident && m.in_flight == 0 { duration(m.idle_ms) } else { "".into() },
+                if m.state == ult_client::ModelState::Resident && m.in_flight == 0 {
+                    duration(m.idle_ms)
+                } else {
+                    "".into()
+                },
                 m.keep_alive_ms.map_or_else(|| "never".into(), duration),
                 format!("{}/{}", m.in_flight, m.queued),
                 format!("{:.2}", m.score),
@@ -401,13 +498,28 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
         .collect();
     table(
         out,
-        &["MODEL", "KIND", "STATE", "PREDICTED", "MEASURED", "KV TOKENS", "PIN", "IDLE", "KEEP-ALIVE", "RUN/WAIT", "SCORE"],
+        &[
+            "MODEL",
+            "KIND",
+            "STATE",
+            "PREDICTED",
+            "MEASURED",
+            "KV TOKENS",
+            "PIN",
+            "IDLE",
+            "KEEP-ALIVE",
+            "RUN/WAIT",
+            "SCORE",
+        ],
         &rows,
     )?;
     if !s.routes.is_empty() {
         writeln!(out)?;
-        let rows: Vec<Vec<String>> =
-            s.routes.iter().map(|r| vec![r.name.clone(), r.strategy.clone(), r.models.join(" → ")]).collect();
+        let rows: Vec<Vec<String>> = s
+            .routes
+            .iter()
+            .map(|r| vec![r.name.clone(), r.strategy.clone(), r.models.join(" → ")])
+            .collect();
         table(out, &["ROUTE", "STRATEGY", "MODELS"], &rows)?;
     }
     Ok(())

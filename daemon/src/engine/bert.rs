@@ -38,21 +38,32 @@ impl SafetensorsHeader {
     /// matches its dtype and shape (a header that lies is refused, not trusted).
     pub fn read(path: &Path) -> std::result::Result<Self, EngineError> {
         use std::io::Read;
-        let corrupt = |reason: String| EngineError::CorruptModel { path: path.display().to_string(), reason };
-        let io = |e: std::io::Error| EngineError::Io { path: path.display().to_string(), source: e };
+        let corrupt = |reason: String| EngineError::CorruptModel {
+            path: path.display().to_string(),
+            reason,
+        };
+        let io = |e: std::io::Error| EngineError::Io {
+            path: path.display().to_string(),
+            source: e,
+        };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut len_bytes = [0u8; 8];
-        file.read_exact(&mut len_bytes).map_err(|_| corrupt("shorter than its 8-byte header length".into()))?;
+        file.read_exact(&mut len_bytes)
+            .map_err(|_| corrupt("shorter than its 8-byte header length".into()))?;
         let header_len = u64::from_le_bytes(len_bytes);
         if header_len > 100_000_000 || 8 + header_len > file_len {
-            return Err(corrupt(format!("header length {header_len} does not fit in a file of {file_len} bytes")));
+            return Err(corrupt(format!(
+                "header length {header_len} does not fit in a file of {file_len} bytes"
+            )));
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header).map_err(io)?;
-        let json: serde_json::Value =
-            serde_json::from_slice(&header).map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
-        let object = json.as_object().ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+        let json: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
+        let object = json
+            .as_object()
+            .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
         let data_start = 8 + header_len;
         let data_bytes = file_len - data_start;
         let mut tensors = BTreeMap::new();
@@ -67,7 +78,11 @@ impl SafetensorsHeader {
                 Some("I64") => DType::I64,
                 Some("U32") => DType::U32,
                 Some("U8") => DType::U8,
-                other => return Err(corrupt(format!("tensor {name}: unsupported dtype {other:?}"))),
+                other => {
+                    return Err(corrupt(format!(
+                        "tensor {name}: unsupported dtype {other:?}"
+                    )));
+                }
             };
             let shape: Vec<usize> = t["shape"]
                 .as_array()
@@ -100,7 +115,11 @@ impl SafetensorsHeader {
                 },
             );
         }
-        Ok(Self { path: path.to_path_buf(), tensors, data_bytes })
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            data_bytes,
+        })
     }
 }
 
@@ -122,14 +141,27 @@ pub struct BertConfig {
 impl BertConfig {
     /// Reads `config.json`.
     pub fn read(path: &Path) -> std::result::Result<Self, EngineError> {
-        let corrupt = |reason: String| EngineError::CorruptModel { path: path.display().to_string(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        let get = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(|| corrupt(format!("config.json lacks {k}")));
+        let corrupt = |reason: String| EngineError::CorruptModel {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        let get = |k: &str| {
+            v[k].as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| corrupt(format!("config.json lacks {k}")))
+        };
         let hidden = get("hidden_size")?;
         let heads = get("num_attention_heads")?;
         if heads == 0 || hidden % heads != 0 {
-            return Err(corrupt(format!("{hidden} hidden is not divisible by {heads} heads")));
+            return Err(corrupt(format!(
+                "{hidden} hidden is not divisible by {heads} heads"
+            )));
         }
         if v["model_type"].as_str().is_some_and(|t| t != "bert") {
             return Err(EngineError::UnsupportedArchitecture {
@@ -202,14 +234,19 @@ impl Bert {
         progress: &(dyn Fn(u64) + Sync),
     ) -> std::result::Result<Self, EngineError> {
         let get = |name: &str| -> std::result::Result<Tensor, EngineError> {
-            let t = header.tensors.get(name).ok_or_else(|| EngineError::MissingTensor {
-                path: header.path.display().to_string(),
-                name: name.to_string(),
-            })?;
-            let bytes = data.get(t.start..t.end).ok_or_else(|| EngineError::CorruptModel {
-                path: header.path.display().to_string(),
-                reason: format!("tensor {name} lies outside the mapped file"),
-            })?;
+            let t = header
+                .tensors
+                .get(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    path: header.path.display().to_string(),
+                    name: name.to_string(),
+                })?;
+            let bytes = data
+                .get(t.start..t.end)
+                .ok_or_else(|| EngineError::CorruptModel {
+                    path: header.path.display().to_string(),
+                    reason: format!("tensor {name} lies outside the mapped file"),
+                })?;
             let tensor = Tensor::from_raw_buffer(bytes, t.dtype, &t.shape, device)
                 .and_then(|x| x.to_dtype(DType::F32))
                 .map_err(|e| EngineError::candle(format!("reading {name}"), e))?;
@@ -217,10 +254,17 @@ impl Bert {
             Ok(tensor)
         };
         let linear = |p: &str| -> std::result::Result<Linear, EngineError> {
-            Ok(Linear { w: get(&format!("{p}.weight"))?, b: get(&format!("{p}.bias"))? })
+            Ok(Linear {
+                w: get(&format!("{p}.weight"))?,
+                b: get(&format!("{p}.bias"))?,
+            })
         };
         let ln = |p: &str| -> std::result::Result<LayerNorm, EngineError> {
-            Ok(LayerNorm { w: get(&format!("{p}.weight"))?, b: get(&format!("{p}.bias"))?, eps: config.eps })
+            Ok(LayerNorm {
+                w: get(&format!("{p}.weight"))?,
+                b: get(&format!("{p}.bias"))?,
+                eps: config.eps,
+            })
         };
         let layers = (0..config.layers)
             .map(|i| {
@@ -261,24 +305,31 @@ impl Bert {
         let types = Tensor::zeros(n, DType::U32, &self.device)?;
         let x = (self.word.index_select(&ids_t, 0)?
             + self.position.index_select(&positions, 0)?)?
-            .add(&self.token_type.index_select(&types, 0)?)?;
+        .add(&self.token_type.index_select(&types, 0)?)?;
         let mut x = self.emb_ln.forward(&x.unsqueeze(0)?)?;
         let heads = self.config.heads;
         let hd = self.config.hidden / heads;
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
-            let split = |t: Tensor| -> Result<Tensor> { t.reshape((1, n, heads, hd))?.transpose(1, 2)?.contiguous() };
+            let split = |t: Tensor| -> Result<Tensor> {
+                t.reshape((1, n, heads, hd))?.transpose(1, 2)?.contiguous()
+            };
             let q = split(l.q.forward(&x)?)?;
             let k = split(l.k.forward(&x)?)?;
             let v = split(l.v.forward(&x)?)?;
             let probs = softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((1, n, self.config.hidden))?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((1, n, self.config.hidden))?;
             x = l.attn_ln.forward(&(l.o.forward(&ctx)? + &x)?)?;
             let h = l.inter.forward(&x)?.gelu_erf()?;
             x = l.out_ln.forward(&(l.out.forward(&h)? + &x)?)?;
         }
         let pooled = x.mean(1)?.squeeze(0)?;
         let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-        pooled.broadcast_div(&norm.clamp(1e-12, f64::MAX)?)?.to_vec1::<f32>()
+        pooled
+            .broadcast_div(&norm.clamp(1e-12, f64::MAX)?)?
+            .to_vec1::<f32>()
     }
 }

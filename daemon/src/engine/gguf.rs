@@ -72,7 +72,9 @@ pub struct HParams {
 impl HParams {
     /// Whether layer `il` uses the sliding window.
     pub fn is_local(&self, il: usize) -> bool {
-        self.sliding_window.is_some() && self.swa_pattern > 0 && (il + 1) % self.swa_pattern != 0
+        self.sliding_window.is_some()
+            && self.swa_pattern > 0
+            && !(il + 1).is_multiple_of(self.swa_pattern)
     }
 }
 
@@ -112,16 +114,26 @@ impl GgufHeader {
     /// Reads and validates the header of `path`: magic, version, metadata, and that every tensor lies
     /// inside the file with the size its type and shape imply.
     pub fn read(path: &Path) -> Result<Self, EngineError> {
-        let corrupt = |reason: String| EngineError::CorruptModel { path: path.display().to_string(), reason };
-        let file = File::open(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?;
+        let corrupt = |reason: String| EngineError::CorruptModel {
+            path: path.display().to_string(),
+            reason,
+        };
+        let file = File::open(path).map_err(|e| EngineError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
         let file_len = file
             .metadata()
-            .map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })?
+            .map_err(|e| EngineError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?
             .len();
         let mut reader = BufReader::new(file);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| corrupt(e.to_string()))?;
         let md = &content.metadata;
-        let arch_name = get_string(md, "general.architecture").ok_or_else(|| corrupt("no general.architecture".into()))?;
+        let arch_name = get_string(md, "general.architecture")
+            .ok_or_else(|| corrupt("no general.architecture".into()))?;
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "gemma3" => Arch::Gemma3,
@@ -136,15 +148,19 @@ impl GgufHeader {
         for (name, info) in &content.tensor_infos {
             let elems: usize = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
-            if elems % block != 0 {
-                return Err(corrupt(format!("tensor {name}: {elems} elements is not a multiple of the block size {block}")));
+            if !elems.is_multiple_of(block) {
+                return Err(corrupt(format!(
+                    "tensor {name}: {elems} elements is not a multiple of the block size {block}"
+                )));
             }
             let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
             let offset = content
                 .tensor_data_offset
                 .checked_add(info.offset)
                 .ok_or_else(|| corrupt(format!("tensor {name}: offset overflows")))?;
-            let end = offset.checked_add(bytes).ok_or_else(|| corrupt(format!("tensor {name}: size overflows")))?;
+            let end = offset
+                .checked_add(bytes)
+                .ok_or_else(|| corrupt(format!("tensor {name}: size overflows")))?;
             if end > file_len {
                 return Err(corrupt(format!(
                     "tensor {name} ends at byte {end} but the file has {file_len} bytes (truncated?)"
@@ -152,7 +168,12 @@ impl GgufHeader {
             }
             tensors.insert(
                 name.clone(),
-                TensorMeta { dtype: info.ggml_dtype, dims: info.shape.dims().to_vec(), offset, bytes },
+                TensorMeta {
+                    dtype: info.ggml_dtype,
+                    dims: info.shape.dims().to_vec(),
+                    offset,
+                    bytes,
+                },
             );
         }
         let vocab = read_vocab(md).map_err(corrupt)?;
@@ -172,7 +193,10 @@ impl GgufHeader {
     pub fn tensor(&self, name: &str) -> Result<&TensorMeta, EngineError> {
         self.tensors
             .get(name)
-            .ok_or_else(|| EngineError::MissingTensor { path: self.path.display().to_string(), name: name.to_string() })
+            .ok_or_else(|| EngineError::MissingTensor {
+                path: self.path.display().to_string(),
+                name: name.to_string(),
+            })
     }
 
     /// Bytes of weights as they sit in memory: quantized blocks as stored; F16/BF16 tensors are widened to
@@ -201,14 +225,22 @@ impl GgufHeader {
         let n_global = hp.n_layer - n_local;
         let window = hp.sliding_window.unwrap_or(0);
         // A local layer whose window covers the context keeps a plain cache of the context.
-        let (n_ring, ring) = if window > 0 && window < context { (n_local, window) } else { (0, 0) };
+        let (n_ring, ring) = if window > 0 && window < context {
+            (n_local, window)
+        } else {
+            (0, 0)
+        };
         let n_linear = n_global + (n_local - n_ring);
         let rope_tables = match hp.arch {
             Arch::Gemma3 => 2,
             Arch::Llama => 1,
         };
         let rope = rope_tables * 2 * context * (hp.head_dim / 2) * 4;
-        let level = if cpu { super::repack::x86_level() } else { super::repack::X86Level::None };
+        let level = if cpu {
+            super::repack::x86_level()
+        } else {
+            super::repack::X86Level::None
+        };
         let repacked: u64 = self
             .tensors
             .iter()
@@ -331,20 +363,35 @@ fn read_hparams(
     tensors: &BTreeMap<String, TensorMeta>,
 ) -> Result<HParams, String> {
     let a = arch.as_str();
-    let req = |k: &str| get_u64(md, &format!("{a}.{k}")).map(|v| v as usize).ok_or_else(|| format!("missing {a}.{k}"));
+    let req = |k: &str| {
+        get_u64(md, &format!("{a}.{k}"))
+            .map(|v| v as usize)
+            .ok_or_else(|| format!("missing {a}.{k}"))
+    };
     let n_layer = req("block_count")?;
     let n_embd = req("embedding_length")?;
     let n_head = req("attention.head_count")?;
-    let n_head_kv = get_u64(md, &format!("{a}.attention.head_count_kv")).map_or(n_head, |v| v as usize);
+    let n_head_kv =
+        get_u64(md, &format!("{a}.attention.head_count_kv")).map_or(n_head, |v| v as usize);
     let n_ff = req("feed_forward_length")?;
-    if n_layer == 0 || n_embd == 0 || n_head == 0 || n_head_kv == 0 || n_layer > 1024 || n_head > 4096 {
-        return Err(format!("implausible shape: {n_layer} layers, {n_embd} hidden, {n_head} heads"));
+    if n_layer == 0
+        || n_embd == 0
+        || n_head == 0
+        || n_head_kv == 0
+        || n_layer > 1024
+        || n_head > 4096
+    {
+        return Err(format!(
+            "implausible shape: {n_layer} layers, {n_embd} hidden, {n_head} heads"
+        ));
     }
     if n_head % n_head_kv != 0 {
-        return Err(format!("{n_head} query heads is not a multiple of {n_head_kv} KV heads"));
+        return Err(format!(
+            "{n_head} query heads is not a multiple of {n_head_kv} KV heads"
+        ));
     }
-    let head_dim = get_u64(md, &format!("{a}.attention.key_length"))
-        .map_or(n_embd / n_head, |v| v as usize);
+    let head_dim =
+        get_u64(md, &format!("{a}.attention.key_length")).map_or(n_embd / n_head, |v| v as usize);
     let rms_eps = get_f64(md, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6);
     let rope_base = get_f64(md, &format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f32;
     let trained_context = get_u64(md, &format!("{a}.context_length")).map_or(2048, |v| v as usize);
@@ -361,7 +408,11 @@ fn read_hparams(
         Arch::Gemma3 => {
             // Gemma 3 scales queries by 1/sqrt(query_pre_attn_scalar): the head size, except for the 27B
             // model where it is hidden / heads (llama.cpp does the same; GGUF does not store it).
-            let scalar = if n_embd == 5376 && n_head == 32 { n_embd / n_head } else { head_dim };
+            let scalar = if n_embd == 5376 && n_head == 32 {
+                n_embd / n_head
+            } else {
+                head_dim
+            };
             (
                 get_u64(md, "gemma3.attention.sliding_window").map(|v| v as usize),
                 6,

@@ -58,7 +58,11 @@ impl KvCache {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: 0, capacity })
+        Ok(Self {
+            layers,
+            len: 0,
+            capacity,
+        })
     }
 
     /// Positions held.
@@ -110,9 +114,17 @@ impl KvCache {
                 }
                 kc.slice_set(k, 2, pos)?;
                 vc.slice_set(v, 2, pos)?;
-                Ok(Attended { k: kc.narrow(2, 0, pos + n)?, v: vc.narrow(2, 0, pos + n)?, positions: None })
+                Ok(Attended {
+                    k: kc.narrow(2, 0, pos + n)?,
+                    v: vc.narrow(2, 0, pos + n)?,
+                    positions: None,
+                })
             }
-            LayerCache::Ring { k: kc, v: vc, window } => {
+            LayerCache::Ring {
+                k: kc,
+                v: vc,
+                window,
+            } => {
                 let window = *window;
                 if n == 1 {
                     // Decode: slot `pos % window` takes the new position; the slots then hold exactly the
@@ -122,7 +134,11 @@ impl KvCache {
                     kc.slice_set(k, 2, slot)?;
                     vc.slice_set(v, 2, slot)?;
                     let held = (pos + 1).min(window);
-                    return Ok(Attended { k: kc.narrow(2, 0, held)?, v: vc.narrow(2, 0, held)?, positions: None });
+                    return Ok(Attended {
+                        k: kc.narrow(2, 0, held)?,
+                        v: vc.narrow(2, 0, held)?,
+                        positions: None,
+                    });
                 }
                 // Prefill: attend over the ring's old contents plus the new keys, then store the newest.
                 let filled = pos.min(window);
@@ -149,7 +165,11 @@ impl KvCache {
                     kc.slice_set(&k.narrow(2, first + run, keep - run)?.contiguous()?, 2, 0)?;
                     vc.slice_set(&v.narrow(2, first + run, keep - run)?.contiguous()?, 2, 0)?;
                 }
-                Ok(Attended { k: all_k, v: all_v, positions: Some(positions) })
+                Ok(Attended {
+                    k: all_k,
+                    v: all_v,
+                    positions: Some(positions),
+                })
             }
         }
     }
@@ -197,7 +217,10 @@ mod tests {
         // Window 4, 6 positions written: slots hold 4, 5, 2, 3.
         let got: Vec<usize> = (0..4).map(|s| ring_position(s, 6, 4)).collect();
         assert_eq!(got, vec![4, 5, 2, 3]);
-        assert_eq!((0..3).map(|s| ring_position(s, 3, 4)).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            (0..3).map(|s| ring_position(s, 3, 4)).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ const QK_K: usize = 256;
 /// Extra bytes Candle keeps for a `(n, k)` weight of `dtype` once prefill (m > 1) and decode (m = 1)
 /// have both run.
 pub fn extra_bytes(level: X86Level, dtype: GgmlDType, n: usize, k: usize) -> u64 {
-    if level == X86Level::None || k == 0 || n % TILE_N != 0 || k % QK_K != 0 {
+    if level == X86Level::None || k == 0 || !n.is_multiple_of(TILE_N) || !k.is_multiple_of(QK_K) {
         return 0;
     }
     let tiles = (n / TILE_N) * (k / QK_K);
@@ -48,7 +48,9 @@ pub fn extra_bytes(level: X86Level, dtype: GgmlDType, n: usize, k: usize) -> u64
         // scales (16×16 f32) + 4096 bytes per 16 rows × 256 values; packed once a prefill runs.
         GgmlDType::Q6K => tiles * (16 * TILE_N * 4 + QK_K / 4 * TILE_N * 4),
         // 16 f16 scales + 512 bytes per 16 rows × 32 values; only with VNNI.
-        GgmlDType::Q8_0 if level == X86Level::Vnni => (n / TILE_N) * (k / 32) * (TILE_N * 2 + 32 * TILE_N),
+        GgmlDType::Q8_0 if level == X86Level::Vnni => {
+            (n / TILE_N) * (k / 32) * (TILE_N * 2 + 32 * TILE_N)
+        }
         _ => 0,
     };
     bytes as u64
@@ -67,7 +69,10 @@ mod tests {
         // SmolLM2's hidden size 576 is not a multiple of 256: nothing is repacked.
         assert_eq!(extra_bytes(X86Level::Vnni, GgmlDType::Q4K, 1536, 576), 0);
         assert_eq!(extra_bytes(X86Level::Avx2, GgmlDType::Q8_0, 4096, 4096), 0);
-        assert_eq!(extra_bytes(X86Level::Vnni, GgmlDType::Q8_0, 4096, 4096), 4096 * 4096 / 32 * 34);
+        assert_eq!(
+            extra_bytes(X86Level::Vnni, GgmlDType::Q8_0, 4096, 4096),
+            4096 * 4096 / 32 * 34
+        );
         assert_eq!(extra_bytes(X86Level::None, GgmlDType::Q4K, 4096, 4096), 0);
     }
 }

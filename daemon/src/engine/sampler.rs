@@ -22,19 +22,34 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, repeat_last_n: 64, seed: None }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+        }
     }
 }
 
 impl SamplingParams {
     /// Checks every field, naming the bad one.
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |field: &'static str, reason: String| Err(EngineError::InvalidParameter { field, reason });
+        let bad = |field: &'static str, reason: String| {
+            Err(EngineError::InvalidParameter { field, reason })
+        };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("{} is not a finite number ≥ 0", self.temperature));
+            return bad(
+                "temperature",
+                format!("{} is not a finite number ≥ 0", self.temperature),
+            );
         }
         if self.temperature > 100.0 {
-            return bad("temperature", format!("{} is above the maximum of 100", self.temperature));
+            return bad(
+                "temperature",
+                format!("{} is above the maximum of 100", self.temperature),
+            );
         }
         if let Some(p) = self.top_p
             && !(p.is_finite() && p > 0.0 && p <= 1.0)
@@ -42,10 +57,16 @@ impl SamplingParams {
             return bad("top_p", format!("{p} is not in (0, 1]"));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad("repetition_penalty", format!("{} is not a finite number > 0", self.repetition_penalty));
+            return bad(
+                "repetition_penalty",
+                format!("{} is not a finite number > 0", self.repetition_penalty),
+            );
         }
         if self.repeat_last_n > 1 << 20 {
-            return bad("repeat_last_n", format!("{} is too large", self.repeat_last_n));
+            return bad(
+                "repeat_last_n",
+                format!("{} is too large", self.repeat_last_n),
+            );
         }
         Ok(())
     }
@@ -72,7 +93,9 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self { s: [next(), next(), next(), next()] }
+        Self {
+            s: [next(), next(), next(), next()],
+        }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -113,7 +136,10 @@ impl Sampler {
             );
             h.finish()
         });
-        Self { params, rng: Rng::new(seed) }
+        Self {
+            params,
+            rng: Rng::new(seed),
+        }
     }
 
     /// Picks the next token from `logits` (modified in place) given the tokens so far.
@@ -126,7 +152,11 @@ impl Sampler {
             seen.dedup();
             for id in seen {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -143,12 +173,16 @@ impl Sampler {
             return argmax(logits);
         }
         if let Some(k) = p.top_k.filter(|&k| k > 0 && k < candidates.len()) {
-            candidates.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            candidates
+                .select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             candidates.truncate(k);
         }
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let max = candidates[0].1;
-        let mut probs: Vec<f64> = candidates.iter().map(|(_, l)| f64::from(l - max).exp()).collect();
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|(_, l)| f64::from(l - max).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         for x in &mut probs {
             *x /= total;
@@ -199,14 +233,20 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, ..Default::default() }
+        SamplingParams {
+            temperature,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn greedy_and_penalty() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) });
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        });
         // 3.0 / 2 = 1.5 < 2.0: the repeated token loses.
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[1]), 2);
     }
@@ -215,8 +255,13 @@ mod tests {
     fn same_seed_same_choices() {
         let logits = vec![1.0f32, 1.1, 0.9, 1.05, 0.2];
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..params(1.0) });
-            (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                ..params(1.0)
+            });
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -225,11 +270,19 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_choice() {
         let logits = vec![5.0f32, 4.9, -10.0, -10.0];
-        let mut s = Sampler::new(SamplingParams { top_k: Some(2), seed: Some(1), ..params(5.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_k: Some(2),
+            seed: Some(1),
+            ..params(5.0)
+        });
         for _ in 0..100 {
             assert!(s.sample(&mut logits.clone(), &[]) < 2);
         }
-        let mut s = Sampler::new(SamplingParams { top_p: Some(0.01), seed: Some(1), ..params(1.0) });
+        let mut s = Sampler::new(SamplingParams {
+            top_p: Some(0.01),
+            seed: Some(1),
+            ..params(1.0)
+        });
         for _ in 0..100 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
@@ -243,9 +296,27 @@ mod tests {
         };
         check(params(-1.0), "temperature");
         check(params(f32::NAN), "temperature");
-        check(SamplingParams { top_p: Some(0.0), ..params(1.0) }, "top_p");
-        check(SamplingParams { top_p: Some(1.5), ..params(1.0) }, "top_p");
-        check(SamplingParams { repetition_penalty: 0.0, ..params(1.0) }, "repetition_penalty");
+        check(
+            SamplingParams {
+                top_p: Some(0.0),
+                ..params(1.0)
+            },
+            "top_p",
+        );
+        check(
+            SamplingParams {
+                top_p: Some(1.5),
+                ..params(1.0)
+            },
+            "top_p",
+        );
+        check(
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..params(1.0)
+            },
+            "repetition_penalty",
+        );
         assert!(params(0.7).validate().is_ok());
     }
 }

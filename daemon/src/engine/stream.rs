@@ -15,7 +15,10 @@ pub struct TextStream {
 impl TextStream {
     /// A stream that ends at the first of `stops` (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), ..Default::default() }
+        Self {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }
     }
 
     /// Adds a token's bytes; returns the text that can be shown now.
@@ -60,7 +63,12 @@ impl TextStream {
     }
 
     fn release(&mut self) -> Option<String> {
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.held[..at].to_string();
             self.held.clear();

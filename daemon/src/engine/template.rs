@@ -42,16 +42,33 @@ impl ChatTemplate {
             .trim_blocks(true)
             .lstrip_blocks(true)
             .build()
-            .map_err(|e| EngineError::Template { reason: e.to_string() })?;
+            .map_err(|e| EngineError::Template {
+                reason: e.to_string(),
+            })?;
         env.set_syntax(syntax);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::Template { reason: e.to_string() })?;
-        Ok(Self { env, bos_token, eos_token })
+            .map_err(|e| EngineError::Template {
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     /// Renders `messages`, ending with the assistant's turn opener when `add_generation_prompt`.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
-        let template = self.env.get_template("chat").map_err(|e| EngineError::Template { reason: e.to_string() })?;
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::Template {
+                reason: e.to_string(),
+            })?;
         template
             .render(context! {
                 messages => minijinja::Value::from(minijinja::value::Serde(messages)),
@@ -59,7 +76,9 @@ impl ChatTemplate {
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),
             })
-            .map_err(|e| EngineError::Template { reason: e.to_string() })
+            .map_err(|e| EngineError::Template {
+                reason: e.to_string(),
+            })
     }
 }
 
@@ -72,19 +91,42 @@ mod tests {
         let src = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::new(src, String::new(), "<|im_end|>".into()).unwrap();
         let out = t
-            .render(&[ChatMessage { role: "user".into(), content: "Hi".into() }], true)
+            .render(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+                true,
+            )
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn python_methods_and_exceptions() {
         let src = "{% if messages[0]['role'] == 'bad' %}{{ raise_exception('no bad roles') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
-        let ok = t.render(&[ChatMessage { role: "user".into(), content: "  hi ".into() }], false);
+        let ok = t.render(
+            &[ChatMessage {
+                role: "user".into(),
+                content: "  hi ".into(),
+            }],
+            false,
+        );
         assert_eq!(ok.unwrap(), "HI");
-        let err = t.render(&[ChatMessage { role: "bad".into(), content: String::new() }], false);
-        assert!(matches!(err, Err(EngineError::Template { reason }) if reason.contains("no bad roles")));
+        let err = t.render(
+            &[ChatMessage {
+                role: "bad".into(),
+                content: String::new(),
+            }],
+            false,
+        );
+        assert!(
+            matches!(err, Err(EngineError::Template { reason }) if reason.contains("no bad roles"))
+        );
         assert!(ChatTemplate::new("{% for %}", String::new(), String::new()).is_err());
     }
 }

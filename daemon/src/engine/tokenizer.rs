@@ -94,7 +94,10 @@ struct Specials {
 impl Specials {
     fn insert(&mut self, text: &str, id: u32) {
         if let Some(c) = text.chars().next() {
-            self.by_first.entry(c).or_default().push((text.to_string(), id));
+            self.by_first
+                .entry(c)
+                .or_default()
+                .push((text.to_string(), id));
         }
     }
 
@@ -110,9 +113,14 @@ impl Specials {
         let mut plain_start = 0;
         let mut iter = text.char_indices();
         while let Some((i, c)) = iter.next() {
-            let Some(candidates) = self.by_first.get(&c) else { continue };
+            let Some(candidates) = self.by_first.get(&c) else {
+                continue;
+            };
             let rest = &text[i..];
-            if let Some((s, id)) = candidates.iter().find(|(s, _)| rest.starts_with(s.as_str())) {
+            if let Some((s, id)) = candidates
+                .iter()
+                .find(|(s, _)| rest.starts_with(s.as_str()))
+            {
                 if i > plain_start {
                     out.push(Fragment::Text(&text[plain_start..i]));
                 }
@@ -166,11 +174,18 @@ impl Tokenizer {
                 v.token_types.len()
             )));
         }
-        for (what, id) in [("bos", v.bos), ("eos", v.eos), ("eot", v.eot), ("unk", v.unk)] {
+        for (what, id) in [
+            ("bos", v.bos),
+            ("eos", v.eos),
+            ("eot", v.eot),
+            ("unk", v.unk),
+        ] {
             if let Some(id) = id
                 && id as usize >= n
             {
-                return Err(TokenizerError::Invalid(format!("{what} id {id} is outside the vocabulary of {n}")));
+                return Err(TokenizerError::Invalid(format!(
+                    "{what} id {id} is outside the vocabulary of {n}"
+                )));
             }
         }
         let ttype = |i: usize| v.token_types.get(i).copied().unwrap_or(token_type::NORMAL);
@@ -185,7 +200,10 @@ impl Tokenizer {
             "gpt2" => {
                 let pre_name = v.pre.as_deref().unwrap_or("default");
                 let pre = PreTokenizer::for_name(pre_name).or_else(|| {
-                    tracing::warn!(pre = pre_name, "unknown pre-tokenizer; using GPT-2's pattern");
+                    tracing::warn!(
+                        pre = pre_name,
+                        "unknown pre-tokenizer; using GPT-2's pattern"
+                    );
                     PreTokenizer::for_name("gpt2")
                 });
                 let pre = pre.ok_or_else(|| TokenizerError::Invalid("no pre-tokenizer".into()))?;
@@ -195,7 +213,8 @@ impl Tokenizer {
                     .enumerate()
                     .map(|(i, t)| (t.clone(), i as u32))
                     .collect();
-                let bpe = ByteLevelBpe::try_new(&token_to_id, &v.merges, pre).map_err(TokenizerError::Invalid)?;
+                let bpe = ByteLevelBpe::try_new(&token_to_id, &v.merges, pre)
+                    .map_err(TokenizerError::Invalid)?;
                 let decoded = v
                     .tokens
                     .iter()
@@ -210,7 +229,10 @@ impl Tokenizer {
             }
             "llama" => {
                 if v.scores.len() != n {
-                    return Err(TokenizerError::Invalid(format!("{} scores for {n} tokens", v.scores.len())));
+                    return Err(TokenizerError::Invalid(format!(
+                        "{} scores for {n} tokens",
+                        v.scores.len()
+                    )));
                 }
                 let spm = SentencePieceBpe::new(
                     &v.tokens,
@@ -223,7 +245,9 @@ impl Tokenizer {
                     .iter()
                     .enumerate()
                     .map(|(i, t)| match ttype(i) {
-                        token_type::CONTROL | token_type::UNKNOWN | token_type::UNUSED => Vec::new(),
+                        token_type::CONTROL | token_type::UNKNOWN | token_type::UNUSED => {
+                            Vec::new()
+                        }
                         token_type::BYTE => parse_byte_piece(t).map_or_else(Vec::new, |b| vec![b]),
                         _ => t.replace('▁', " ").into_bytes(),
                     })
@@ -233,7 +257,14 @@ impl Tokenizer {
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         let mut stop_ids: Vec<u32> = [v.eos, v.eot].into_iter().flatten().collect();
-        for name in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<eos>"] {
+        for name in [
+            "<|im_end|>",
+            "<end_of_turn>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end|>",
+            "<eos>",
+        ] {
             if let Some(i) = v.tokens.iter().position(|t| t == name)
                 && ttype(i) == token_type::CONTROL
                 && !stop_ids.contains(&(i as u32))
@@ -257,9 +288,13 @@ impl Tokenizer {
 
     /// Reads a BERT `tokenizer.json` (WordPiece with a BertNormalizer).
     pub fn from_bert_json(path: &Path) -> Result<Self, TokenizerError> {
-        let read_err = |reason: String| TokenizerError::Read { path: path.display().to_string(), reason };
+        let read_err = |reason: String| TokenizerError::Read {
+            path: path.display().to_string(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| read_err(e.to_string()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| read_err(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| read_err(e.to_string()))?;
         let model = &json["model"];
         if model["type"] != "WordPiece" {
             return Err(TokenizerError::UnsupportedModel(model["type"].to_string()));
@@ -283,7 +318,10 @@ impl Tokenizer {
         let norm = &json["normalizer"];
         let options = WordPieceOptions {
             unk,
-            prefix: model["continuing_subword_prefix"].as_str().unwrap_or("##").to_string(),
+            prefix: model["continuing_subword_prefix"]
+                .as_str()
+                .unwrap_or("##")
+                .to_string(),
             max_chars_per_word: model["max_input_chars_per_word"].as_u64().unwrap_or(100) as usize,
             lowercase: norm["lowercase"].as_bool().unwrap_or(true),
             strip_accents: norm["strip_accents"].as_bool(),
@@ -356,7 +394,10 @@ impl Tokenizer {
 
     /// Decodes ids to text (invalid UTF-8 becomes U+FFFD).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&id| self.token_bytes(id).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&id| self.token_bytes(id).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -418,14 +459,25 @@ mod tests {
     fn tiny_spm() -> Tokenizer {
         // A toy SentencePiece vocabulary: merges follow scores; "é" is not a piece, so it falls back to bytes.
         let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
-        let mut types = vec![token_type::UNKNOWN, token_type::CONTROL, token_type::CONTROL];
+        let mut types = vec![
+            token_type::UNKNOWN,
+            token_type::CONTROL,
+            token_type::CONTROL,
+        ];
         let mut scores = vec![0.0, 0.0, 0.0];
         for b in 0..=255u8 {
             tokens.push(format!("<0x{b:02X}>"));
             types.push(token_type::BYTE);
             scores.push(0.0);
         }
-        for (piece, score) in [("▁", -1.0), ("a", -2.0), ("b", -3.0), ("ab", -4.0), ("▁ab", -5.0), ("▁a", -9.0)] {
+        for (piece, score) in [
+            ("▁", -1.0),
+            ("a", -2.0),
+            ("b", -3.0),
+            ("ab", -4.0),
+            ("▁ab", -5.0),
+            ("▁a", -9.0),
+        ] {
             tokens.push(piece.into());
             types.push(token_type::NORMAL);
             scores.push(score);
@@ -457,6 +509,12 @@ mod tests {
         assert_eq!(e.len(), 4, "BOS, ▁, and two byte pieces: {e:?}");
         assert_eq!(t.decode(&e), " é");
         assert!(t.is_stop(2));
-        assert_eq!(t.encode("a</s>b", false).iter().filter(|&&i| i == 2).count(), 1);
+        assert_eq!(
+            t.encode("a</s>b", false)
+                .iter()
+                .filter(|&&i| i == 2)
+                .count(),
+            1
+        );
     }
 }

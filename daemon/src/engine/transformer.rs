@@ -35,10 +35,13 @@ impl WeightSource<'_> {
         let start = usize::try_from(meta.offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(usize::try_from(meta.bytes).unwrap_or(usize::MAX));
         // The header check guarantees the range; re-check because Candle reads the slice unchecked.
-        let bytes = self.data.get(start..end).ok_or_else(|| EngineError::CorruptModel {
-            path: self.header.path.display().to_string(),
-            reason: format!("tensor {name} lies outside the mapped file"),
-        })?;
+        let bytes = self
+            .data
+            .get(start..end)
+            .ok_or_else(|| EngineError::CorruptModel {
+                path: self.header.path.display().to_string(),
+                reason: format!("tensor {name} lies outside the mapped file"),
+            })?;
         let q = qtensor_from_ggml(meta.dtype, bytes, meta.dims.clone(), self.device)
             .map_err(|e| EngineError::candle(format!("reading tensor {name}"), e))?;
         (self.progress)(meta.bytes);
@@ -46,7 +49,8 @@ impl WeightSource<'_> {
     }
 
     fn qmatmul(&self, name: &str) -> std::result::Result<QMatMul, EngineError> {
-        QMatMul::from_qtensor(self.qtensor(name)?).map_err(|e| EngineError::candle(format!("preparing {name}"), e))
+        QMatMul::from_qtensor(self.qtensor(name)?)
+            .map_err(|e| EngineError::candle(format!("preparing {name}"), e))
     }
 
     fn vector(&self, name: &str) -> std::result::Result<Tensor, EngineError> {
@@ -56,7 +60,11 @@ impl WeightSource<'_> {
     }
 
     fn optional_vector(&self, name: &str) -> std::result::Result<Option<Tensor>, EngineError> {
-        if self.header.tensors.contains_key(name) { self.vector(name).map(Some) } else { Ok(None) }
+        if self.header.tensors.contains_key(name) {
+            self.vector(name).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -119,14 +127,19 @@ impl Transformer {
         let lm_head = if src.header.tensors.contains_key("output.weight") {
             src.qmatmul("output.weight")?
         } else {
-            QMatMul::from_arc(embed.clone()).map_err(|e| EngineError::candle("tying the output head".into(), e))?
+            QMatMul::from_arc(embed.clone())
+                .map_err(|e| EngineError::candle("tying the output head".into(), e))?
         };
         let tables = |base: f32, scale: f32| {
             rope_tables(hp.head_dim, context, base, scale, src.device)
                 .map_err(|e| EngineError::candle("building rope tables".into(), e))
         };
         let rope_global = tables(hp.rope_base, hp.rope_scale)?;
-        let rope_local = if gemma { Some(tables(hp.rope_local_base, 1.0)?) } else { None };
+        let rope_local = if gemma {
+            Some(tables(hp.rope_local_base, 1.0)?)
+        } else {
+            None
+        };
         Ok(Self {
             hp,
             embed,
@@ -163,7 +176,13 @@ impl Transformer {
             hp.n_head_kv,
             hp.head_dim,
             capacity.min(self.context),
-            |il| if hp.is_local(il) { hp.sliding_window } else { None },
+            |il| {
+                if hp.is_local(il) {
+                    hp.sliding_window
+                } else {
+                    None
+                }
+            },
             &self.device,
         )
     }
@@ -176,7 +195,11 @@ impl Transformer {
             candle_core::bail!("forward of zero tokens")
         }
         if pos + seq > cache.capacity() {
-            candle_core::bail!("{} positions exceed the cache capacity {}", pos + seq, cache.capacity())
+            candle_core::bail!(
+                "{} positions exceed the cache capacity {}",
+                pos + seq,
+                cache.capacity()
+            )
         }
         let hp = &self.hp;
         let ids = Tensor::new(tokens, &self.device)?;
@@ -207,10 +230,20 @@ impl Transformer {
         cache.advance(seq);
         let last = x.narrow(1, seq - 1, 1)?.contiguous()?;
         let last = rms_norm(&last, &self.out_norm, eps)?;
-        self.lm_head.forward(&last)?.flatten_all()?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&last)?
+            .flatten_all()?
+            .to_dtype(DType::F32)
     }
 
-    fn attention(&self, il: usize, b: &Block, h: &Tensor, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+    fn attention(
+        &self,
+        il: usize,
+        b: &Block,
+        h: &Tensor,
+        pos: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
         let hp = &self.hp;
         let (_, seq, _) = h.dims3()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_head_kv, hp.head_dim);
@@ -242,7 +275,14 @@ impl Transformer {
         let n_keys = att.k.dim(2)?;
         let window = if local { hp.sliding_window } else { None };
         let mask = if seq > 1 {
-            Some(attention_mask(pos, seq, att.positions.as_deref(), n_keys, window, &self.device)?)
+            Some(attention_mask(
+                pos,
+                seq,
+                att.positions.as_deref(),
+                n_keys,
+                window,
+                &self.device,
+            )?)
         } else {
             None
         };
@@ -268,7 +308,13 @@ impl Transformer {
 }
 
 /// `cos` and `sin` tables `(context, head_dim/2)` for rope with `base`, positions divided by `scale`.
-fn rope_tables(head_dim: usize, context: usize, base: f32, scale: f32, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    context: usize,
+    base: f32,
+    scale: f32,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| 1f32 / base.powf(2.0 * i as f32 / head_dim as f32))

@@ -3,6 +3,7 @@
 //! back through a channel; a dropped receiver cancels the job at the next decode step.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -63,7 +64,11 @@ impl GenStats {
 }
 
 fn rate(n: usize, ms: f64) -> f64 {
-    if ms > 0.0 { n as f64 / (ms / 1000.0) } else { 0.0 }
+    if ms > 0.0 {
+        n as f64 / (ms / 1000.0)
+    } else {
+        0.0
+    }
 }
 
 /// What a generation streams back.
@@ -116,6 +121,23 @@ pub enum Job {
     SetBudget(usize),
 }
 
+/// Counters a worker keeps for status and metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Generations completed (any finish reason but cancellation).
+    pub completed: AtomicU64,
+    /// Generations cancelled because the client went away.
+    pub cancelled: AtomicU64,
+    /// Generations or embeddings that failed.
+    pub failed: AtomicU64,
+    /// Inputs embedded.
+    pub embedded: AtomicU64,
+}
+
 /// A clonable way to queue jobs on a worker (held by a request while it runs).
 #[derive(Debug, Clone)]
 pub struct JobSender(mpsc::Sender<Job>);
@@ -132,6 +154,7 @@ impl JobSender {
 pub struct Worker {
     tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    stats: Arc<WorkerStats>,
 }
 
 impl Worker {
@@ -144,13 +167,24 @@ impl Worker {
         on_exit: impl FnOnce(Option<EngineError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(WorkerStats::default());
+        let counters = stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ult-{name}"))
             .spawn(move || {
-                let crash = run(model, &tokenizer, rx);
+                let crash = run(model, &tokenizer, rx, &counters);
                 on_exit(crash);
             })?;
-        Ok(Self { tx: Some(tx), thread: Some(thread) })
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// The worker's counters.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
     }
 
     /// A sender for requests to hold while they run.
@@ -185,7 +219,12 @@ impl Worker {
 
 /// Serves jobs until every sender is gone. A panic in model code fails the job at hand, drops the model
 /// and ends the worker (its state can no longer be trusted); the error is returned.
-fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receiver<Job>) -> Option<EngineError> {
+fn run(
+    mut model: Box<dyn LoadedModel>,
+    tokenizer: &Tokenizer,
+    rx: mpsc::Receiver<Job>,
+    counters: &WorkerStats,
+) -> Option<EngineError> {
     use std::panic::{AssertUnwindSafe, catch_unwind};
     while let Ok(job) = rx.recv() {
         match job {
@@ -194,30 +233,65 @@ fn run(mut model: Box<dyn LoadedModel>, tokenizer: &Tokenizer, rx: mpsc::Receive
                     continue;
                 }
                 let events = job.events.clone();
-                match catch_unwind(AssertUnwindSafe(|| generate(model.as_mut(), tokenizer, job))) {
+                match catch_unwind(AssertUnwindSafe(|| {
+                    generate(model.as_mut(), tokenizer, job)
+                })) {
                     Ok(Ok(stats)) => {
+                        counters
+                            .prompt_tokens
+                            .fetch_add(stats.prompt_tokens as u64, Ordering::Relaxed);
+                        counters
+                            .generated_tokens
+                            .fetch_add(stats.completion_tokens as u64, Ordering::Relaxed);
+                        let outcome = if stats.finish == FinishReason::Cancelled {
+                            &counters.cancelled
+                        } else {
+                            &counters.completed
+                        };
+                        outcome.fetch_add(1, Ordering::Relaxed);
                         let _ = events.blocking_send(GenEvent::Done(stats));
                     }
                     Ok(Err(e)) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
                         let _ = events.blocking_send(GenEvent::Failed(e));
                     }
                     Err(panic) => {
-                        let _ = events.blocking_send(GenEvent::Failed(EngineError::from_panic("generating", panic)));
-                        return Some(EngineError::Crashed { context: "generating", message: "see the failed request".into() });
+                        let _ = events.blocking_send(GenEvent::Failed(EngineError::from_panic(
+                            "generating",
+                            panic,
+                        )));
+                        return Some(EngineError::Crashed {
+                            context: "generating",
+                            message: "see the failed request".into(),
+                        });
                     }
                 }
             }
             Job::Embed(job) => {
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    job.inputs.iter().map(|ids| model.embed(ids)).collect::<Result<Vec<_>, _>>()
+                    job.inputs
+                        .iter()
+                        .map(|ids| model.embed(ids))
+                        .collect::<Result<Vec<_>, _>>()
                 }));
                 match result {
                     Ok(r) => {
+                        let counter = if r.is_ok() {
+                            &counters.embedded
+                        } else {
+                            &counters.failed
+                        };
+                        counter.fetch_add(job.inputs.len() as u64, Ordering::Relaxed);
                         let _ = job.reply.send(r);
                     }
                     Err(panic) => {
-                        let _ = job.reply.send(Err(EngineError::from_panic("embedding", panic)));
-                        return Some(EngineError::Crashed { context: "embedding", message: "see the failed request".into() });
+                        let _ = job
+                            .reply
+                            .send(Err(EngineError::from_panic("embedding", panic)));
+                        return Some(EngineError::Crashed {
+                            context: "embedding",
+                            message: "see the failed request".into(),
+                        });
                     }
                 }
             }
@@ -237,12 +311,19 @@ fn ms(since: Instant) -> f64 {
 }
 
 /// Runs one generation: prefill, then sample and decode until a stop, streaming deltas.
-pub fn generate(model: &mut dyn LoadedModel, tokenizer: &Tokenizer, job: GenerateJob) -> Result<GenStats, EngineError> {
+pub fn generate(
+    model: &mut dyn LoadedModel,
+    tokenizer: &Tokenizer,
+    job: GenerateJob,
+) -> Result<GenStats, EngineError> {
     let start = Instant::now();
     let queue_ms = start.duration_since(job.submitted).as_secs_f64() * 1000.0;
     let budget = model.budget();
     if job.prompt.len() >= budget {
-        return Err(EngineError::ContextTooLong { prompt_tokens: job.prompt.len(), context_tokens: budget });
+        return Err(EngineError::ContextTooLong {
+            prompt_tokens: job.prompt.len(),
+            context_tokens: budget,
+        });
     }
     let mut logits = model.begin(&job.prompt)?;
     let prefill_ms = ms(start);
@@ -278,8 +359,10 @@ pub fn generate(model: &mut dyn LoadedModel, tokenizer: &Tokenizer, job: Generat
         }
         logits = model.step(token)?;
     };
-    if matches!(finish, FinishReason::Eos | FinishReason::Length | FinishReason::Context)
-        && let Some(text) = stream.finish()
+    if matches!(
+        finish,
+        FinishReason::Eos | FinishReason::Length | FinishReason::Context
+    ) && let Some(text) = stream.finish()
     {
         let _ = job.events.blocking_send(GenEvent::Delta(text));
     }
@@ -290,7 +373,9 @@ pub fn generate(model: &mut dyn LoadedModel, tokenizer: &Tokenizer, job: Generat
         prefill_ms,
         decode_ms: first_token_at.map_or(0.0, ms),
         queue_ms,
-        ttft_ms: first_token_at.map_or(0.0, |t| t.duration_since(job.submitted).as_secs_f64() * 1000.0),
+        ttft_ms: first_token_at.map_or(0.0, |t| {
+            t.duration_since(job.submitted).as_secs_f64() * 1000.0
+        }),
         total_ms: ms(job.submitted),
     })
 }

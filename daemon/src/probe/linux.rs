@@ -29,8 +29,12 @@ pub fn parse_meminfo(text: &str) -> Result<MemInfo, String> {
     let mut seen_available = false;
     for line in text.lines() {
         let mut parts = line.split_whitespace();
-        let (Some(key), Some(value)) = (parts.next(), parts.next()) else { continue };
-        let Ok(value) = value.parse::<u64>() else { continue };
+        let (Some(key), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
         let bytes = value.saturating_mul(1024);
         match key {
             "MemTotal:" => {
@@ -82,7 +86,11 @@ pub fn parse_psi(text: &str) -> (Option<f64>, Option<f64>) {
 
 /// Parses the RSS (second field, pages) of `/proc/self/statm`.
 pub fn parse_statm(text: &str, page_size: u64) -> Option<u64> {
-    text.split_whitespace().nth(1)?.parse::<u64>().ok().map(|p| p * page_size)
+    text.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|p| p * page_size)
 }
 
 /// A cgroup v2 `memory.max` value: None for "max".
@@ -124,18 +132,34 @@ pub fn snapshot(
 #[cfg(target_os = "linux")]
 pub fn sample(previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), ProbeError> {
     let read = |path: &str| {
-        std::fs::read_to_string(path).map_err(|e| ProbeError::Read { path: path.to_string(), source: e })
+        std::fs::read_to_string(path).map_err(|e| ProbeError::Read {
+            path: path.to_string(),
+            source: e,
+        })
     };
-    let meminfo = parse_meminfo(&read("/proc/meminfo")?)
-        .map_err(|reason| ProbeError::Parse { path: "/proc/meminfo".into(), reason })?;
+    let meminfo = parse_meminfo(&read("/proc/meminfo")?).map_err(|reason| ProbeError::Parse {
+        path: "/proc/meminfo".into(),
+        reason,
+    })?;
     const PAGE: u64 = 4096;
-    let (pswpin, pswpout) = read("/proc/vmstat").map(|t| parse_vmstat(&t)).unwrap_or((0, 0));
-    let psi = read("/proc/pressure/memory").map(|t| parse_psi(&t)).unwrap_or((None, None));
-    let rss = read("/proc/self/statm").ok().and_then(|t| parse_statm(&t, PAGE)).unwrap_or(0);
+    let (pswpin, pswpout) = read("/proc/vmstat")
+        .map(|t| parse_vmstat(&t))
+        .unwrap_or((0, 0));
+    let psi = read("/proc/pressure/memory")
+        .map(|t| parse_psi(&t))
+        .unwrap_or((None, None));
+    let rss = read("/proc/self/statm")
+        .ok()
+        .and_then(|t| parse_statm(&t, PAGE))
+        .unwrap_or(0);
     let cgroup = read("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|t| parse_cgroup_max(&t))
-        .zip(read("/sys/fs/cgroup/memory.current").ok().and_then(|t| t.trim().parse().ok()));
+        .zip(
+            read("/sys/fs/cgroup/memory.current")
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+        );
     let counters = Counters {
         at: std::time::Instant::now(),
         swapped_in: pswpin * PAGE,
@@ -163,7 +187,10 @@ mod tests {
         assert_eq!(m.zswap, 2048 * 1024);
         assert_eq!(parse_psi(PSI), (Some(1.5), Some(0.25)));
         assert_eq!(parse_vmstat(VMSTAT), (120, 4500));
-        assert_eq!(parse_statm("12345 6789 100 1 0 500 0", 4096), Some(6789 * 4096));
+        assert_eq!(
+            parse_statm("12345 6789 100 1 0 500 0", 4096),
+            Some(6789 * 4096)
+        );
         assert_eq!(parse_cgroup_max("max\n"), None);
         assert_eq!(parse_cgroup_max("8589934592\n"), Some(8 << 30));
         assert!(parse_meminfo("garbage").is_err());
@@ -173,7 +200,13 @@ mod tests {
     #[test]
     fn cgroup_limit_shrinks_the_pool() {
         let m = parse_meminfo(MEMINFO).unwrap();
-        let s = snapshot(&m, Some((8 << 30, 6 << 30)), (None, None), 0, (0.0, 0.0, 0.0));
+        let s = snapshot(
+            &m,
+            Some((8 << 30, 6 << 30)),
+            (None, None),
+            0,
+            (0.0, 0.0, 0.0),
+        );
         assert_eq!(s.total_bytes, 8 << 30);
         assert_eq!(s.available_bytes, 2 << 30);
         let s = snapshot(&m, Some((u64::MAX, 0)), (None, None), 0, (0.0, 0.0, 0.0));

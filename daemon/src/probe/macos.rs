@@ -69,14 +69,25 @@ impl VmCounters {
 
 /// Parses the text `vm_stat` prints (for fixtures; the daemon reads the counters directly).
 pub fn parse_vm_stat(text: &str, total_bytes: u64) -> Result<VmCounters, String> {
-    let mut c = VmCounters { total_bytes, ..Default::default() };
+    let mut c = VmCounters {
+        total_bytes,
+        ..Default::default()
+    };
     for line in text.lines() {
         if let Some(rest) = line.split("page size of ").nth(1) {
-            c.page_size = rest.split_whitespace().next().and_then(|v| v.parse().ok()).ok_or("bad page size")?;
+            c.page_size = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .ok_or("bad page size")?;
             continue;
         }
-        let Some((key, value)) = line.rsplit_once(':') else { continue };
-        let Ok(value) = value.trim().trim_end_matches('.').parse::<u64>() else { continue };
+        let Some((key, value)) = line.rsplit_once(':') else {
+            continue;
+        };
+        let Ok(value) = value.trim().trim_end_matches('.').parse::<u64>() else {
+            continue;
+        };
         match key.trim().trim_matches('"') {
             "Pages free" => c.free = value,
             "Pages active" => c.active = value,
@@ -144,11 +155,19 @@ mod mach {
     const TASK_VM_INFO: u32 = 22;
 
     unsafe extern "C" {
-        fn host_statistics64(host: u32, flavor: i32, info: *mut integer_t, count: *mut mach_msg_type_number_t) -> i32;
+        fn host_statistics64(
+            host: u32,
+            flavor: i32,
+            info: *mut integer_t,
+            count: *mut mach_msg_type_number_t,
+        ) -> i32;
     }
 
     fn unsupported(what: &str) -> ProbeError {
-        ProbeError::Parse { path: what.to_string(), reason: "the call failed".into() }
+        ProbeError::Parse {
+            path: what.to_string(),
+            reason: "the call failed".into(),
+        }
     }
 
     fn sysctl<T: Copy + Default>(name: &str) -> Option<T> {
@@ -159,18 +178,30 @@ mod mach {
         // `size` bytes and updates `size`.
         #[allow(unsafe_code)]
         let rc = unsafe {
-            libc::sysctlbyname(cname.as_ptr(), (&mut value as *mut T).cast(), &mut size, std::ptr::null_mut(), 0)
+            libc::sysctlbyname(
+                cname.as_ptr(),
+                (&mut value as *mut T).cast(),
+                &mut size,
+                std::ptr::null_mut(),
+                0,
+            )
         };
         (rc == 0 && size == std::mem::size_of::<T>()).then_some(value)
     }
 
     fn vm_statistics() -> Result<vm_statistics64, ProbeError> {
         let mut stats = vm_statistics64::default();
-        let mut count = (std::mem::size_of::<vm_statistics64>() / std::mem::size_of::<integer_t>()) as mach_msg_type_number_t;
+        let mut count = (std::mem::size_of::<vm_statistics64>() / std::mem::size_of::<integer_t>())
+            as mach_msg_type_number_t;
         // SAFETY: `stats` is a `vm_statistics64` and `count` its size in `integer_t`s, as the call requires.
         #[allow(unsafe_code)]
         let rc = unsafe {
-            host_statistics64(mach2::mach_init::mach_host_self(), HOST_VM_INFO64, (&mut stats as *mut vm_statistics64).cast(), &mut count)
+            host_statistics64(
+                mach2::mach_init::mach_host_self(),
+                HOST_VM_INFO64,
+                (&mut stats as *mut vm_statistics64).cast(),
+                &mut count,
+            )
         };
         if rc != KERN_SUCCESS {
             return Err(unsupported("host_statistics64"));
@@ -180,8 +211,8 @@ mod mach {
 
     fn phys_footprint() -> u64 {
         let mut info = mach2::task_info::task_vm_info::default();
-        let mut count = (std::mem::size_of::<mach2::task_info::task_vm_info>() / std::mem::size_of::<integer_t>())
-            as mach_msg_type_number_t;
+        let mut count = (std::mem::size_of::<mach2::task_info::task_vm_info>()
+            / std::mem::size_of::<integer_t>()) as mach_msg_type_number_t;
         // SAFETY: `info` is a `task_vm_info` and `count` its size in `integer_t`s for TASK_VM_INFO.
         #[allow(unsafe_code)]
         let rc = unsafe {
@@ -192,7 +223,11 @@ mod mach {
                 &mut count,
             )
         };
-        if rc == KERN_SUCCESS { info.phys_footprint } else { 0 }
+        if rc == KERN_SUCCESS {
+            info.phys_footprint
+        } else {
+            0
+        }
     }
 
     /// Reads the counters and the swap in use (`vm.swapusage`).
@@ -212,7 +247,8 @@ mod mach {
         Ok((
             VmCounters {
                 page_size,
-                total_bytes: sysctl::<u64>("hw.memsize").ok_or_else(|| unsupported("hw.memsize"))?,
+                total_bytes: sysctl::<u64>("hw.memsize")
+                    .ok_or_else(|| unsupported("hw.memsize"))?,
                 free: u64::from(s.free_count),
                 active: u64::from(s.active_count),
                 inactive: u64::from(s.inactive_count),
@@ -241,7 +277,8 @@ mod tests {
 
     /// Recorded on a 16 GiB Apple Silicon Mac under heavy memory pressure, published in
     /// github.com/whanyu1212/gem-dota pull request 173 ("memory-pressure-1.txt", 2026-09-06).
-    const APPLE_SILICON_PRESSURED: &str = "Mach Virtual Memory Statistics: (page size of 16384 bytes)
+    const APPLE_SILICON_PRESSURED: &str =
+        "Mach Virtual Memory Statistics: (page size of 16384 bytes)
 Pages free:                                     4229.
 Pages active:                                 186123.
 Pages inactive:                               184925.
@@ -329,10 +366,23 @@ Swapouts:                                     0.
         let total = 8_388_608 * 4096; // 32 GiB in 4 KiB pages
         let c = parse_vm_stat(INTEL_IDLE, total).unwrap();
         let s = snapshot(&c, (0.0, 0.0, 0.0), 0);
-        assert_eq!(s.available_bytes, total - (464_333 - 11_820 + 715_958) * 4096);
+        assert_eq!(
+            s.available_bytes,
+            total - (464_333 - 11_820 + 715_958) * 4096
+        );
         let v = PressureThresholds::default().classify(&s, 4 * GIB);
         assert_eq!(v.level, PressureLevel::Normal);
-        let level = |l| snapshot(&VmCounters { pressure_level: Some(l), ..c }, (0.0, 0.0, 0.0), 0).os_level;
+        let level = |l| {
+            snapshot(
+                &VmCounters {
+                    pressure_level: Some(l),
+                    ..c
+                },
+                (0.0, 0.0, 0.0),
+                0,
+            )
+            .os_level
+        };
         assert_eq!(level(4), Some(OsPressure::Critical));
         assert_eq!(level(2), Some(OsPressure::Warn));
         assert!(parse_vm_stat("no header", 1).is_err());

@@ -76,8 +76,15 @@ fn merge(
             return;
         }
         let (l, r) = (&symbols[left], &symbols[right]);
-        if let Some((priority, merged)) = pair(word, (l.start, l.end, l.id), (r.start, r.end, r.id)) {
-            heap.push(Candidate { priority, left, right, merged, len: r.end - l.start });
+        if let Some((priority, merged)) = pair(word, (l.start, l.end, l.id), (r.start, r.end, r.id))
+        {
+            heap.push(Candidate {
+                priority,
+                left,
+                right,
+                merged,
+                len: r.end - l.start,
+            });
         }
     };
     for i in 0..n.saturating_sub(1) {
@@ -134,10 +141,14 @@ impl ByteLevelBpe {
                 return Err(format!("merge rule {rank} ({rule:?}) has no space"));
             };
             let (Some(&ia), Some(&ib)) = (token_to_id.get(a), token_to_id.get(b)) else {
-                return Err(format!("merge rule {rank} ({rule:?}) names a token not in the vocabulary"));
+                return Err(format!(
+                    "merge rule {rank} ({rule:?}) names a token not in the vocabulary"
+                ));
             };
             let Some(&merged) = token_to_id.get(&format!("{a}{b}")) else {
-                return Err(format!("merge rule {rank} ({rule:?}) produces a token not in the vocabulary"));
+                return Err(format!(
+                    "merge rule {rank} ({rule:?}) produces a token not in the vocabulary"
+                ));
             };
             table.entry((ia, ib)).or_insert((rank as u32, merged));
         }
@@ -145,7 +156,11 @@ impl ByteLevelBpe {
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = token_to_id.get(&BYTE_ENCODER[b].to_string()).copied();
         }
-        Ok(Self { merges: table, byte_ids, pretokenizer })
+        Ok(Self {
+            merges: table,
+            byte_ids,
+            pretokenizer,
+        })
     }
 
     /// Encodes text that contains no special tokens.
@@ -200,7 +215,12 @@ impl SentencePieceBpe {
                 byte_ids[byte as usize].get_or_insert(id32);
             }
         }
-        Self { mergeable: table, token_to_id, byte_ids, add_space_prefix }
+        Self {
+            mergeable: table,
+            token_to_id,
+            byte_ids,
+            add_space_prefix,
+        }
     }
 
     /// Encodes one fragment of text that contains no special tokens; `first` is true for the start of the

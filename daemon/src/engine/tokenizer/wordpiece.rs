@@ -106,7 +106,10 @@ impl WordPiece {
                     break;
                 }
                 // Step back one character.
-                end = word[..end].char_indices().next_back().map_or(start, |(i, _)| i);
+                end = word[..end]
+                    .char_indices()
+                    .next_back()
+                    .map_or(start, |(i, _)| i);
             }
             match found {
                 Some(id) => {

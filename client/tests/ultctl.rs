@@ -1,0 +1,146 @@
+//! ultctl end to end: the real binary against a real ultd on a real socket — status, load, generate,
+//! embed, unload, plan-load; `--json` parses; exit codes 0, 1 and 2; a closed stdout exits 0.
+#![allow(clippy::unwrap_used)] // tests and examples may unwrap
+
+use std::process::{Command, Output, Stdio};
+
+ult_tests::install_allocator!();
+
+fn ultctl(addr: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ultctl"))
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .output()
+        .expect("run ultctl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ultctl_end_to_end() {
+    let d = ult_tests::start("", "").await;
+    let addr = d.addr.clone();
+    // Each call blocks on a child process: run them off the runtime that serves ultd.
+    let run = |args: Vec<&'static str>| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || ultctl(&addr, &args))
+    };
+
+    let status = run(vec!["status"]).await.unwrap();
+    assert!(status.status.success());
+    let table = stdout(&status);
+    assert!(
+        table.starts_with("ultd ") && table.contains("MODEL") && table.contains("smollm2"),
+        "{table}"
+    );
+
+    let s = json(&run(vec!["status", "--json"]).await.unwrap());
+    assert_eq!(s["models"].as_array().unwrap().len(), 3);
+    assert_eq!(s["models"][2]["name"], "smollm2");
+    assert_eq!(s["models"][2]["state"], "unloaded");
+    assert!(s["daemon"]["ceiling_bytes"].as_u64().unwrap() > 0);
+
+    let load = run(vec!["load", "smollm2", "--json"]).await.unwrap();
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let l = json(&load);
+    assert_eq!(
+        (l["model"].as_str(), l["loaded_now"].as_bool()),
+        (Some("smollm2"), Some(true))
+    );
+    assert!(l["measured_bytes"].as_u64().unwrap() > 50_000_000);
+
+    let chat = run(vec![
+        "generate",
+        "smollm2",
+        "What is the capital of France?",
+        "--system",
+        "You are a helpful assistant.",
+    ])
+    .await
+    .unwrap();
+    assert!(chat.status.success());
+    assert!(stdout(&chat).contains("Paris"), "{}", stdout(&chat));
+    let stats = String::from_utf8_lossy(&chat.stderr);
+    assert!(
+        stats.contains("decode") && stats.contains("tok/s"),
+        "stats on stderr: {stats}"
+    );
+
+    let g = json(
+        &run(vec![
+            "generate",
+            "gemma3",
+            "The capital of France is",
+            "--max-tokens",
+            "5",
+            "--json",
+        ])
+        .await
+        .unwrap(),
+    );
+    assert_eq!(g["stats"]["completion_tokens"], 5);
+    assert!(
+        g["stats"]["load_ms"].as_u64().is_some(),
+        "this request loaded gemma3"
+    );
+
+    let e = json(
+        &run(vec!["embed", "minilm", "a cat", "a dog", "--json"])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(e["embeddings"].as_array().unwrap().len(), 2);
+    assert_eq!(e["embeddings"][0].as_array().unwrap().len(), 384);
+
+    let plan = json(&run(vec!["plan-load", "minilm", "--json"]).await.unwrap());
+    assert_eq!(plan["already_resident"], true);
+
+    let unload = run(vec!["unload", "smollm2"]).await.unwrap();
+    assert_eq!(unload.status.code(), Some(0), "{}", stdout(&unload));
+    // Exit 1: a negative answer (it is no longer resident).
+    let again = run(vec!["unload", "smollm2"]).await.unwrap();
+    assert_eq!(again.status.code(), Some(1), "{}", stdout(&again));
+    // Exit 2: an error, on stderr.
+    let unknown = run(vec!["generate", "nope", "hi"]).await.unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown model"));
+    let unreachable = tokio::task::spawn_blocking(|| ultctl("127.0.0.1:1", &["status"]))
+        .await
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+
+    // A reader that goes away early (`| head -c 1`) is not an error.
+    let addr2 = addr.clone();
+    let piped = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ultctl"))
+            .args([
+                "--addr",
+                &addr2,
+                "generate",
+                "gemma3",
+                "Once upon a time",
+                "--max-tokens",
+                "200",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(piped.code(), Some(0));
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs all of ult's tests: fetches the models if missing (cached), checks formatting and lints, then runs
+# every Rust test with cargo-nextest (each test in its own process) and the Python client tests.
+# The target directory and the models' wheels are cached under ~/.cache/ult, outside the clone.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${ULT_CACHE:-$HOME/.cache/ult}/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
+
+step "models"
+scripts/fetch-models.sh
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+step "format"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "rust tests"
+cargo nextest run --workspace --locked --no-fail-fast
+
+if [ -x scripts/python-tests.sh ]; then
+  step "python client tests"
+  scripts/python-tests.sh
+fi
+
+step "all tests passed"

@@ -1,0 +1,127 @@
+//! Helpers for ult's end-to-end tests: start a real ultd on 127.0.0.1:0 with the real models and
+//! connect a client to it. No sleeps: the server is bound before `start` returns.
+#![deny(missing_docs)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ult_client::Client;
+use ultd::config::Config;
+use ultd::engine::CandleEngine;
+use ultd::server::Running;
+
+/// Installs ult's counting allocator in a test binary, so loads are measured as in ultd.
+#[macro_export]
+macro_rules! install_allocator {
+    () => {
+        #[global_allocator]
+        static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
+    };
+}
+
+/// The models directory: `$ULT_MODELS_DIR`, or `models/` at the repository root.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("ULT_MODELS_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
+        "models are missing from {}: run scripts/fetch-models.sh",
+        dir.display()
+    );
+    dir
+}
+
+/// `[models.*]` tables for the three real models.
+pub fn model_tables() -> String {
+    let m = models_dir();
+    format!(
+        r#"
+[models.smollm2]
+path = "{m}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+kind = "chat"
+context = 2048
+aliases = ["smol"]
+
+[models.gemma3]
+path = "{m}/gemma3/gemma-3-270m-q4_k_m.gguf"
+kind = "completion"
+context = 1024
+
+[models.minilm]
+path = "{m}/minilm"
+kind = "embedding"
+context = 256
+"#,
+        m = m.display()
+    )
+}
+
+/// A daemon running in this process, with its temporary directory.
+pub struct TestDaemon {
+    /// The running server.
+    pub running: Running,
+    /// "127.0.0.1:PORT".
+    pub addr: String,
+    /// The directory holding models.toml and the state file.
+    pub dir: tempfile::TempDir,
+}
+
+/// `[daemon]` settings for tests: an ephemeral port, no Unix socket, a state file in `dir`.
+pub fn daemon_table(dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[daemon]\nlisten = \"127.0.0.1:0\"\nsocket = \"off\"\nstate_file = \"{}\"\n{extra}\n",
+        dir.join("state.json").display()
+    )
+}
+
+/// Starts ultd with `[daemon]` settings `daemon_extra` and the three real models (plus `more`).
+pub async fn start(daemon_extra: &str, more: &str) -> TestDaemon {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = format!(
+        "{}{}{more}",
+        daemon_table(dir.path(), daemon_extra),
+        model_tables()
+    );
+    start_in(dir, &text).await
+}
+
+/// Starts ultd on a models.toml with exactly `text`, written into `dir`.
+pub async fn start_in(dir: tempfile::TempDir, text: &str) -> TestDaemon {
+    let path = dir.path().join("models.toml");
+    std::fs::write(&path, text).expect("write models.toml");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let engine = Arc::new(CandleEngine::new("cpu").expect("cpu engine"));
+    let running = ultd::server::spawn(config, engine)
+        .await
+        .expect("ultd starts");
+    let addr = running.tcp.expect("tcp listener").to_string();
+    TestDaemon { running, addr, dir }
+}
+
+impl TestDaemon {
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr).await.expect("connect to ultd")
+    }
+
+    /// Stops the daemon (for restart tests), keeping the directory.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.running.stop().await;
+        self.dir
+    }
+}
+
+/// A chat request to SmolLM2 for "What is the capital of France?", greedy.
+pub fn paris_request(model: &str) -> ult_client::GenerateRequest {
+    ult_client::GenerateRequest {
+        model: model.into(),
+        messages: vec![
+            ("system".into(), "You are a helpful assistant.".into()),
+            ("user".into(), "What is the capital of France?".into()),
+        ],
+        max_tokens: Some(24),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,81 @@
+//! Real models answer through a real ultd over gRPC: SmolLM2 chat, Gemma 3 completion (pinned by a
+//! fixture) and MiniLM embeddings.
+#![allow(clippy::unwrap_used)] // tests and examples may unwrap
+
+use ult_client::GenerateRequest;
+use ult_tests::{paris_request, start};
+
+ult_tests::install_allocator!();
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_knows_the_capital_of_france() {
+    let d = start("", "").await;
+    let mut c = d.client().await;
+    let (text, stats) = c.generate_text(paris_request("smollm2")).await.unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(stats.model, "smollm2");
+    assert_eq!(stats.finish_reason, "eos");
+    assert!(stats.load_ms.is_some(), "the first request caused the load");
+    // Greedy decoding is deterministic: the same request gives the same text, without a load.
+    let (again, stats) = c.generate_text(paris_request("smol")).await.unwrap();
+    assert_eq!(again, text);
+    assert_eq!(stats.load_ms, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_continues_text_as_pinned_by_the_fixture() {
+    let d = start("", "").await;
+    let mut c = d.client().await;
+    let req = GenerateRequest {
+        model: "gemma3".into(),
+        prompt: "The capital of France is".into(),
+        max_tokens: Some(24),
+        ..Default::default()
+    };
+    let (text, stats) = c.generate_text(req).await.unwrap();
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/gemma3_capital_of_france.txt"
+    ))
+    .unwrap();
+    assert_eq!(
+        text,
+        fixture.trim_end_matches('\n'),
+        "greedy continuation changed"
+    );
+    assert!(text.contains("France"));
+    assert_eq!(stats.completion_tokens, 24);
+    // A base model has no chat template: chat requests are refused with a clear reason.
+    let err = c.generate_text(paris_request("gemma3")).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic_code::FAILED_PRECONDITION), "{err}");
+    assert!(err.to_string().contains("no chat template"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_embeds_similar_sentences_closer() {
+    let d = start("", "").await;
+    let mut c = d.client().await;
+    let texts = [
+        "A cat sits on the mat",
+        "A kitten rests on a rug",
+        "Stock markets fell sharply",
+    ];
+    let e = c
+        .embed("minilm", texts.iter().map(|s| s.to_string()).collect())
+        .await
+        .unwrap();
+    assert_eq!(e.embeddings.len(), 3);
+    assert!(e.embeddings.iter().all(|v| v.len() == 384));
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for v in &e.embeddings {
+        assert!((dot(v, v) - 1.0).abs() < 1e-4, "L2-normalised");
+    }
+    let near = dot(&e.embeddings[0], &e.embeddings[1]);
+    let far = dot(&e.embeddings[0], &e.embeddings[2]);
+    assert!(near > far + 0.3, "cat~kitten {near} vs cat~stocks {far}");
+}
+
+/// gRPC codes as the client reports them.
+mod tonic_code {
+    pub const FAILED_PRECONDITION: tonic::Code = tonic::Code::FailedPrecondition;
+}
