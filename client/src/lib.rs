@@ -276,6 +276,8 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Final statistics of a generation.
@@ -498,6 +500,7 @@ impl Client {
                     seed: s.seed,
                 }),
                 stop: req.stop,
+                ignore_eos: req.ignore_eos,
             })
             .await?
             .into_inner();

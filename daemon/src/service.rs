@@ -497,6 +497,7 @@ impl pb::ult_server::Ult for UltService {
             max_tokens: params.max_tokens,
             sampling: params.sampling,
             stop: params.stop,
+            ignore_eos: req.ignore_eos,
             events: events_tx,
             submitted,
         }))

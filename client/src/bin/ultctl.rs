@@ -76,6 +76,9 @@ enum Command {
         /// Stop sequence (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// Keep generating past end-of-sequence tokens (benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
     },
     /// Embed texts.
     Embed {

@@ -93,6 +93,8 @@ pub struct GenerateJob {
     pub sampling: SamplingParams,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
     /// Where deltas go; dropping the receiver cancels.
     pub events: tmpsc::Sender<GenEvent>,
     /// When the job was submitted.
@@ -337,7 +339,7 @@ pub fn generate(
             break FinishReason::Cancelled;
         }
         let token = sampler.sample(&mut logits, &history);
-        if tokenizer.is_stop(token) {
+        if tokenizer.is_stop(token) && !job.ignore_eos {
             break FinishReason::Eos;
         }
         history.push(token);

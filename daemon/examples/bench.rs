@@ -1,0 +1,138 @@
+//! In-process speed and memory benchmark: loads each model with ult's engine and times a prefill of
+//! `--prompt` tokens and `--decode` greedy decode steps (end-of-sequence ignored), `--reps` times; prints
+//! the median. `--ids-out DIR` writes the prompt's token ids so a baseline can run the same tokens.
+//!
+//! `cargo run --release -p ultd --example bench -- --device cpu --prompt 128 --decode 64 --reps 3`
+#![allow(clippy::unwrap_used)] // a benchmark may unwrap
+
+use std::time::Instant;
+
+use ultd::engine::sampler::argmax;
+use ultd::engine::{CandleEngine, Engine, ModelKind, ModelSource};
+
+#[global_allocator]
+static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
+
+/// A text long enough for any prompt length the benchmark asks for.
+pub const TEXT: &str = "The history of the lighthouse begins in antiquity, when fires were lit on hilltops to guide \
+ships into harbour. The Pharos of Alexandria, built in the third century before our era, stood more than \
+one hundred metres tall and was counted among the wonders of the ancient world. Over the following \
+centuries, towers of stone and brick rose along the coasts of the Mediterranean, the Atlantic and the \
+North Sea. Keepers tended coal fires and later oil lamps, trimming wicks through the night and polishing \
+the glass by day. In the nineteenth century the Fresnel lens transformed the craft: a ring of prisms \
+gathered the light of a single flame into a beam that could be seen from twenty miles away. Each light \
+was given its own character, a pattern of flashes and eclipses, so that a navigator could tell one \
+headland from the next. Electricity arrived, then automation, and one by one the keepers left their \
+towers. Today most lighthouses run unattended, monitored from afar, yet they still mark the rocks and \
+shoals that have claimed so many ships. Their stories endure in the logbooks the keepers kept: storms \
+that lasted for days, supply boats that could not land, and the long quiet of winter nights spent \
+watching the lamp turn above a dark and restless sea.";
+
+fn arg(args: &[String], name: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let device = arg(&args, "--device", "cpu");
+    let prompt_len: usize = arg(&args, "--prompt", "128").parse()?;
+    let decode: usize = arg(&args, "--decode", "64").parse()?;
+    let reps: usize = arg(&args, "--reps", "3").parse()?;
+    let models_dir = arg(&args, "--models-dir", "models");
+    let only = arg(&args, "--models", "smollm2,gemma3");
+    let ids_out = arg(&args, "--ids-out", "");
+    let extra: Vec<(String, String)> = arg(&args, "--gguf", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (name, path) = s.split_once('=').unwrap_or((s, s));
+            (name.to_string(), path.to_string())
+        })
+        .collect();
+    let engine = CandleEngine::new(&device)?;
+    let mut models: Vec<(String, String)> = vec![
+        (
+            "smollm2".into(),
+            format!("{models_dir}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
+        (
+            "gemma3".into(),
+            format!("{models_dir}/gemma3/gemma-3-270m-q4_k_m.gguf"),
+        ),
+    ];
+    models.retain(|(n, _)| only.split(',').any(|o| o == n));
+    models.extend(extra);
+    println!(
+        "device {}, prompt {prompt_len} tokens, decode {decode} tokens, median of {reps}",
+        engine.device_name()
+    );
+    println!(
+        "{:<10} {:>9} {:>12} {:>12} {:>12} {:>12}",
+        "model", "load ms", "prompt tok/s", "decode tok/s", "measured", "predicted"
+    );
+    for (name, path) in models {
+        let context = (prompt_len + decode + 16).max(256);
+        let source = ModelSource {
+            name: name.clone(),
+            kind: ModelKind::Completion,
+            path: path.into(),
+            context: Some(context),
+            max_sequences: 1,
+            chat_template: None,
+        };
+        let inspection = engine.inspect(&source)?;
+        let started = Instant::now();
+        let device_before = engine.device_memory();
+        let mut model = engine.load(&source, &inspection, context, &|_| {})?;
+        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let measured = match (device_before, engine.device_memory()) {
+            (Some((a, _)), Some((b, _))) => a.saturating_sub(b),
+            _ => ultd::alloc::thread_net_bytes().max(0) as u64,
+        };
+        let predicted =
+            inspection.footprint.steady_bytes() + inspection.footprint.kv_bytes(context as u32);
+        // The prompt: the text's tokens, repeated as needed, cut to exactly `prompt_len` (BOS included).
+        let mut ids = inspection.tokenizer.encode(TEXT, true);
+        while ids.len() < prompt_len {
+            let more = inspection.tokenizer.encode(TEXT, false);
+            ids.extend(more);
+        }
+        ids.truncate(prompt_len);
+        if !ids_out.is_empty() {
+            let joined: Vec<String> = ids.iter().map(u32::to_string).collect();
+            std::fs::write(format!("{ids_out}/{name}.ids"), joined.join(","))?;
+        }
+        let mut prompt_rates = Vec::new();
+        let mut decode_rates = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            let logits = model.begin(&ids)?;
+            prompt_rates.push(prompt_len as f64 / t.elapsed().as_secs_f64());
+            let mut next = argmax(&logits);
+            let t = Instant::now();
+            for _ in 0..decode {
+                next = argmax(&model.step(next)?);
+            }
+            decode_rates.push(decode as f64 / t.elapsed().as_secs_f64());
+        }
+        let (p, d) = (median(prompt_rates), median(decode_rates));
+        println!(
+            "{name:<10} {load_ms:>9.0} {p:>12.1} {d:>12.1} {:>11.1}M {:>11.1}M",
+            measured as f64 / 1048576.0,
+            predicted as f64 / 1048576.0
+        );
+        println!(
+            "{{\"model\":\"{name}\",\"load_ms\":{load_ms:.1},\"prompt_tok_s\":{p:.2},\"decode_tok_s\":{d:.2},\"measured_bytes\":{measured},\"predicted_bytes\":{predicted}}}"
+        );
+    }
+    Ok(())
+}
