@@ -234,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             repetition_penalty,
             seed,
             stop,
+            ignore_eos,
         } => {
             let messages = if chat || system.is_some() {
                 let mut m = Vec::new();
@@ -258,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     seed,
                 },
                 stop,
+                ignore_eos,
             };
             let stream = client.generate(req).await?;
             futures::pin_mut!(stream);
