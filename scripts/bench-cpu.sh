@@ -72,7 +72,7 @@ for m in smollm2 gemma3; do
   python3 - "$work/ultctl-$m.json" "$m" "$start" "$end" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))["stats"]
-print(f'{{"model":"{sys.argv[2]}","prompt_tokens":{s["prompt_tokens"]},"prompt_tok_s":{s["prompt_tokens_per_s"]:.2},"decode_tok_s":{s["decode_tokens_per_s"]:.2},"ultctl_wall_s":{float(sys.argv[4]) - float(sys.argv[3]):.2}}}')
+print(f'{{"model":"{sys.argv[2]}","prompt_tokens":{s["prompt_tokens"]},"prompt_tok_s":{s["prompt_tokens_per_s"]:.2f},"decode_tok_s":{s["decode_tokens_per_s"]:.2f},"ultctl_wall_s":{float(sys.argv[4]) - float(sys.argv[3]):.2f}}}')
 PY
 done | tee "$work/ultctl.txt"
 
@@ -90,8 +90,9 @@ def rows(name):
     return out
 base, inproc, grpc = rows("baseline"), rows("inproc"), rows("grpc")
 print(f'{"model":<9} {"test":<8} {"candle":>9} {"ult":>9} {"ult/candle":>10} {"ult gRPC":>9} {"gRPC/in-process":>16}')
+print("-" * 68)
 for m in ["smollm2", "gemma3"]:
     for test, k, g in [("prompt", "prompt_tok_s", "client_prompt_tok_s"), ("decode", "decode_tok_s", "client_decode_tok_s")]:
         b, u, r = base[m][k], inproc[m][k], grpc[m][g]
-        print(f"{m:<9} {test:<8} {b:>9.1} {u:>9.1} {u / b:>10.2} {r:>9.1} {r / u:>16.2}")
+        print(f"{m:<9} {test:<8} {b:>9.1f} {u:>9.1f} {u / b:>10.2f} {r:>9.1f} {r / u:>16.2f}")
 PY

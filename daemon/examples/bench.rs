@@ -92,11 +92,12 @@ fn main() -> anyhow::Result<()> {
         let inspection = engine.inspect(&source)?;
         let started = Instant::now();
         let device_before = engine.device_memory();
+        let heap_before = ultd::alloc::thread_net_bytes();
         let mut model = engine.load(&source, &inspection, context, &|_| {})?;
         let load_ms = started.elapsed().as_secs_f64() * 1000.0;
         let measured = match (device_before, engine.device_memory()) {
             (Some((a, _)), Some((b, _))) => a.saturating_sub(b),
-            _ => ultd::alloc::thread_net_bytes().max(0) as u64,
+            _ => (ultd::alloc::thread_net_bytes() - heap_before).max(0) as u64,
         };
         let predicted =
             inspection.footprint.steady_bytes() + inspection.footprint.kv_bytes(context as u32);

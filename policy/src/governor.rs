@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::footprint::Footprint;
 use crate::plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
 use crate::pressure::{MemorySnapshot, PressureLevel, PressureThresholds, Verdict};
-use crate::score::Gdsf;
+use crate::score::{Gdsf, cheapest_cover};
 use crate::size::KeepAlive;
 
 /// The daemon's id for a request, echoed in `Admit` and `Reject` actions.
@@ -101,7 +101,7 @@ impl GovernorConfig {
                 initial_ms: 1_000,
                 max_ms: 300_000,
             },
-            frequency_half_life_ms: 60 * 60 * 1000,
+            frequency_half_life_ms: 6 * 60 * 60 * 1000,
         }
     }
 }
@@ -232,7 +232,6 @@ struct Entry {
     idle_since_ms: u64,
     frequency: f64,
     frequency_at_ms: u64,
-    score: f64,
     load_ms: Option<u64>,
     loads: u64,
     requests: u64,
@@ -257,7 +256,6 @@ impl Entry {
             idle_since_ms: 0,
             frequency: 0.0,
             frequency_at_ms: 0,
-            score: 0.0,
             load_ms: None,
             loads: 0,
             requests: 0,
@@ -346,7 +344,6 @@ impl Governor {
     /// A governor for `specs` (names must be unique; a later duplicate replaces an earlier one).
     pub fn new(config: GovernorConfig, specs: impl IntoIterator<Item = ModelSpec>) -> Self {
         let gdsf = Gdsf {
-            clock: 0.0,
             half_life_ms: config.frequency_half_life_ms,
         };
         Self {
@@ -697,9 +694,9 @@ impl Governor {
         // idle models, or, failing that, this one.
         if self.used_bytes() > self.config.ceiling_bytes {
             let excess = self.used_bytes() - self.config.ceiling_bytes;
-            let victims = self.choose_victims(excess, 0, Some(model), now, EvictReason::MakeRoom);
-            let freed: u64 = victims.iter().map(|v| v.bytes).sum();
-            if freed >= excess {
+            if let Some(victims) =
+                self.choose_victims(excess, 0, Some(model), now, EvictReason::MakeRoom)
+            {
                 for v in victims {
                     self.evict(&v.model, v.reason, plan);
                 }
@@ -876,7 +873,6 @@ impl Governor {
         now: u64,
         plan: &mut Plan,
     ) {
-        let default_bandwidth = self.config.default_load_bandwidth;
         let gdsf = self.gdsf.clone();
         let Some(entry) = self.models.get_mut(model) else {
             return;
@@ -890,12 +886,6 @@ impl Governor {
         entry.frequency_at_ms = now;
         entry.last_used_ms = Some(now);
         entry.idle_since_ms = now;
-        entry.score = gdsf.score(
-            entry.spec.priority,
-            entry.frequency,
-            entry.reload_cost_ms(default_bandwidth),
-            entry.charged(),
-        );
         plan.actions.push(Action::Admit {
             id,
             model: model.to_string(),
@@ -909,8 +899,6 @@ impl Governor {
         };
         let bytes = entry.charged();
         entry.residency = Residency::Unloading;
-        let score = entry.score;
-        self.gdsf.on_evict(score);
         plan.actions.push(Action::Unload {
             model: model.to_string(),
             reason,
@@ -976,7 +964,7 @@ impl Governor {
         // does not change this sum. Step 2: shrink idle models' KV budgets toward their minimum, cheapest
         // (lowest score) first.
         if deficit > 0 {
-            for (name, _) in self.idle_by_score() {
+            for (name, _) in self.idle_by_score(now) {
                 let Some(e) = self.models.get(&name) else {
                     continue;
                 };
@@ -996,32 +984,22 @@ impl Governor {
                 }
             }
         }
-        // Step 3: evict idle, unpinned, unleased models by score.
+        // Step 3: evict idle, unpinned, unleased models: the cheapest set that frees enough.
         if deficit > 0 || excess_count > 0 {
-            // Shrinking alone did not do it: evict first, and keep only the shrinks still needed after.
+            // Shrinking alone did not do it: evict instead (a shrink beside evictions is not needed).
             deficit = need.saturating_add(self.used_bytes()).saturating_sub(limit);
             shrinks.clear();
-            for (name, score) in self.evictable(now, Some(model)) {
-                if deficit == 0 && excess_count == 0 {
-                    break;
-                }
-                let Some(e) = self.models.get(&name) else {
-                    continue;
-                };
-                let bytes = e.charged();
-                let reason = if deficit == 0 {
-                    EvictReason::MaxResident
-                } else {
-                    EvictReason::MakeRoom
-                };
-                deficit = deficit.saturating_sub(bytes);
-                excess_count = excess_count.saturating_sub(1);
-                victims.push(PlannedVictim {
-                    model: name,
-                    bytes,
-                    score,
-                    reason,
-                });
+            let reason = if deficit == 0 {
+                EvictReason::MaxResident
+            } else {
+                EvictReason::MakeRoom
+            };
+            if let Some(chosen) =
+                self.choose_victims(deficit, excess_count, Some(model), now, reason)
+            {
+                deficit = 0;
+                excess_count = 0;
+                victims = chosen;
             }
         }
         if deficit == 0 && excess_count == 0 {
@@ -1088,26 +1066,47 @@ impl Governor {
         }
     }
 
+    /// The score of `e` now (see `score.rs`): priority · decayed frequency · reload cost ÷ bytes.
+    fn score_of(&self, e: &Entry, now: u64) -> f64 {
+        let f = self.gdsf.decayed(e.frequency, e.frequency_at_ms, now);
+        self.gdsf.score(
+            e.spec.priority,
+            f,
+            e.reload_cost_ms(self.config.default_load_bandwidth),
+            e.charged(),
+        )
+    }
+
+    /// What evicting `e` risks now: priority · decayed frequency · reload cost.
+    fn eviction_cost_of(&self, e: &Entry, now: u64) -> f64 {
+        let f = self.gdsf.decayed(e.frequency, e.frequency_at_ms, now);
+        self.gdsf.eviction_cost(
+            e.spec.priority,
+            f,
+            e.reload_cost_ms(self.config.default_load_bandwidth),
+        )
+    }
+
     /// Idle, unpinned, unleased resident models (except `except`), lowest score first; ties go to the
     /// least recently used, then to the name.
-    fn evictable(&self, now: u64, except: Option<&str>) -> Vec<(String, f64)> {
+    fn evictable(&self, now: u64, except: Option<&str>) -> Vec<&Entry> {
         let mut out: Vec<(&Entry, f64)> = self
             .models
             .values()
             .filter(|e| Some(e.spec.name.as_str()) != except)
             .filter(|e| e.residency == Residency::Resident && e.hold_reason(now).is_none())
-            .map(|e| (e, e.score))
+            .map(|e| (e, self.score_of(e, now)))
             .collect();
         out.sort_by(|(a, sa), (b, sb)| {
             sa.total_cmp(sb)
                 .then(a.last_used_ms.cmp(&b.last_used_ms))
                 .then(a.spec.name.cmp(&b.spec.name))
         });
-        out.into_iter()
-            .map(|(e, s)| (e.spec.name.clone(), s))
-            .collect()
+        out.into_iter().map(|(e, _)| e).collect()
     }
 
+    /// The evictable models whose eviction frees at least `bytes` (and counts at least `count` models)
+    /// for the least expected reload cost; None when all of them are not enough.
     fn choose_victims(
         &self,
         bytes: u64,
@@ -1115,23 +1114,27 @@ impl Governor {
         except: Option<&str>,
         now: u64,
         reason: EvictReason,
-    ) -> Vec<PlannedVictim> {
-        let mut freed = 0u64;
-        let mut victims = Vec::new();
-        for (name, score) in self.evictable(now, except) {
-            if freed >= bytes && victims.len() >= count {
-                break;
-            }
-            let b = self.models.get(&name).map_or(0, Entry::charged);
-            freed = freed.saturating_add(b);
-            victims.push(PlannedVictim {
-                model: name,
-                bytes: b,
-                score,
-                reason,
-            });
-        }
-        victims
+    ) -> Option<Vec<PlannedVictim>> {
+        let candidates = self.evictable(now, except);
+        let items: Vec<(u64, f64)> = candidates
+            .iter()
+            .map(|e| (e.charged(), self.eviction_cost_of(e, now)))
+            .collect();
+        let chosen = cheapest_cover(&items, bytes, count)?;
+        Some(
+            chosen
+                .into_iter()
+                .map(|i| {
+                    let e = candidates[i];
+                    PlannedVictim {
+                        model: e.spec.name.clone(),
+                        bytes: e.charged(),
+                        score: self.score_of(e, now),
+                        reason,
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// Models holding memory that cannot be evicted now, and why.
@@ -1197,13 +1200,27 @@ impl Governor {
             }
         }
         if may_evict && freed < target.max(self.verdict.deficit_bytes) {
-            let victims = self.choose_victims(
-                target.saturating_sub(freed),
-                1,
-                None,
-                now,
-                EvictReason::Pressure,
-            );
+            // The cheapest set that frees the target; if no set does, every idle model (best effort).
+            let victims = self
+                .choose_victims(
+                    target.saturating_sub(freed),
+                    1,
+                    None,
+                    now,
+                    EvictReason::Pressure,
+                )
+                .unwrap_or_else(|| {
+                    self.evictable(now, None)
+                        .iter()
+                        .map(|e| e.spec.name.clone())
+                        .map(|model| PlannedVictim {
+                            model,
+                            bytes: 0,
+                            score: 0.0,
+                            reason: EvictReason::Pressure,
+                        })
+                        .collect()
+                });
             for v in victims {
                 self.evict(&v.model, EvictReason::Pressure, plan);
                 acted = true;
@@ -1306,16 +1323,20 @@ impl Governor {
     }
 
     /// Idle resident models (pinned or not), lowest score first.
-    fn idle_by_score(&self) -> Vec<(String, f64)> {
-        let mut out: Vec<&Entry> = self.models.values().filter(|e| e.is_idle()).collect();
-        out.sort_by(|a, b| {
-            a.score
-                .total_cmp(&b.score)
+    fn idle_by_score(&self, now: u64) -> Vec<(String, f64)> {
+        let mut out: Vec<(&Entry, f64)> = self
+            .models
+            .values()
+            .filter(|e| e.is_idle())
+            .map(|e| (e, self.score_of(e, now)))
+            .collect();
+        out.sort_by(|(a, sa), (b, sb)| {
+            sa.total_cmp(sb)
                 .then(a.last_used_ms.cmp(&b.last_used_ms))
                 .then(a.spec.name.cmp(&b.spec.name))
         });
         out.into_iter()
-            .map(|e| (e.spec.name.clone(), e.score))
+            .map(|(e, score)| (e.spec.name.clone(), score))
             .collect()
     }
 
@@ -1342,7 +1363,7 @@ impl Governor {
             in_flight: e.in_flight,
             queued: u32::try_from(queued).unwrap_or(u32::MAX),
             leases: u32::try_from(e.active_leases(now)).unwrap_or(u32::MAX),
-            score: e.score,
+            score: self.score_of(e, now),
             last_used_ms: e.last_used_ms,
             idle_ms: (e.is_idle()).then(|| now.saturating_sub(e.idle_since_ms)),
             failure: e.failure.as_ref().map(|f| f.reason.clone()),

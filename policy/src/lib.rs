@@ -14,6 +14,7 @@ mod plan;
 mod pressure;
 mod route;
 mod score;
+pub mod sim;
 
 mod size;
 
