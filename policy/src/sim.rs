@@ -633,7 +633,7 @@ pub fn generate(
     let mut requests = Vec::with_capacity(n);
     let mut t = 0.0f64;
     while requests.len() < n {
-        if requests.len() > 0 && requests.len() % phase_len == 0 {
+        if !requests.is_empty() && requests.len().is_multiple_of(phase_len) {
             rng.shuffle(&mut ranking);
         }
         t += -gap_ms * (1.0 - rng.next_f64()).ln();
