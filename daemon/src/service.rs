@@ -371,7 +371,10 @@ impl pb::ult_server::Ult for UltService {
         let (tx, rx) = mpsc::channel(64);
         let handle = self.handle.clone();
         tokio::spawn(async move {
-            let predicted = m.inspection.as_ref().map_or(0, |i| i.footprint.total());
+            // Comparable with the measurement: steady bytes and the KV budget (scratch is transient).
+            let predicted = m.inspection.as_ref().map_or(0, |i| {
+                i.footprint.steady_bytes() + i.footprint.kv_bytes(i.footprint.context_tokens)
+            });
             let acquire = handle.acquire(&model, RequestKind::Load);
             tokio::pin!(acquire);
             loop {

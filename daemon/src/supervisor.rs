@@ -975,6 +975,10 @@ impl Supervisor {
         let Some(registered) = self.registry.get(model).cloned() else {
             return;
         };
+        // An explicit load is part of the desired state, restored at boot.
+        if waiter.kind == RequestKind::Load && self.desired.loaded.insert(model.to_string()) {
+            self.save_desired();
+        }
         let jobs = self.workers.get(model).and_then(Worker::sender);
         let done = (waiter.kind == RequestKind::Use).then(|| DoneGuard {
             tx: self.tx.clone(),
