@@ -197,3 +197,170 @@ impl Router {
         Ok(pick.unwrap_or(&route.models[0]).clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Event, Footprint, GovernorConfig, KeepAlive, ModelSpec, RequestId, RequestKind};
+
+    fn governor(names: &[&str]) -> Governor {
+        let specs = names.iter().map(|n| ModelSpec {
+            name: n.to_string(),
+            footprint: Footprint {
+                weights_bytes: 10,
+                context_tokens: 1,
+                max_sequences: 1,
+                ..Default::default()
+            },
+            pinned: false,
+            priority: 1.0,
+            keep_alive: KeepAlive::Forever,
+            min_kv_tokens: 1,
+        });
+        Governor::new(GovernorConfig::new(1000, 0), specs)
+    }
+
+    fn router(strategy: RouteStrategy) -> Router {
+        Router::try_new(
+            ["big".to_string(), "small".to_string()],
+            [("chat-alias".to_string(), "big".to_string())],
+            [Route {
+                name: "chat".into(),
+                models: vec!["big".into(), "small".into()],
+                strategy,
+            }],
+        )
+        .unwrap()
+    }
+
+    fn make_resident(g: &mut Governor, name: &str) {
+        let plan = g.handle(
+            Event::Request {
+                id: RequestId(1),
+                model: name.into(),
+                kind: RequestKind::Load,
+            },
+            0,
+        );
+        assert!(plan.loads().any(|m| m == name));
+        g.handle(
+            Event::LoadFinished {
+                model: name.into(),
+                measured_bytes: 10,
+                kv_tokens: 1,
+                load_ms: 1,
+            },
+            0,
+        );
+    }
+
+    #[test]
+    fn names_aliases_and_routes() {
+        let g = governor(&["big", "small"]);
+        let r = router(RouteStrategy::PreferResident);
+        assert_eq!(r.resolve("small", &g, 0).unwrap(), "small");
+        assert_eq!(r.resolve("chat-alias", &g, 0).unwrap(), "big");
+        // Nothing resident, everything fits: the first candidate.
+        assert_eq!(r.resolve("chat", &g, 0).unwrap(), "big");
+        match r.resolve("nope", &g, 0) {
+            Err(Rejection::UnknownModel { known, .. }) => {
+                assert_eq!(known, vec!["big", "chat", "chat-alias", "small"])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn prefer_resident_picks_a_resident_candidate_and_ordered_does_not() {
+        let mut g = governor(&["big", "small"]);
+        make_resident(&mut g, "small");
+        assert_eq!(
+            router(RouteStrategy::PreferResident)
+                .resolve("chat", &g, 0)
+                .unwrap(),
+            "small"
+        );
+        assert_eq!(
+            router(RouteStrategy::Ordered)
+                .resolve("chat", &g, 0)
+                .unwrap(),
+            "big"
+        );
+    }
+
+    #[test]
+    fn failed_candidates_are_skipped_while_backing_off() {
+        let mut g = governor(&["big", "small"]);
+        g.handle(
+            Event::Request {
+                id: RequestId(1),
+                model: "big".into(),
+                kind: RequestKind::Load,
+            },
+            0,
+        );
+        g.handle(
+            Event::LoadFailed {
+                model: "big".into(),
+                reason: "corrupt".into(),
+            },
+            0,
+        );
+        assert_eq!(
+            router(RouteStrategy::Ordered)
+                .resolve("chat", &g, 10)
+                .unwrap(),
+            "small"
+        );
+        // After the backoff it is tried again first.
+        assert_eq!(
+            router(RouteStrategy::Ordered)
+                .resolve("chat", &g, 10_000)
+                .unwrap(),
+            "big"
+        );
+    }
+
+    #[test]
+    fn invalid_tables_are_refused() {
+        let err = |aliases: Vec<(&str, &str)>, routes: Vec<Route>| {
+            Router::try_new(
+                ["a".to_string()],
+                aliases
+                    .into_iter()
+                    .map(|(x, y)| (x.to_string(), y.to_string())),
+                routes,
+            )
+            .unwrap_err()
+        };
+        assert_eq!(
+            err(vec![("x", "zz")], vec![]),
+            RouterError::UnknownTarget {
+                name: "x".into(),
+                target: "zz".into()
+            }
+        );
+        assert_eq!(
+            err(vec![("a", "a")], vec![]),
+            RouterError::DuplicateName("a".into())
+        );
+        let empty = Route {
+            name: "r".into(),
+            models: vec![],
+            strategy: RouteStrategy::Ordered,
+        };
+        assert_eq!(
+            err(vec![], vec![empty]),
+            RouterError::EmptyRoute("r".into())
+        );
+        let clash = Route {
+            name: "a".into(),
+            models: vec!["a".into()],
+            strategy: RouteStrategy::Ordered,
+        };
+        assert_eq!(
+            err(vec![], vec![clash]),
+            RouterError::DuplicateName("a".into())
+        );
+    }
+}

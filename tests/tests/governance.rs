@@ -175,6 +175,46 @@ async fn a_pinned_model_survives_and_the_next_cheapest_goes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leased_model_survives_until_released() {
+    let d = two_of_three("").await;
+    let mut c = d.client().await;
+    let mut watch = c.watch().await.unwrap();
+    let lease = c
+        .lease("minilm", Some(Duration::from_secs(600)))
+        .await
+        .unwrap();
+    c.generate_text(completion("smollm2", "Hello", 2))
+        .await
+        .unwrap();
+    wait_for(&mut c, "minilm resident", |s| {
+        s.model("minilm").unwrap().state == ModelState::Resident
+    })
+    .await;
+    assert_eq!(c.status().await.unwrap().model("minilm").unwrap().leases, 1);
+    // minilm is the cheapest to evict, but leased: smollm2 goes for gemma3.
+    c.generate_text(completion("gemma3", "Hello", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        evictions(&mut watch, 1).await[0].model.as_deref(),
+        Some("smollm2")
+    );
+    assert!(c.release(lease.lease_id).await.unwrap());
+    assert!(
+        !c.release(lease.lease_id).await.unwrap(),
+        "a lease is released once"
+    );
+    // Released, minilm is the one to go for smollm2.
+    c.generate_text(completion("smollm2", "Hello", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        evictions(&mut watch, 1).await[0].model.as_deref(),
+        Some("minilm")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_mid_generation_is_never_evicted() {
     let d = two_of_three("").await;
     let mut c = d.client().await;
