@@ -36,6 +36,7 @@ cat >"$work/models.toml" <<TOML
 [daemon]
 listen = "127.0.0.1:0"
 socket = "off"
+http = "off"
 state_file = "off"
 device = "cpu"
 [models.smollm2]

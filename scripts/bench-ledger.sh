@@ -11,7 +11,7 @@ cargo build --release --locked -p ultd -p ult-client 2>&1 | tail -1
 bin=$CARGO_TARGET_DIR/release
 work=$(mktemp -d)
 trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-"$bin/ultd" --config models.toml --listen 127.0.0.1:0 --socket off --state-file off --device "${1:-cpu}" >"$work/out" 2>"$work/err" &
+"$bin/ultd" --config models.toml --listen 127.0.0.1:0 --socket off --http off --state-file off --device "${1:-cpu}" >"$work/out" 2>"$work/err" &
 pid=$!
 for _ in $(seq 1 300); do grep -q listening "$work/out" 2>/dev/null && break; sleep 0.1; done
 addr=$(sed -n 's/^ultd listening on \([^ ]*\).*/\1/p' "$work/out")

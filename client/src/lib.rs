@@ -37,6 +37,9 @@ pub enum ClientError {
     /// A stream ended without its final message.
     #[error("the stream from ultd ended early")]
     Truncated,
+    /// The token cannot be sent as an HTTP header.
+    #[error("the token has characters a header cannot carry")]
+    InvalidToken,
 }
 
 fn code_name(code: tonic::Code) -> &'static str {
@@ -368,15 +371,48 @@ pub struct WatchItem {
     pub detail: String,
 }
 
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Debug, Clone)]
+pub struct TokenInterceptor {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Inner = UltClient<tonic::service::interceptor::InterceptedService<Channel, TokenInterceptor>>;
+
 /// A connected client.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: UltClient<Channel>,
+    inner: Inner,
 }
 
 impl Client {
     /// Connects to `addr`: `host:port`, `http://host:port`, or `unix:///path/to/ultd.sock`.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with_token(addr, None).await
+    }
+
+    /// Connects, sending `token` as a bearer token with every call.
+    pub async fn connect_with_token(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let header = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ClientError::InvalidToken)?,
+            ),
+        };
         let channel = if let Some(path) = addr.strip_prefix("unix://") {
             let path = std::path::PathBuf::from(path);
             // The URI is required by the API and ignored by the connector.
@@ -410,7 +446,8 @@ impl Client {
                 })?
         };
         Ok(Self {
-            inner: UltClient::new(channel).max_decoding_message_size(64 << 20),
+            inner: UltClient::with_interceptor(channel, TokenInterceptor { header })
+                .max_decoding_message_size(64 << 20),
         })
     }
 

@@ -103,6 +103,26 @@ async fn ultctl_end_to_end() {
     assert_eq!(e["embeddings"].as_array().unwrap().len(), 2);
     assert_eq!(e["embeddings"][0].as_array().unwrap().len(), 384);
 
+    let top = run(vec!["top", "--count", "2", "--interval", "0.1"])
+        .await
+        .unwrap();
+    assert!(top.status.success());
+    let shown = stdout(&top);
+    assert_eq!(shown.matches("MODEL").count(), 2, "two refreshes: {shown}");
+    assert!(
+        shown.contains("ledger [") && shown.contains("pool   ["),
+        "{shown}"
+    );
+    let top_json = run(vec!["top", "--count", "2", "--interval", "0.1", "--json"])
+        .await
+        .unwrap();
+    let lines: Vec<serde_json::Value> = stdout(&top_json)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[1]["daemon"]["used_bytes"].as_u64().unwrap() > 0);
+
     let plan = json(&run(vec!["plan-load", "minilm", "--json"]).await.unwrap());
     assert_eq!(plan["already_resident"], true);
 

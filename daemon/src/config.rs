@@ -78,6 +78,12 @@ pub struct DaemonConfig {
     pub load_wait_ms: u64,
     /// How long shutdown lets in-flight streams finish.
     pub shutdown_grace_ms: u64,
+    /// The OpenAI-compatible HTTP API and `/metrics` (None: off).
+    pub http: Option<SocketAddr>,
+    /// The largest request body (HTTP) or message (gRPC), in bytes.
+    pub max_request_bytes: usize,
+    /// A bearer token every request must carry (None: no authentication).
+    pub auth_token: Option<String>,
 }
 
 /// `[models.NAME]`.
@@ -135,6 +141,10 @@ struct RawDaemon {
     probe: Option<RawProbe>,
     load_wait: Option<SizeValue>,
     shutdown_grace: Option<SizeValue>,
+    http: Option<String>,
+    max_request_bytes: Option<SizeValue>,
+    auth_token: Option<String>,
+    auth_token_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +382,59 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
     if d.max_resident == Some(0) {
         return Err(l.error(&["daemon", "max_resident"], "must be at least 1"));
     }
+    let http = match d.http.as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        Some("" | "none" | "off") => None,
+        Some(s) => Some(s.parse().map_err(|_| {
+            l.error(
+                &["daemon", "http"],
+                &format!("{s:?} is not an address like \"127.0.0.1:8080\""),
+            )
+        })?),
+    };
+    let max_request_bytes = match &d.max_request_bytes {
+        None => 4 << 20,
+        Some(v) => {
+            let b = ult_policy::parse_size(&v.text())
+                .map_err(|e| l.error(&["daemon", "max_request_bytes"], &e.to_string()))?;
+            if !(1024..=1 << 30).contains(&b) {
+                return Err(l.error(
+                    &["daemon", "max_request_bytes"],
+                    "must be between 1KiB and 1GiB",
+                ));
+            }
+            b as usize
+        }
+    };
+    let auth_token = match (&d.auth_token, &d.auth_token_file) {
+        (Some(_), Some(_)) => {
+            return Err(l.error(
+                &["daemon", "auth_token_file"],
+                "set auth_token or auth_token_file, not both",
+            ));
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(f)) => {
+            let path = resolve(base, f);
+            let t = std::fs::read_to_string(&path).map_err(|e| {
+                l.error(
+                    &["daemon", "auth_token_file"],
+                    &format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(t.trim().to_string())
+        }
+        (None, None) => None,
+    };
+    if auth_token
+        .as_deref()
+        .is_some_and(|t| t.len() < 16 || t.chars().any(char::is_whitespace))
+    {
+        return Err(l.error(
+            &["daemon", "auth_token"],
+            "a token needs at least 16 characters and no spaces",
+        ));
+    }
     Ok(DaemonConfig {
         listen,
         socket,
@@ -389,6 +452,9 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         probe,
         load_wait_ms: duration("load_wait", &d.load_wait, 120_000)?,
         shutdown_grace_ms: duration("shutdown_grace", &d.shutdown_grace, 10_000)?,
+        http,
+        max_request_bytes,
+        auth_token,
     })
 }
 

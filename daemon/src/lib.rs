@@ -3,9 +3,13 @@
 #![deny(missing_docs)]
 
 pub mod alloc;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod generation;
+pub mod http;
+pub mod metrics;
 pub mod probe;
 pub mod registry;
 pub mod server;

@@ -34,6 +34,9 @@ struct Args {
     /// Override `[daemon] state_file` ("off" for none).
     #[arg(long)]
     state_file: Option<String>,
+    /// Override `[daemon] http`, the OpenAI-compatible API ("off" for none).
+    #[arg(long)]
+    http: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -122,37 +125,40 @@ fn run(config: Config, _device: Option<String>) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let engine: Arc<dyn Engine> = Arc::new(CandleEngine::new(&config.daemon.device).context("opening the device")?);
         let device = engine.device_name();
+        let stop = shutdown_signal()?;
         let running = ultd::server::spawn(config.clone(), engine).await?;
         // The one startup line scripts and tests read.
         let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         let socket = running.socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
-        println!("ultd listening on {tcp} (unix socket {socket}, device {device}, {} models)", config.models.len());
+        let http = running.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        println!("ultd listening on {tcp} (unix socket {socket}, http {http}, device {device}, {} models)", config.models.len());
         tracing::info!(tcp = %tcp, socket = %socket, device = %device, models = config.models.len(), "ultd started");
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down");
         running.stop().await;
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C. Build it before announcing readiness: a supervisor may send TERM as soon
+/// as it sees the listening line, and the handler must already be installed then.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

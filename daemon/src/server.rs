@@ -12,8 +12,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use ult_proto::v1::ult_server::UltServer;
 
+use crate::auth::BearerAuth;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::http::HttpState;
+use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::registry::Registry;
 use crate::service::UltService;
@@ -25,10 +28,13 @@ pub struct Running {
     pub tcp: Option<SocketAddr>,
     /// The Unix socket, if any.
     pub socket: Option<PathBuf>,
+    /// The bound HTTP address, if the OpenAI-compatible API is on.
+    pub http: Option<SocketAddr>,
     /// The state owner.
     pub handle: Handle,
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+    http_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -47,6 +53,9 @@ impl Running {
             let _ = s.send(());
         }
         for t in self.tasks {
+            let _ = t.await;
+        }
+        if let Some(t) = self.http_task {
             let _ = t.await;
         }
         self.handle.shutdown().await;
@@ -71,7 +80,11 @@ pub async fn spawn(config: Config, engine: Arc<dyn Engine>) -> anyhow::Result<Ru
 }
 
 async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
-    let service = UltService::new(handle.clone());
+    let metrics = Arc::new(Metrics::new());
+    metrics.follow(&handle);
+    let token: Option<Arc<str>> = config.daemon.auth_token.as_deref().map(Arc::from);
+    let auth = BearerAuth::new(token.clone(), metrics.clone());
+    let service = UltService::new(handle.clone(), metrics.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<UltServer<UltService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -79,11 +92,29 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
+    // v1alpha too: grpcurl before 1.9 and grpcio-reflection's client speak it.
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ult_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let max = config.daemon.max_request_bytes;
     let router = || {
+        let ult = UltServer::new(service.clone()).max_decoding_message_size(max);
         Server::builder()
-            .add_service(UltServer::new(service.clone()).max_decoding_message_size(16 << 20))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ult,
+                auth.clone(),
+            ))
             .add_service(health_service.clone())
-            .add_service(reflection.clone())
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection.clone(),
+                auth.clone(),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                reflection_alpha.clone(),
+                auth.clone(),
+            ))
     };
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
@@ -127,11 +158,38 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         stop.push(tx);
         socket = Some(path.clone());
     }
+    let mut http = None;
+    let mut http_task = None;
+    if let Some(addr) = config.daemon.http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        http = Some(listener.local_addr().context("reading the bound address")?);
+        let app = crate::http::router(
+            HttpState {
+                handle: handle.clone(),
+                metrics: metrics.clone(),
+                token,
+            },
+            max,
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        http_task = Some(tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+        }));
+        stop.push(tx);
+    }
     Ok(Running {
         tcp,
         socket,
+        http,
         handle,
         stop,
         tasks,
+        http_task,
     })
 }

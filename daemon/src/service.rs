@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -14,19 +13,15 @@ use ult_proto::v1 as pb;
 
 use crate::engine::sampler::SamplingParams;
 use crate::engine::template::ChatMessage;
-use crate::engine::worker::{EmbedJob, FinishReason, GenEvent, GenerateJob, Job};
-use crate::engine::{EngineError, Inspection, ModelKind};
+use crate::engine::worker::{FinishReason, GenEvent};
+use crate::engine::{EngineError, ModelKind};
 use crate::error::ServiceError;
-use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent, check_kind};
+use crate::generation::{Input, embed, start_generation};
+use crate::metrics::{Metrics, outcome_of};
+use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent};
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Limits on request contents.
-pub const MAX_STOP_SEQUENCES: usize = 16;
-/// The longest stop sequence, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
-/// The most inputs in one embedding request.
-pub const MAX_EMBED_INPUTS: usize = 256;
 /// The default lease length.
 pub const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
 
@@ -34,134 +29,14 @@ pub const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
 #[derive(Debug, Clone)]
 pub struct UltService {
     handle: Handle,
+    metrics: Arc<Metrics>,
 }
 
 impl UltService {
-    /// A service over the state owner behind `handle`.
-    pub fn new(handle: Handle) -> Self {
-        Self { handle }
+    /// A service over the state owner behind `handle`, counting into `metrics`.
+    pub fn new(handle: Handle, metrics: Arc<Metrics>) -> Self {
+        Self { handle, metrics }
     }
-}
-
-/// A validated generation request, in ult's own types.
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    /// Prompt tokens.
-    pub prompt: Vec<u32>,
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// Sampling.
-    pub sampling: SamplingParams,
-    /// Stop sequences.
-    pub stop: Vec<String>,
-}
-
-/// What a generation request asks for before validation.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// A raw prompt.
-    Prompt(String),
-    /// Chat messages.
-    Messages(Vec<ChatMessage>),
-}
-
-/// Checks a generation request against the model and tokenizes it.
-pub fn prepare_generation(
-    model: &crate::registry::RegisteredModel,
-    input: Input,
-    max_tokens: Option<u32>,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-) -> Result<GenerateParams, ServiceError> {
-    let name = &model.config.name;
-    let inspection: &Inspection =
-        model
-            .inspection
-            .as_ref()
-            .map_err(|r| ServiceError::Unavailable {
-                model: name.clone(),
-                reason: r.clone(),
-            })?;
-    let text = match input {
-        Input::Prompt(p) => {
-            check_kind(model, ModelKind::Completion)?;
-            p
-        }
-        Input::Messages(messages) => {
-            check_kind(model, ModelKind::Chat)?;
-            if messages.is_empty() {
-                return Err(ServiceError::invalid("messages", "no messages"));
-            }
-            if let Some(m) = messages
-                .iter()
-                .find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool"))
-            {
-                return Err(ServiceError::invalid(
-                    "messages",
-                    format!("unknown role {:?}", m.role),
-                ));
-            }
-            let template =
-                inspection
-                    .template
-                    .as_ref()
-                    .ok_or_else(|| ServiceError::NoChatTemplate {
-                        model: name.clone(),
-                    })?;
-            template.render(&messages, true)?
-        }
-    };
-    if text.is_empty() {
-        return Err(ServiceError::Engine(EngineError::EmptyPrompt));
-    }
-    sampling.validate()?;
-    let context = inspection.context;
-    let max_tokens = match max_tokens {
-        Some(0) => return Err(ServiceError::invalid("max_tokens", "must be at least 1")),
-        Some(n) if n as usize > context => {
-            return Err(ServiceError::invalid(
-                "max_tokens",
-                format!("{n} exceeds model {name}'s context of {context} tokens"),
-            ));
-        }
-        Some(n) => n as usize,
-        None => context,
-    };
-    if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(ServiceError::invalid(
-            "stop",
-            format!("{} sequences; at most {MAX_STOP_SEQUENCES}", stop.len()),
-        ));
-    }
-    if let Some(s) = stop
-        .iter()
-        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-    {
-        return Err(ServiceError::invalid(
-            "stop",
-            format!("stop sequence {s:?} must have 1 to {MAX_STOP_BYTES} bytes"),
-        ));
-    }
-    let tokenizer = &inspection.tokenizer;
-    let bos_text = tokenizer
-        .bos()
-        .map(|b| tokenizer.piece_text(b))
-        .unwrap_or_default();
-    let add_bos = bos_text.is_empty() || !text.starts_with(&bos_text);
-    let prompt = tokenizer.encode(&text, add_bos);
-    if prompt.len() >= context {
-        return Err(ServiceError::ContextTooLong {
-            model: name.clone(),
-            prompt_tokens: prompt.len(),
-            context_tokens: context,
-        });
-    }
-    Ok(GenerateParams {
-        prompt,
-        max_tokens,
-        sampling,
-        stop,
-    })
 }
 
 fn sampling_from(p: Option<pb::SamplingParams>) -> SamplingParams {
@@ -463,9 +338,7 @@ impl pb::ult_server::Ult for UltService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let submitted = Instant::now();
         let req = request.into_inner();
-        let m = self.handle.resolve(&req.model).await?;
         let input = match req.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Prompt(p),
             Some(pb::generate_request::Input::Messages(ms)) => Input::Messages(
@@ -479,57 +352,55 @@ impl pb::ult_server::Ult for UltService {
             ),
             None => return Err(ServiceError::invalid("input", "set prompt or messages").into()),
         };
-        let params = prepare_generation(
-            &m,
+        let started = start_generation(
+            &self.handle,
+            &req.model,
             input,
             req.max_tokens,
             sampling_from(req.sampling),
             req.stop,
-        )?;
-        let grant = self
-            .handle
-            .acquire(&m.config.name, RequestKind::Use)
-            .await?;
-        let jobs = grant
-            .jobs
-            .clone()
-            .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
-        let (events_tx, mut events) = mpsc::channel(64);
-        jobs.submit(Job::Generate(GenerateJob {
-            prompt: params.prompt,
-            max_tokens: params.max_tokens,
-            sampling: params.sampling,
-            stop: params.stop,
-            ignore_eos: req.ignore_eos,
-            events: events_tx,
-            submitted,
-        }))
-        .map_err(ServiceError::from)?;
+            req.ignore_eos,
+        )
+        .await;
+        let mut g = match started {
+            Ok(g) => g,
+            Err(e) => {
+                self.metrics
+                    .request(&req.model, "generate", outcome_of(&Err(&e)));
+                return Err(e.into());
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
-        let model = m.config.name.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            // Holding the grant keeps the request in flight; dropping it tells the state owner it is done.
-            let grant = grant;
             loop {
                 tokio::select! {
-                    event = events.recv() => {
+                    event = g.next() => {
                         let msg = match event {
                             Some(GenEvent::Delta(text)) => Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(text)) }),
-                            Some(GenEvent::Done(s)) => Ok(pb::GenerateResponse {
-                                event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
-                                    model: model.clone(),
-                                    finish_reason: finish_to_pb(s.finish) as i32,
-                                    prompt_tokens: s.prompt_tokens as u32,
-                                    completion_tokens: s.completion_tokens as u32,
-                                    prompt_tokens_per_s: s.prompt_tps(),
-                                    decode_tokens_per_s: s.decode_tps(),
-                                    load_ms: grant.load_ms,
-                                    queue_ms: s.queue_ms as u64,
-                                    time_to_first_token_ms: s.ttft_ms as u64,
-                                    total_ms: s.total_ms as u64,
-                                })),
-                            }),
-                            Some(GenEvent::Failed(e)) => Err(Status::from(ServiceError::Engine(e))),
+                            Some(GenEvent::Done(s)) => {
+                                metrics.request(g.model(), "generate", "ok");
+                                metrics.generated(g.model(), s.prompt_tokens as u64, s.completion_tokens as u64, s.ttft_ms);
+                                Ok(pb::GenerateResponse {
+                                    event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
+                                        model: g.model().to_string(),
+                                        finish_reason: finish_to_pb(s.finish) as i32,
+                                        prompt_tokens: s.prompt_tokens as u32,
+                                        completion_tokens: s.completion_tokens as u32,
+                                        prompt_tokens_per_s: s.prompt_tps(),
+                                        decode_tokens_per_s: s.decode_tps(),
+                                        load_ms: g.load_ms(),
+                                        queue_ms: s.queue_ms as u64,
+                                        time_to_first_token_ms: s.ttft_ms as u64,
+                                        total_ms: s.total_ms as u64,
+                                    })),
+                                })
+                            }
+                            Some(GenEvent::Failed(e)) => {
+                                let e = ServiceError::Engine(e);
+                                metrics.request(g.model(), "generate", outcome_of(&Err(&e)));
+                                Err(Status::from(e))
+                            }
                             None => Err(Status::from(ServiceError::Engine(EngineError::WorkerGone))),
                         };
                         let last = !matches!(&msg, Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(_)) }));
@@ -537,8 +408,11 @@ impl pb::ult_server::Ult for UltService {
                             break;
                         }
                     }
-                    // The client went away: dropping `events` cancels the job at its next decode step.
-                    () = tx.closed() => break,
+                    // The client went away: dropping the generation cancels the job at its next decode step.
+                    () = tx.closed() => {
+                        metrics.request(g.model(), "generate", "cancelled");
+                        break;
+                    }
                 }
             }
         });
@@ -551,66 +425,27 @@ impl pb::ult_server::Ult for UltService {
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let req = request.into_inner();
-        let m = self.handle.resolve(&req.model).await?;
-        check_kind(&m, ModelKind::Embedding)?;
-        let insp: Arc<Inspection> =
-            m.inspection
-                .clone()
-                .map_err(|r| ServiceError::Unavailable {
-                    model: m.config.name.clone(),
-                    reason: r,
-                })?;
-        if req.inputs.is_empty() {
-            return Err(ServiceError::invalid("inputs", "no inputs").into());
-        }
-        if req.inputs.len() > MAX_EMBED_INPUTS {
-            return Err(ServiceError::invalid(
-                "inputs",
-                format!("{} inputs; at most {MAX_EMBED_INPUTS}", req.inputs.len()),
-            )
-            .into());
-        }
-        let mut inputs = Vec::with_capacity(req.inputs.len());
-        for text in &req.inputs {
-            if text.is_empty() {
-                return Err(ServiceError::invalid("inputs", "an input is empty").into());
+        match embed(&self.handle, &req.model, &req.inputs).await {
+            Ok(e) => {
+                self.metrics.request(&e.model, "embed", "ok");
+                self.metrics.embedded(&e.model, e.prompt_tokens as u64);
+                Ok(Response::new(pb::EmbedResponse {
+                    model: e.model,
+                    embeddings: e
+                        .vectors
+                        .into_iter()
+                        .map(|values| pb::Embedding { values })
+                        .collect(),
+                    prompt_tokens: e.prompt_tokens as u32,
+                    load_ms: e.load_ms,
+                }))
             }
-            let ids = insp.tokenizer.encode(text, true);
-            if ids.len() > insp.context {
-                return Err(ServiceError::ContextTooLong {
-                    model: m.config.name.clone(),
-                    prompt_tokens: ids.len(),
-                    context_tokens: insp.context,
-                }
-                .into());
+            Err(e) => {
+                self.metrics
+                    .request(&req.model, "embed", outcome_of(&Err(&e)));
+                Err(e.into())
             }
-            inputs.push(ids);
         }
-        let prompt_tokens = inputs.iter().map(Vec::len).sum::<usize>() as u32;
-        let grant = self
-            .handle
-            .acquire(&m.config.name, RequestKind::Use)
-            .await?;
-        let jobs = grant
-            .jobs
-            .clone()
-            .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        jobs.submit(Job::Embed(EmbedJob { inputs, reply }))
-            .map_err(ServiceError::from)?;
-        let vectors = rx
-            .await
-            .map_err(|_| ServiceError::Engine(EngineError::WorkerGone))?
-            .map_err(ServiceError::from)?;
-        Ok(Response::new(pb::EmbedResponse {
-            model: m.config.name.clone(),
-            embeddings: vectors
-                .into_iter()
-                .map(|values| pb::Embedding { values })
-                .collect(),
-            prompt_tokens,
-            load_ms: grant.load_ms,
-        }))
     }
 
     async fn pin(

@@ -62,16 +62,18 @@ context = 256
 pub struct TestDaemon {
     /// The running server.
     pub running: Running,
-    /// "127.0.0.1:PORT".
+    /// "127.0.0.1:PORT" of the gRPC server.
     pub addr: String,
+    /// "127.0.0.1:PORT" of the HTTP API.
+    pub http: String,
     /// The directory holding models.toml and the state file.
     pub dir: tempfile::TempDir,
 }
 
-/// `[daemon]` settings for tests: an ephemeral port, no Unix socket, a state file in `dir`.
+/// `[daemon]` settings for tests: ephemeral ports for gRPC and HTTP, no Unix socket, a state file in `dir`.
 pub fn daemon_table(dir: &std::path::Path, extra: &str) -> String {
     format!(
-        "[daemon]\nlisten = \"127.0.0.1:0\"\nsocket = \"off\"\nstate_file = \"{}\"\n{extra}\n",
+        "[daemon]\nlisten = \"127.0.0.1:0\"\nsocket = \"off\"\nhttp = \"127.0.0.1:0\"\nstate_file = \"{}\"\n{extra}\n",
         dir.join("state.json").display()
     )
 }
@@ -97,7 +99,13 @@ pub async fn start_in(dir: tempfile::TempDir, text: &str) -> TestDaemon {
         .await
         .expect("ultd starts");
     let addr = running.tcp.expect("tcp listener").to_string();
-    TestDaemon { running, addr, dir }
+    let http = running.http.map(|a| a.to_string()).unwrap_or_default();
+    TestDaemon {
+        running,
+        addr,
+        http,
+        dir,
+    }
 }
 
 impl TestDaemon {

@@ -25,6 +25,9 @@ struct Cli {
     /// Print JSON instead of tables (documented in README.md, "ultctl --json").
     #[arg(long, global = true)]
     json: bool,
+    /// A bearer token, when ultd requires one.
+    #[arg(long, env = "ULT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -118,6 +121,15 @@ enum Command {
     },
     /// Stream state changes: loads, evictions with reasons, pressure.
     Watch,
+    /// A live view of memory and models, refreshed every interval (Ctrl-C to quit).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (for scripts).
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -150,7 +162,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut client = Client::connect(&cli.addr).await?;
+    let mut client = Client::connect_with_token(&cli.addr, cli.token.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     let json = cli.json;
     match cli.command {
@@ -397,6 +409,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if !p.fits {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Top { interval, count } => {
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let mut n = 0u64;
+            loop {
+                let s = client.status().await?;
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&s)?)?;
+                } else {
+                    if tty {
+                        // Clear the screen and go home, then draw.
+                        write!(out, "\x1b[2J\x1b[H")?;
+                    }
+                    print_status(&mut out, &s)?;
+                    let d = &s.daemon;
+                    let bar = |part: u64, whole: u64| {
+                        let width = 40usize;
+                        let filled = if whole == 0 {
+                            0
+                        } else {
+                            (part.min(whole) as f64 / whole as f64 * width as f64) as usize
+                        };
+                        format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+                    };
+                    writeln!(
+                        out,
+                        "\nledger {} {} / {}",
+                        bar(d.used_bytes, d.ceiling_bytes),
+                        human_bytes(d.used_bytes),
+                        human_bytes(d.ceiling_bytes)
+                    )?;
+                    writeln!(
+                        out,
+                        "pool   {} {} in use, process {}, swap-out {}/s",
+                        bar(
+                            d.pool_total_bytes.saturating_sub(d.available_bytes),
+                            d.pool_total_bytes
+                        ),
+                        human_bytes(d.pool_total_bytes.saturating_sub(d.available_bytes)),
+                        human_bytes(d.process_bytes),
+                        human_bytes(d.swap_out_bytes_per_s as u64)
+                    )?;
+                    if !tty {
+                        writeln!(out)?;
+                    }
+                }
+                out.flush()?;
+                n += 1;
+                if count.is_some_and(|c| n >= c) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs_f64(interval.max(0.1))).await;
             }
         }
         Command::Watch => {
