@@ -84,6 +84,8 @@ pub struct DaemonConfig {
     pub max_request_bytes: usize,
     /// A bearer token every request must carry (None: no authentication).
     pub auth_token: Option<String>,
+    /// The most requests one client may have running or waiting (0: no limit).
+    pub max_requests_per_client: usize,
 }
 
 /// `[models.NAME]`.
@@ -145,6 +147,7 @@ struct RawDaemon {
     max_request_bytes: Option<SizeValue>,
     auth_token: Option<String>,
     auth_token_file: Option<String>,
+    max_requests_per_client: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -455,6 +458,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         http,
         max_request_bytes,
         auth_token,
+        max_requests_per_client: d.max_requests_per_client.map_or(64, |n| n as usize),
     })
 }
 

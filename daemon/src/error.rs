@@ -68,6 +68,22 @@ pub enum ServiceError {
     /// The daemon is shutting down.
     #[error("ultd is shutting down")]
     ShuttingDown,
+    /// The shutdown grace period ran out while this stream was still running.
+    #[error("ultd is shutting down: the stream was ended after the {grace_ms} ms grace period")]
+    EndedByShutdown {
+        /// The grace period.
+        grace_ms: u64,
+    },
+    /// The client already has its maximum of concurrent requests.
+    #[error(
+        "client {client} already has {limit} requests running or waiting (the per-client limit)"
+    )]
+    TooManyRequests {
+        /// The client (IP address or "unix").
+        client: String,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl From<Rejection> for ServiceError {
@@ -110,7 +126,10 @@ impl ServiceError {
                 } => Code::Unavailable,
                 Rejection::CannotUnload { .. } => Code::FailedPrecondition,
             },
-            Self::Unavailable { .. } | Self::ShuttingDown => Code::Unavailable,
+            Self::Unavailable { .. } | Self::ShuttingDown | Self::EndedByShutdown { .. } => {
+                Code::Unavailable
+            }
+            Self::TooManyRequests { .. } => Code::ResourceExhausted,
             Self::WrongKind { .. } | Self::NoChatTemplate { .. } => Code::FailedPrecondition,
             Self::InvalidArgument { .. } | Self::ContextTooLong { .. } => Code::InvalidArgument,
             Self::WaitTimeout { .. } => Code::ResourceExhausted,

@@ -12,6 +12,7 @@ use crate::engine::template::ChatMessage;
 use crate::engine::worker::{EmbedJob, GenEvent, GenerateJob, Job};
 use crate::engine::{EngineError, Inspection, ModelKind};
 use crate::error::ServiceError;
+use crate::limits::ClientSlot;
 use crate::registry::RegisteredModel;
 use crate::supervisor::{Grant, Handle, check_kind};
 
@@ -152,9 +153,14 @@ pub struct Generation {
     model: String,
     load_ms: Option<u64>,
     events: mpsc::Receiver<GenEvent>,
+    end: tokio::sync::watch::Receiver<bool>,
+    grace_ms: u64,
     /// Held, never read: dropping it tells the state owner the request is done.
     #[allow(dead_code)]
     grant: Grant,
+    /// Held, never read: dropping it frees the client's slot.
+    #[allow(dead_code)]
+    slot: ClientSlot,
 }
 
 impl Generation {
@@ -168,15 +174,31 @@ impl Generation {
         self.load_ms
     }
 
-    /// The next event from the worker (None once it is gone).
-    pub async fn next(&mut self) -> Option<GenEvent> {
-        self.events.recv().await
+    /// The next event from the worker (None once it is gone), or `EndedByShutdown` when the daemon's
+    /// shutdown grace period ran out.
+    pub async fn next(&mut self) -> Result<Option<GenEvent>, ServiceError> {
+        let ended = ServiceError::EndedByShutdown {
+            grace_ms: self.grace_ms,
+        };
+        if *self.end.borrow() {
+            return Err(ended);
+        }
+        tokio::select! {
+            event = self.events.recv() => Ok(event),
+            changed = self.end.changed() => match changed {
+                Ok(()) if *self.end.borrow() => Err(ended),
+                _ => Ok(self.events.recv().await),
+            },
+        }
     }
 }
 
-/// Validates `input` against the model behind `name`, waits for admission, and starts generating.
+/// Validates `input` against the model behind `name`, takes a slot of `client`'s, waits for admission,
+/// and starts generating.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_generation(
     handle: &Handle,
+    client: &str,
     name: &str,
     input: Input,
     max_tokens: Option<u32>,
@@ -185,6 +207,7 @@ pub async fn start_generation(
     ignore_eos: bool,
 ) -> Result<Generation, ServiceError> {
     let submitted = Instant::now();
+    let slot = handle.limits().acquire(client)?;
     let m = handle.resolve(name).await?;
     let params = prepare_generation(&m, input, max_tokens, sampling, stop)?;
     let grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
@@ -206,7 +229,10 @@ pub async fn start_generation(
         model: m.config.name.clone(),
         load_ms: grant.load_ms,
         events,
+        end: handle.streams_end(),
+        grace_ms: handle.grace_ms(),
         grant,
+        slot,
     })
 }
 
@@ -224,12 +250,14 @@ pub struct Embedded {
     pub load_ms: Option<u64>,
 }
 
-/// Validates and embeds `inputs` with the embedding model behind `name`.
+/// Validates and embeds `inputs` with the embedding model behind `name`, holding a slot of `client`'s.
 pub async fn embed(
     handle: &Handle,
+    client: &str,
     name: &str,
     inputs: &[String],
 ) -> Result<Embedded, ServiceError> {
+    let _slot = handle.limits().acquire(client)?;
     let m: Arc<RegisteredModel> = handle.resolve(name).await?;
     check_kind(&m, ModelKind::Embedding)?;
     let insp: Arc<Inspection> = m

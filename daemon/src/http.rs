@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +29,7 @@ use crate::engine::worker::{FinishReason, GenEvent, GenStats};
 use crate::engine::{EngineError, ModelKind};
 use crate::error::ServiceError;
 use crate::generation::{Input, embed, start_generation};
+use crate::limits::client_key;
 use crate::metrics::{Metrics, outcome_of};
 use crate::supervisor::Handle;
 
@@ -153,9 +156,17 @@ impl From<ServiceError> for ApiError {
                 retry_after_s: Some(5),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             },
-            ServiceError::Unavailable { .. } | ServiceError::ShuttingDown => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-            }
+            ServiceError::Unavailable { .. }
+            | ServiceError::ShuttingDown
+            | ServiceError::EndedByShutdown { .. } => Self {
+                retry_after_s: Some(5),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            ServiceError::TooManyRequests { .. } => Self {
+                code: Some("rate_limit_exceeded"),
+                retry_after_s: Some(1),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            },
             ServiceError::WrongKind { .. } | ServiceError::NoChatTemplate { .. } => Self {
                 code: Some("model_not_supported"),
                 param: Some("model"),
@@ -378,8 +389,10 @@ enum Shape {
     Completion,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn generate(
     state: HttpState,
+    client: String,
     shape: Shape,
     model: String,
     input: Input,
@@ -393,6 +406,7 @@ async fn generate(
         .is_some_and(|o| o.include_usage);
     let started = start_generation(
         &state.handle,
+        &client,
         &model,
         input,
         max_tokens,
@@ -421,8 +435,9 @@ async fn generate(
         let mut text = String::new();
         loop {
             match g.next().await {
-                Some(GenEvent::Delta(t)) => text.push_str(&t),
-                Some(GenEvent::Done(s)) => {
+                Err(e) => return Err(e.into()),
+                Ok(Some(GenEvent::Delta(t))) => text.push_str(&t),
+                Ok(Some(GenEvent::Done(s))) => {
                     state.metrics.request(&served, "generate", "ok");
                     state.metrics.generated(
                         &served,
@@ -453,14 +468,14 @@ async fn generate(
                     }))
                     .into_response());
                 }
-                Some(GenEvent::Failed(e)) => {
+                Ok(Some(GenEvent::Failed(e))) => {
                     let e = ServiceError::Engine(e);
                     state
                         .metrics
                         .request(&served, "generate", outcome_of(&Err(&e)));
                     return Err(e.into());
                 }
-                None => return Err(ServiceError::Engine(EngineError::WorkerGone).into()),
+                Ok(None) => return Err(ServiceError::Engine(EngineError::WorkerGone).into()),
             }
         }
     }
@@ -497,12 +512,12 @@ async fn generate(
         loop {
             tokio::select! {
                 event = g.next() => match event {
-                    Some(GenEvent::Delta(t)) => {
+                    Ok(Some(GenEvent::Delta(t))) => {
                         if tx.send(Ok(chunk(json!({ "content": t }), None))).await.is_err() {
                             break;
                         }
                     }
-                    Some(GenEvent::Done(s)) => {
+                    Ok(Some(GenEvent::Done(s))) => {
                         state.metrics.request(&served, "generate", "ok");
                         state.metrics.generated(&served, s.prompt_tokens as u64, s.completion_tokens as u64, s.ttft_ms);
                         let _ = tx.send(Ok(chunk(json!({}), Some(finish_reason(s.finish))))).await;
@@ -513,14 +528,20 @@ async fn generate(
                         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                         break;
                     }
-                    Some(GenEvent::Failed(e)) => {
+                    Ok(Some(GenEvent::Failed(e))) => {
                         let e = ServiceError::Engine(e);
                         state.metrics.request(&served, "generate", outcome_of(&Err(&e)));
                         let body = json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": null } });
                         let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
                         break;
                     }
-                    None => break,
+                    Err(e) => {
+                        state.metrics.request(&served, "generate", "shutdown");
+                        let body = json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": "shutting_down" } });
+                        let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
+                        break;
+                    }
+                    Ok(None) => break,
                 },
                 // The client went away: dropping the generation cancels it at the next decode step.
                 () = tx.closed() => {
@@ -535,6 +556,7 @@ async fn generate(
 
 async fn chat_completions(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
     let result = async {
@@ -553,6 +575,7 @@ async fn chat_completions(
         let max = req.max_completion_tokens.or(req.max_tokens);
         generate(
             state,
+            client_key(Some(peer)),
             Shape::Chat,
             req.model,
             Input::Messages(messages),
@@ -567,6 +590,7 @@ async fn chat_completions(
 
 async fn completions(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
     let result = async {
@@ -588,6 +612,7 @@ async fn completions(
         let max = Some(req.max_tokens.unwrap_or(16));
         generate(
             state,
+            client_key(Some(peer)),
             Shape::Completion,
             req.model,
             Input::Prompt(prompt),
@@ -602,6 +627,7 @@ async fn completions(
 
 async fn embeddings(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Json<EmbeddingRequest>, JsonRejection>,
 ) -> Response {
     let result = async {
@@ -620,7 +646,7 @@ async fn embeddings(
                 ));
             }
         };
-        let e = match embed(&state.handle, &req.model, &inputs).await {
+        let e = match embed(&state.handle, &client_key(Some(peer)), &req.model, &inputs).await {
             Ok(e) => e,
             Err(err) => {
                 state

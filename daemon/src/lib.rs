@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod probe;
 pub mod registry;

@@ -47,16 +47,34 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
-    /// Stops accepting, lets the servers finish, then stops the state owner.
+    /// Graceful shutdown: refuse new requests and stop accepting connections, let running requests finish
+    /// for up to the configured grace period, end whatever still runs with `EndedByShutdown`, then stop
+    /// the state owner (workers drop their models).
     pub async fn stop(self) {
+        self.handle.begin_drain();
         for s in self.stop {
             let _ = s.send(());
         }
-        for t in self.tasks {
-            let _ = t.await;
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(self.handle.grace_ms());
+        while self.handle.requests_in_flight().await > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        if let Some(t) = self.http_task {
-            let _ = t.await;
+        self.handle.end_streams();
+        // Servers finish once their streams end; do not hang on a peer that never closes.
+        let servers = async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+            if let Some(t) = self.http_task {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(5), servers)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the grace period; closing anyway");
         }
         self.handle.shutdown().await;
         if let Some(path) = &self.socket {
@@ -175,11 +193,14 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         );
         let (tx, rx) = oneshot::channel::<()>();
         http_task = Some(tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
         }));
         stop.push(tx);
     }

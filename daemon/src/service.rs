@@ -17,6 +17,7 @@ use crate::engine::worker::{FinishReason, GenEvent};
 use crate::engine::{EngineError, ModelKind};
 use crate::error::ServiceError;
 use crate::generation::{Input, embed, start_generation};
+use crate::limits::client_key;
 use crate::metrics::{Metrics, outcome_of};
 use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent};
 
@@ -312,10 +313,15 @@ impl pb::ult_server::Ult for UltService {
         _request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let mut events = self.handle.subscribe();
+        let mut end = self.handle.streams_end();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {
-                match events.recv().await {
+                let event = tokio::select! {
+                    e = events.recv() => e,
+                    _ = end.changed() => break,
+                };
+                match event {
                     Ok(e) => {
                         if let Some(p) = watch_to_pb(e.unix_ms, e.event)
                             && tx.send(Ok(p)).await.is_err()
@@ -338,6 +344,7 @@ impl pb::ult_server::Ult for UltService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let client = client_key(request.remote_addr());
         let req = request.into_inner();
         let input = match req.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Prompt(p),
@@ -354,6 +361,7 @@ impl pb::ult_server::Ult for UltService {
         };
         let started = start_generation(
             &self.handle,
+            &client,
             &req.model,
             input,
             req.max_tokens,
@@ -377,8 +385,8 @@ impl pb::ult_server::Ult for UltService {
                 tokio::select! {
                     event = g.next() => {
                         let msg = match event {
-                            Some(GenEvent::Delta(text)) => Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(text)) }),
-                            Some(GenEvent::Done(s)) => {
+                            Ok(Some(GenEvent::Delta(text))) => Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(text)) }),
+                            Ok(Some(GenEvent::Done(s))) => {
                                 metrics.request(g.model(), "generate", "ok");
                                 metrics.generated(g.model(), s.prompt_tokens as u64, s.completion_tokens as u64, s.ttft_ms);
                                 Ok(pb::GenerateResponse {
@@ -396,12 +404,16 @@ impl pb::ult_server::Ult for UltService {
                                     })),
                                 })
                             }
-                            Some(GenEvent::Failed(e)) => {
+                            Ok(Some(GenEvent::Failed(e))) => {
                                 let e = ServiceError::Engine(e);
                                 metrics.request(g.model(), "generate", outcome_of(&Err(&e)));
                                 Err(Status::from(e))
                             }
-                            None => Err(Status::from(ServiceError::Engine(EngineError::WorkerGone))),
+                            Ok(None) => Err(Status::from(ServiceError::Engine(EngineError::WorkerGone))),
+                            Err(e) => {
+                                metrics.request(g.model(), "generate", "shutdown");
+                                Err(Status::from(e))
+                            }
                         };
                         let last = !matches!(&msg, Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(_)) }));
                         if tx.send(msg).await.is_err() || last {
@@ -424,8 +436,9 @@ impl pb::ult_server::Ult for UltService {
         &self,
         request: Request<pb::EmbedRequest>,
     ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let client = client_key(request.remote_addr());
         let req = request.into_inner();
-        match embed(&self.handle, &req.model, &req.inputs).await {
+        match embed(&self.handle, &client, &req.model, &req.inputs).await {
             Ok(e) => {
                 self.metrics.request(&e.model, "embed", "ok");
                 self.metrics.embedded(&e.model, e.prompt_tokens as u64);

@@ -315,7 +315,8 @@ impl std::fmt::Debug for LoadedModelBox {
     }
 }
 
-/// A handle for request handlers: every method is one message to the state owner.
+/// A handle for request handlers: every method is one message to the state owner. It also carries what
+/// both front doors share: per-client limits and the shutdown signals.
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
@@ -323,6 +324,10 @@ pub struct Handle {
     events: broadcast::Sender<Stamped>,
     next_id: Arc<AtomicU64>,
     load_wait: Duration,
+    limits: Arc<crate::limits::ClientLimits>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    end_streams: Arc<tokio::sync::watch::Sender<bool>>,
+    grace_ms: u64,
 }
 
 impl std::fmt::Debug for Handle {
@@ -338,6 +343,49 @@ impl Handle {
             .send(make(reply))
             .map_err(|_| ServiceError::ShuttingDown)?;
         rx.await.map_err(|_| ServiceError::ShuttingDown)?
+    }
+
+    /// The per-client limits.
+    pub fn limits(&self) -> &Arc<crate::limits::ClientLimits> {
+        &self.limits
+    }
+
+    /// From now on, new requests are refused with `ShuttingDown`.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// True once draining began.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ends every stream still running (they get `EndedByShutdown`).
+    pub fn end_streams(&self) {
+        let _ = self.end_streams.send(true);
+    }
+
+    /// A receiver that changes to `true` when streams must end.
+    pub fn streams_end(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.end_streams.subscribe()
+    }
+
+    /// The shutdown grace period.
+    pub fn grace_ms(&self) -> u64 {
+        self.grace_ms
+    }
+
+    /// Requests running or waiting, over every model.
+    pub async fn requests_in_flight(&self) -> u32 {
+        match self.status().await {
+            Ok(s) => s
+                .models
+                .iter()
+                .filter_map(|m| m.view.as_ref())
+                .map(|v| v.in_flight + v.queued)
+                .sum(),
+            Err(_) => 0,
+        }
     }
 
     fn new_id(&self) -> RequestId {
@@ -358,6 +406,9 @@ impl Handle {
     /// Waits until `model` is resident and admits this request (loading it, and evicting others, if the
     /// policy says so). Gives up after the configured wait with `WaitTimeout`.
     pub async fn acquire(&self, model: &str, kind: RequestKind) -> Result<Grant, ServiceError> {
+        if self.is_draining() {
+            return Err(ServiceError::ShuttingDown);
+        }
         let id = self.new_id();
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -613,6 +664,10 @@ pub fn start(
         events,
         next_id: Arc::new(AtomicU64::new(1)),
         load_wait: Duration::from_millis(d.load_wait_ms),
+        limits: crate::limits::ClientLimits::new(d.max_requests_per_client),
+        draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        end_streams: Arc::new(tokio::sync::watch::channel(false).0),
+        grace_ms: d.shutdown_grace_ms,
     }
 }
 
