@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     pub auth_token: Option<String>,
     /// The most requests one client may have running or waiting (0: no limit).
     pub max_requests_per_client: usize,
+    /// Directories every model path must lie in (empty: anywhere the operator configures).
+    pub model_roots: Vec<PathBuf>,
 }
 
 /// `[models.NAME]`.
@@ -148,6 +150,8 @@ struct RawDaemon {
     auth_token: Option<String>,
     auth_token_file: Option<String>,
     max_requests_per_client: Option<u32>,
+    #[serde(default)]
+    model_roots: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -459,6 +463,11 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         max_request_bytes,
         auth_token,
         max_requests_per_client: d.max_requests_per_client.map_or(64, |n| n as usize),
+        model_roots: d
+            .model_roots
+            .iter()
+            .map(|r| normalize(&resolve(base, r)))
+            .collect(),
     })
 }
 
@@ -519,6 +528,28 @@ fn parse_model(
             &format!("{min} is larger than the context {ctx}"),
         ));
     }
+    let path = resolve(base, &m.path);
+    if !daemon.model_roots.is_empty() {
+        // Symlinks are followed where the file exists, so a link cannot lead out of a root.
+        let real = std::fs::canonicalize(&path).unwrap_or_else(|_| normalize(&path));
+        if !daemon.model_roots.iter().any(|root| {
+            real.starts_with(std::fs::canonicalize(root).unwrap_or_else(|_| root.clone()))
+        }) {
+            return Err(l.error(
+                &key("path"),
+                &format!(
+                    "{} is outside the model roots ({})",
+                    real.display(),
+                    daemon
+                        .model_roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
     let mut seen = BTreeSet::new();
     for a in &m.aliases {
         if !seen.insert(a) {
@@ -528,7 +559,7 @@ fn parse_model(
     Ok(ModelConfig {
         name: name.to_string(),
         kind: m.kind,
-        path: resolve(base, &m.path),
+        path,
         context: m.context.map(|c| c as usize),
         aliases: m.aliases.clone(),
         keep_alive,
@@ -552,6 +583,21 @@ fn resolve(base: &Path, path: &str) -> PathBuf {
     } else {
         base.join(expanded)
     }
+}
+
+/// Removes `.` and resolves `..` without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// `$ULT_STATE_DIR`, else `~/.cache/ult`.
@@ -784,5 +830,25 @@ models = ["smollm2"]
             "nonsense",
             "unknown field `nonsense`",
         );
+        let roots = |root: &str, minilm: &str| {
+            GOOD.replace(
+                "headroom = \"1GiB\"",
+                &format!("headroom = \"1GiB\"\nmodel_roots = [\"{root}\"]"),
+            )
+            .replace("\"models/minilm\"", &format!("\"{minilm}\""))
+        };
+        check_error(
+            &roots("/srv/models", "models/minilm"),
+            16,
+            "models.minilm.path",
+            "outside the model roots",
+        );
+        check_error(
+            &roots("/etc/ult/models", "models/../../secrets"),
+            16,
+            "models.minilm.path",
+            "/etc/secrets is outside",
+        );
+        assert!(parse(&roots("/etc/ult/models", "models/minilm")).is_ok());
     }
 }

@@ -74,6 +74,14 @@ pub enum ServiceError {
         /// The grace period.
         grace_ms: u64,
     },
+    /// The client named a file path instead of a configured model.
+    #[error(
+        "{name:?} looks like a file path: ult serves only the models configured in models.toml (by name, alias or route)"
+    )]
+    PathNotAllowed {
+        /// What the client sent.
+        name: String,
+    },
     /// The client already has its maximum of concurrent requests.
     #[error(
         "client {client} already has {limit} requests running or waiting (the per-client limit)"
@@ -130,6 +138,7 @@ impl ServiceError {
                 Code::Unavailable
             }
             Self::TooManyRequests { .. } => Code::ResourceExhausted,
+            Self::PathNotAllowed { .. } => Code::PermissionDenied,
             Self::WrongKind { .. } | Self::NoChatTemplate { .. } => Code::FailedPrecondition,
             Self::InvalidArgument { .. } | Self::ContextTooLong { .. } => Code::InvalidArgument,
             Self::WaitTimeout { .. } => Code::ResourceExhausted,

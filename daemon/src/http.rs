@@ -162,6 +162,11 @@ impl From<ServiceError> for ApiError {
                 retry_after_s: Some(5),
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             },
+            ServiceError::PathNotAllowed { .. } => Self {
+                code: Some("model_not_found"),
+                param: Some("model"),
+                ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+            },
             ServiceError::TooManyRequests { .. } => Self {
                 code: Some("rate_limit_exceeded"),
                 retry_after_s: Some(1),

@@ -399,6 +399,11 @@ impl Handle {
 
     /// Resolves a model name, alias or route to a configured model that can serve.
     pub async fn resolve(&self, name: &str) -> Result<Arc<RegisteredModel>, ServiceError> {
+        if name.contains('/') || name.contains('\\') || name.starts_with('~') {
+            return Err(ServiceError::PathNotAllowed {
+                name: name.to_string(),
+            });
+        }
         let name = name.to_string();
         self.ask(|reply| Msg::Resolve { name, reply }).await
     }
