@@ -7,7 +7,6 @@
 
 use std::time::Instant;
 
-use ultd::engine::sampler::argmax;
 use ultd::engine::{CandleEngine, Engine, ModelKind, ModelSource};
 
 #[global_allocator]
@@ -115,13 +114,13 @@ fn main() -> anyhow::Result<()> {
         let mut prompt_rates = Vec::new();
         let mut decode_rates = Vec::new();
         for _ in 0..reps {
+            // Greedy, as ultd decodes greedy requests: the argmax stays on the device.
             let t = Instant::now();
-            let logits = model.begin(&ids)?;
+            let mut next = model.begin_greedy(&ids)?;
             prompt_rates.push(prompt_len as f64 / t.elapsed().as_secs_f64());
-            let mut next = argmax(&logits);
             let t = Instant::now();
             for _ in 0..decode {
-                next = argmax(&model.step(next)?);
+                next = model.step_greedy(next)?;
             }
             decode_rates.push(decode as f64 / t.elapsed().as_secs_f64());
         }

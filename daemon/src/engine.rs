@@ -215,6 +215,15 @@ pub trait LoadedModel: Send {
     fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError>;
     /// Appends `token` and returns the next-token logits.
     fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
+    /// Starts a sequence and returns the most likely next token (greedy decoding can stay on the device
+    /// instead of copying every logit back).
+    fn begin_greedy(&mut self, prompt: &[u32]) -> Result<u32, EngineError> {
+        self.begin(prompt).map(|l| sampler::argmax(&l))
+    }
+    /// Appends `token` and returns the most likely next token.
+    fn step_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
+        self.step(token).map(|l| sampler::argmax(&l))
+    }
     /// Embeds one tokenized input.
     fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError>;
     /// Tokens one sequence may hold now (the KV budget).
@@ -499,8 +508,9 @@ impl DecoderModel {
     }
 }
 
-impl LoadedModel for DecoderModel {
-    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+impl DecoderModel {
+    /// Prefills `prompt` in chunks and returns the last position's logits, on the device.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<candle_core::Tensor, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -529,13 +539,11 @@ impl LoadedModel for DecoderModel {
                     .map_err(|e| EngineError::candle("prefill".into(), e))?,
             );
         }
-        logits
-            .ok_or(EngineError::EmptyPrompt)?
-            .to_vec1::<f32>()
-            .map_err(|e| EngineError::candle("reading logits".into(), e))
+        logits.ok_or(EngineError::EmptyPrompt)
     }
 
-    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+    /// Runs one decode step and returns the logits, on the device.
+    fn decode(&mut self, token: u32) -> Result<candle_core::Tensor, EngineError> {
         let transformer = &self.transformer;
         let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
         if cache.len() >= cache.capacity() {
@@ -546,8 +554,34 @@ impl LoadedModel for DecoderModel {
         }
         transformer
             .forward(&[token], cache)
-            .and_then(|l| l.to_vec1::<f32>())
             .map_err(|e| EngineError::candle("decode step".into(), e))
+    }
+}
+
+fn host_logits(t: candle_core::Tensor) -> Result<Vec<f32>, EngineError> {
+    t.to_vec1::<f32>()
+        .map_err(|e| EngineError::candle("reading logits".into(), e))
+}
+
+fn device_argmax(t: &candle_core::Tensor) -> Result<u32, EngineError> {
+    transformer::argmax(t).map_err(|e| EngineError::candle("argmax".into(), e))
+}
+
+impl LoadedModel for DecoderModel {
+    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.prefill(prompt).and_then(host_logits)
+    }
+
+    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        self.decode(token).and_then(host_logits)
+    }
+
+    fn begin_greedy(&mut self, prompt: &[u32]) -> Result<u32, EngineError> {
+        self.prefill(prompt).and_then(|t| device_argmax(&t))
+    }
+
+    fn step_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
+        self.decode(token).and_then(|t| device_argmax(&t))
     }
 
     fn embed(&mut self, _input: &[u32]) -> Result<Vec<f32>, EngineError> {

@@ -308,6 +308,14 @@ fn run(
     None
 }
 
+/// What a forward pass gave the sampler.
+enum Next {
+    /// The argmax, computed on the device.
+    Token(u32),
+    /// Every logit, for sampling.
+    Logits(Vec<f32>),
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
@@ -327,7 +335,13 @@ pub fn generate(
             context_tokens: budget,
         });
     }
-    let mut logits = model.begin(&job.prompt)?;
+    // Greedy decoding without a repetition penalty needs only the argmax: it stays on the device.
+    let greedy = job.sampling.is_greedy() && job.sampling.repetition_penalty == 1.0;
+    let mut next = if greedy {
+        Next::Token(model.begin_greedy(&job.prompt)?)
+    } else {
+        Next::Logits(model.begin(&job.prompt)?)
+    };
     let prefill_ms = ms(start);
     let mut sampler = Sampler::new(job.sampling.clone());
     let mut stream = TextStream::new(job.stop.clone());
@@ -338,7 +352,10 @@ pub fn generate(
         if job.events.is_closed() {
             break FinishReason::Cancelled;
         }
-        let token = sampler.sample(&mut logits, &history);
+        let token = match &mut next {
+            Next::Token(t) => *t,
+            Next::Logits(logits) => sampler.sample(logits, &history),
+        };
         if tokenizer.is_stop(token) && !job.ignore_eos {
             break FinishReason::Eos;
         }
@@ -359,7 +376,11 @@ pub fn generate(
         if history.len() >= budget {
             break FinishReason::Context;
         }
-        logits = model.step(token)?;
+        next = if greedy {
+            Next::Token(model.step_greedy(token)?)
+        } else {
+            Next::Logits(model.step(token)?)
+        };
     };
     if matches!(
         finish,
