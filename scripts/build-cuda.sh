@@ -46,14 +46,15 @@ export LIBRARY_PATH=$links:$cu/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -C target-cpu=x86-64-v3 -L native=$links"
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$cache/target-cuda}
 
-cargo build --release --locked --features cuda -p ultd --bin ultd --example bench
+cargo build --release --locked --features cuda -p ultd --bin ultd --example bench --example compare
 cargo build --release --locked -p ult-client --bin ultctl --example bench_grpc
 
 out=$cache/cuda-bundle
 rm -rf "$out" && mkdir -p "$out"
 cp "$CARGO_TARGET_DIR/release/ultd" "$CARGO_TARGET_DIR/release/ultctl" "$CARGO_TARGET_DIR/release/examples/bench" \
-  "$CARGO_TARGET_DIR/release/examples/bench_grpc" "$out/"
+  "$CARGO_TARGET_DIR/release/examples/bench_grpc" "$CARGO_TARGET_DIR/release/examples/compare" "$out/"
 strip "$out"/*
-tar -C "$out" -cJf "$cache/ult-cuda-sm${CUDA_COMPUTE_CAP}.tar.xz" .
+# A 64 MiB window: the three CUDA binaries share their kernels, so xz stores those once.
+tar -C "$out" -cf - . | xz -9 -T1 >"$cache/ult-cuda-sm${CUDA_COMPUTE_CAP}.tar.xz"
 ls -l "$cache/ult-cuda-sm${CUDA_COMPUTE_CAP}.tar.xz" >&2
 echo "$cache/ult-cuda-sm${CUDA_COMPUTE_CAP}.tar.xz"

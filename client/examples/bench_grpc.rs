@@ -3,12 +3,16 @@
 //! tokens/s between the first and last delta. Median of `--reps`.
 //!
 //! `cargo run --release -p ult-client --example bench_grpc -- --addr 127.0.0.1:50051 --model smollm2`
+//!
+//! `--swap-with OTHER` measures swap latency instead: each rep makes OTHER resident (with a ceiling that
+//! holds only one of the two, that evicts MODEL), makes sure MODEL is not resident, then times a one-token
+//! request for MODEL to its first token: eviction, load, warm-up, prefill and the first decode step.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
 use std::time::Instant;
 
 use futures::StreamExt;
-use ult_client::{Client, GenerateEvent, GenerateRequest};
+use ult_client::{Client, GenerateEvent, GenerateRequest, ModelState};
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter()
@@ -32,6 +36,10 @@ async fn main() -> anyhow::Result<()> {
     let decode: u32 = arg(&args, "--decode", "64").parse()?;
     let reps: usize = arg(&args, "--reps", "3").parse()?;
     let mut client = Client::connect(&addr).await?;
+    let swap_with = arg(&args, "--swap-with", "");
+    if !swap_with.is_empty() {
+        return swap(&mut client, &model, &swap_with, reps).await;
+    }
     client.load(&model, |_, _| {}).await?;
     let (mut prompt_rates, mut decode_rates, mut server_prompt, mut server_decode) =
         (vec![], vec![], vec![], vec![]);
@@ -77,6 +85,52 @@ async fn main() -> anyhow::Result<()> {
         median(decode_rates),
         median(server_prompt),
         median(server_decode)
+    );
+    Ok(())
+}
+
+/// A one-token request.
+fn one_token(model: &str) -> GenerateRequest {
+    GenerateRequest {
+        model: model.into(),
+        prompt: "The capital of France is".into(),
+        max_tokens: Some(1),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Request for a non-resident `model` → first token, `reps` times, with `other` made resident before each.
+async fn swap(client: &mut Client, model: &str, other: &str, reps: usize) -> anyhow::Result<()> {
+    let mut times = Vec::new();
+    let mut evicted_by_policy = 0;
+    for _ in 0..reps {
+        client.generate_text(one_token(other)).await?;
+        let resident = client
+            .status()
+            .await?
+            .model(model)
+            .is_some_and(|m| matches!(m.state, ModelState::Resident | ModelState::Loading));
+        if resident {
+            client.unload(model).await?;
+        } else {
+            evicted_by_policy += 1;
+        }
+        let started = Instant::now();
+        let mut stream = client.generate(one_token(model)).await?;
+        let mut first = None;
+        while let Some(event) = stream.next().await {
+            if let GenerateEvent::Delta(_) = event? {
+                first.get_or_insert_with(|| started.elapsed());
+            }
+        }
+        times.push(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0));
+    }
+    let status = client.status().await?;
+    let bytes = status.model(model).and_then(|m| m.measured_bytes).unwrap_or(0);
+    println!(
+        "{{\"model\":\"{model}\",\"swap_with\":\"{other}\",\"swap_to_first_token_ms\":{:.1},\"resident_bytes\":{bytes},\"evicted_by_policy\":{evicted_by_policy},\"reps\":{reps}}}",
+        median(times)
     );
     Ok(())
 }

@@ -41,6 +41,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
+    #[cfg(feature = "cuda")]
+    unsafe {
+        ultd::engine::cuda_jit::configure_cache();
+    }
     let args: Vec<String> = std::env::args().collect();
     let device = arg(&args, "--device", "cpu");
     let prompt_len: usize = arg(&args, "--prompt", "128").parse()?;
@@ -49,6 +54,8 @@ fn main() -> anyhow::Result<()> {
     let models_dir = arg(&args, "--models-dir", "models");
     let only = arg(&args, "--models", "smollm2,gemma3");
     let ids_out = arg(&args, "--ids-out", "");
+    // CUDA: decode steps to run between cuProfilerStart/Stop, for `ncu --profile-from-start off`.
+    let profile_decode: usize = arg(&args, "--profile-decode", "0").parse()?;
     let extra: Vec<(String, String)> = arg(&args, "--gguf", "")
         .split(',')
         .filter(|s| !s.is_empty())
@@ -57,7 +64,14 @@ fn main() -> anyhow::Result<()> {
             (name.to_string(), path.to_string())
         })
         .collect();
+    let opened = Instant::now();
     let engine = CandleEngine::new(&device)?;
+    let kernels = engine.wait_for_kernels();
+    println!(
+        "device opened and kernels ready in {:.0} ms (kernel compile {:.0} ms)",
+        opened.elapsed().as_secs_f64() * 1000.0,
+        kernels.as_secs_f64() * 1000.0
+    );
     let mut models: Vec<(String, String)> = vec![
         (
             "smollm2".into(),
@@ -75,8 +89,14 @@ fn main() -> anyhow::Result<()> {
         engine.device_name()
     );
     println!(
-        "{:<10} {:>9} {:>12} {:>12} {:>12} {:>12}",
-        "model", "load ms", "prompt tok/s", "decode tok/s", "measured", "predicted"
+        "{:<10} {:>9} {:>12} {:>12} {:>14} {:>12} {:>12}",
+        "model",
+        "load ms",
+        "prompt tok/s",
+        "decode tok/s",
+        "host-argmax/s",
+        "measured",
+        "predicted"
     );
     for (name, path) in models {
         let context = (prompt_len + decode + 16).max(256);
@@ -124,14 +144,44 @@ fn main() -> anyhow::Result<()> {
             }
             decode_rates.push(decode as f64 / t.elapsed().as_secs_f64());
         }
-        let (p, d) = (median(prompt_rates), median(decode_rates));
+        // The same decode with every logit copied to the host and the argmax taken there (what sampled
+        // requests pay): the difference is the cost of the copy and host-side selection.
+        let mut host_rates = Vec::new();
+        for _ in 0..reps {
+            let mut logits = model.begin(&ids)?;
+            let t = Instant::now();
+            for _ in 0..decode {
+                let next = logits
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i as u32);
+                logits = model.step(next)?;
+            }
+            host_rates.push(decode as f64 / t.elapsed().as_secs_f64());
+        }
+        if profile_decode > 0 {
+            let mut next = model.begin_greedy(&ids)?;
+            next = model.step_greedy(next)?;
+            #[cfg(feature = "cuda")]
+            candle_core::cuda_backend::cudarc::driver::profiler_start()?;
+            let t = Instant::now();
+            for _ in 0..profile_decode {
+                next = model.step_greedy(next)?;
+            }
+            let per = t.elapsed().as_secs_f64() * 1e6 / profile_decode as f64;
+            #[cfg(feature = "cuda")]
+            candle_core::cuda_backend::cudarc::driver::profiler_stop()?;
+            println!("profiled {profile_decode} decode steps of {name}: {per:.0} us each (wall, under the profiler)");
+        }
+        let (p, d, h) = (median(prompt_rates), median(decode_rates), median(host_rates));
         println!(
-            "{name:<10} {load_ms:>9.0} {p:>12.1} {d:>12.1} {:>11.1}M {:>11.1}M",
+            "{name:<10} {load_ms:>9.0} {p:>12.1} {d:>12.1} {h:>14.1} {:>11.1}M {:>11.1}M",
             measured as f64 / 1048576.0,
             predicted as f64 / 1048576.0
         );
         println!(
-            "{{\"model\":\"{name}\",\"load_ms\":{load_ms:.1},\"prompt_tok_s\":{p:.2},\"decode_tok_s\":{d:.2},\"measured_bytes\":{measured},\"predicted_bytes\":{predicted}}}"
+            "{{\"model\":\"{name}\",\"load_ms\":{load_ms:.1},\"prompt_tok_s\":{p:.2},\"decode_tok_s\":{d:.2},\"decode_host_argmax_tok_s\":{h:.2},\"measured_bytes\":{measured},\"predicted_bytes\":{predicted}}}"
         );
     }
     Ok(())

@@ -5,6 +5,8 @@
 //! drives token by token. [`CandleEngine`] is the real one.
 
 pub mod bert;
+#[cfg(feature = "cuda")]
+pub mod cuda_jit;
 pub mod gguf;
 pub mod kv;
 pub mod repack;
@@ -260,6 +262,9 @@ pub trait Engine: Send + Sync + 'static {
 /// The Candle engine.
 pub struct CandleEngine {
     device: Device,
+    /// The background compile of Candle's CUDA kernels that loads wait for.
+    #[cfg(feature = "cuda")]
+    jit: Option<cuda_jit::WarmUp>,
 }
 
 impl CandleEngine {
@@ -283,7 +288,26 @@ impl CandleEngine {
                 }
             }
         };
-        Ok(Self { device })
+        #[cfg(feature = "cuda")]
+        let jit = match &device {
+            Device::Cuda(d) => Some(cuda_jit::WarmUp::start(d)),
+            _ => None,
+        };
+        Ok(Self {
+            device,
+            #[cfg(feature = "cuda")]
+            jit,
+        })
+    }
+
+    /// Waits for the device's kernels to be compiled (a no-op except on CUDA); returns how long the compile
+    /// took in all.
+    pub fn wait_for_kernels(&self) -> std::time::Duration {
+        #[cfg(feature = "cuda")]
+        if let Some(j) = &self.jit {
+            return j.wait();
+        }
+        std::time::Duration::ZERO
     }
 }
 
@@ -302,6 +326,7 @@ impl Engine for CandleEngine {
         kv_tokens: usize,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Box<dyn LoadedModel>, EngineError> {
+        self.wait_for_kernels();
         match source.kind {
             ModelKind::Embedding => {
                 let dir = &source.path;

@@ -43,6 +43,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    unsafe {
+        ultd::engine::cuda_jit::configure_cache();
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
