@@ -104,7 +104,7 @@ if has firstload; then
   toml "90%" "" >"$out/first.toml"
   for run in empty-cache warm-cache; do
     t0=$(date +%s%N)
-    start_ultd "$out/first.toml" "$out/first-$run"
+    ULT_LOG=ultd=debug,warn start_ultd "$out/first.toml" "$out/first-$run"
     t1=$(date +%s%N)
     "$bin/ultctl" --addr "$addr" --json load smollm2 >"$out/first-$run.json"
     t2=$(date +%s%N)
@@ -120,6 +120,7 @@ print(json.dumps({"run": run, "process_to_listening_ms": (int(t1) - int(t0)) / 1
                   "kernel_compile_ms": jit, "measured_bytes": o["measured_bytes"]}))
 PY
   done
+  grep -ho 'kernel module ready.*' "$out/first-empty-cache.err" | tee -a "$out/firstload.txt"
   du -sh "$ULT_CACHE/cuda-jit" | tee -a "$out/firstload.txt"
 fi
 
@@ -167,6 +168,8 @@ if has govern; then
   pids+=("$smi")
   sleep 0.5
   start_ultd "$out/govern.toml" "$out/govern-ultd"
+  # ult's baseline: its idle process (CUDA context, cuBLAS, kernels), before any model.
+  baseline=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
   {
     "$bin/ultctl" --addr "$addr" --json status
     for m in smollm2 gemma3 llama3-8b-shape gemma3 smollm2 llama3-8b-shape; do
@@ -180,16 +183,17 @@ print(json.dumps({"used":d.get("used_bytes"),"ceiling":d.get("ceiling_bytes"),"p
   } 2>&1 | tee "$out/govern.txt"
   stop_ultd
   kill "$smi" 2>/dev/null
-  python3 - "$out/govern-smi.txt" <<'PY' | tee -a "$out/govern.txt"
+  python3 - "$out/govern-smi.txt" "$baseline" <<'PY' | tee -a "$out/govern.txt"
 import sys
 v = [int(x) for x in open(sys.argv[1]) if x.strip().isdigit()]
-print(f'{{"nvidia_smi_samples":{len(v)},"baseline_mib":{v[0]},"peak_mib":{max(v)},"peak_above_baseline_mib":{max(v) - v[0]},"ceiling_mib":4600}}')
+b = int(sys.argv[2])
+print(f'{{"nvidia_smi_samples":{len(v)},"idle_ultd_mib":{b},"peak_mib":{max(v)},"peak_above_idle_ultd_mib":{max(v) - b},"ceiling_mib":4600,"held":{str(max(v) - b <= 4600).lower()}}}')
 PY
 fi
 
 if has ncu; then
   # Every kernel of 4 SmolLM2 decode steps (after warm-up), timed on the GPU one at a time.
-  ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
     "$bin/bench" --device cuda:0 --prompt 128 --decode 16 --reps 1 --models smollm2 --models-dir "$models" \
     --profile-decode 4 >"$out/ncu.csv" 2>"$out/ncu.err"
   python3 - "$out/ncu.csv" 4 <<'PY' | tee "$out/ncu.txt"
@@ -198,7 +202,7 @@ rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head = rows[0]; rows = rows[1:]
 ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
 steps = int(sys.argv[2])
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 by = collections.defaultdict(lambda: [0, 0.0])
 total = 0.0
 for r in rows:

@@ -127,7 +127,10 @@ async fn swap(client: &mut Client, model: &str, other: &str, reps: usize) -> any
         times.push(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0));
     }
     let status = client.status().await?;
-    let bytes = status.model(model).and_then(|m| m.measured_bytes).unwrap_or(0);
+    let bytes = status
+        .model(model)
+        .and_then(|m| m.measured_bytes)
+        .unwrap_or(0);
     println!(
         "{{\"model\":\"{model}\",\"swap_with\":\"{other}\",\"swap_to_first_token_ms\":{:.1},\"resident_bytes\":{bytes},\"evicted_by_policy\":{evicted_by_policy},\"reps\":{reps}}}",
         median(times)

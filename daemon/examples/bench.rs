@@ -172,9 +172,15 @@ fn main() -> anyhow::Result<()> {
             let per = t.elapsed().as_secs_f64() * 1e6 / profile_decode as f64;
             #[cfg(feature = "cuda")]
             candle_core::cuda_backend::cudarc::driver::profiler_stop()?;
-            println!("profiled {profile_decode} decode steps of {name}: {per:.0} us each (wall, under the profiler)");
+            println!(
+                "profiled {profile_decode} decode steps of {name}: {per:.0} us each (wall, under the profiler)"
+            );
         }
-        let (p, d, h) = (median(prompt_rates), median(decode_rates), median(host_rates));
+        let (p, d, h) = (
+            median(prompt_rates),
+            median(decode_rates),
+            median(host_rates),
+        );
         println!(
             "{name:<10} {load_ms:>9.0} {p:>12.1} {d:>12.1} {h:>14.1} {:>11.1}M {:>11.1}M",
             measured as f64 / 1048576.0,

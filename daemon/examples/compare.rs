@@ -1,15 +1,18 @@
-//! GPU correctness: runs every shipped model family on two devices (CPU and CUDA by default) with ult's
-//! engine and compares them: next-token logits after the same prompt and along a teacher-forced greedy
-//! path (relative L2 error, max absolute error, argmax agreement), the first `--tokens` greedy tokens each
-//! device picks on its own, and BERT embeddings (cosine, max absolute error). Exits 1 if any check fails.
+//! GPU correctness: runs every shipped model family with ult's engine on the CPU and on a device (CUDA by
+//! default) and measures both against an exact reference: the same model on the CPU with every matrix
+//! dequantized to f32 (no 8-bit activation rounding). Along a teacher-forced path (the reference's greedy
+//! tokens after a chat prompt) it reports, per backend, the relative L2 error of the next-token logits
+//! (median and worst over positions) and how often its argmax matches the reference's; then the first
+//! `--tokens` greedy tokens each backend picks on its own; and BERT embeddings (f32 everywhere: cosine).
+//! Exits 1 if a check fails.
 //!
-//! `compare --reference cpu --device cuda:0 --models-dir models --tokens 32`
+//! `compare --device cuda:0 --models-dir models --tokens 32`
 //!
-//! Tolerances (stated here and in BENCHMARKS.md): logits relative L2 ≤ 2% at every position, argmax equal at
-//! every teacher-forced position unless the reference's top two are within 0.05 of each other, greedy
-//! sequences equal up to the first such near-tie; embeddings cosine ≥ 0.9999. Quantized matmuls differ by
-//! design between backends (the CPU quantizes activations to 8 bits, the GPU kernels differ in order of
-//! summation), so bit equality is not expected.
+//! Checks (stated here and in BENCHMARKS.md). Quantized backends cannot match the reference bit for bit:
+//! both round activations to 8 bits before quantized matmuls, with different blocks and summation order.
+//! So the device must be as close to the reference as ult's CPU backend is: its median logit error at most
+//! 1.5 × the CPU's plus 0.01, and its argmax agreement with the reference at most 2 positions worse than
+//! the CPU's. Embeddings: cosine ≥ 0.9999.
 #![allow(clippy::unwrap_used)] // a check tool may unwrap
 
 use ultd::engine::{CandleEngine, Engine, LoadedModel, ModelKind, ModelSource};
@@ -19,8 +22,6 @@ static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
 
 const PROMPT: &str = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n";
 const GEMMA_PROMPT: &str = "<start_of_turn>user\nWhat is the capital of France? Answer in one sentence.<end_of_turn>\n<start_of_turn>model\n";
-const LOGIT_TOL: f64 = 0.02;
-const TIE: f32 = 0.05;
 const COSINE_MIN: f64 = 0.9999;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
@@ -36,11 +37,6 @@ fn argmax(v: &[f32]) -> usize {
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |(i, _)| i)
-}
-
-/// The reference's margin between its best token and `other`.
-fn margin(v: &[f32], other: usize) -> f32 {
-    v[argmax(v)] - v[other]
 }
 
 /// (relative L2, max absolute difference).
@@ -68,6 +64,24 @@ fn greedy(model: &mut dyn LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
+/// Errors of one backend against the reference along the teacher-forced path.
+#[derive(Default)]
+struct Track {
+    rel: Vec<f64>,
+    agree: usize,
+}
+
+impl Track {
+    fn median(&self) -> f64 {
+        let mut v = self.rel.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+    fn worst(&self) -> f64 {
+        self.rel.iter().copied().fold(0.0, f64::max)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
@@ -75,19 +89,27 @@ fn main() -> anyhow::Result<()> {
         ultd::engine::cuda_jit::configure_cache();
     }
     let args: Vec<String> = std::env::args().collect();
-    let reference = CandleEngine::new(&arg(&args, "--reference", "cpu"))?;
+    let reference = CandleEngine::reference("cpu")?;
+    let cpu = CandleEngine::new("cpu")?;
     let device = CandleEngine::new(&arg(&args, "--device", "cuda:0"))?;
     let dir = arg(&args, "--models-dir", "models");
     let n: usize = arg(&args, "--tokens", "32").parse()?;
     println!(
-        "{} versus {} (reference); tolerances: logits rel-L2 <= {LOGIT_TOL}, argmax equal unless a near-tie (< {TIE}), embeddings cosine >= {COSINE_MIN}",
-        device.device_name(),
-        reference.device_name()
+        "{} and cpu against an f32-dequantized cpu reference; device must be within 1.5x the cpu's median logit error + 0.01 and at most 2 argmax disagreements worse",
+        device.device_name()
     );
     let mut failed = false;
     for (name, file, prompt) in [
-        ("smollm2", format!("{dir}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), PROMPT),
-        ("gemma3", format!("{dir}/gemma3/gemma-3-270m-q4_k_m.gguf"), GEMMA_PROMPT),
+        (
+            "smollm2",
+            format!("{dir}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            PROMPT,
+        ),
+        (
+            "gemma3",
+            format!("{dir}/gemma3/gemma-3-270m-q4_k_m.gguf"),
+            GEMMA_PROMPT,
+        ),
     ] {
         let source = ModelSource {
             name: name.into(),
@@ -97,45 +119,53 @@ fn main() -> anyhow::Result<()> {
             max_sequences: 1,
             chat_template: None,
         };
-        let inspection = reference.inspect(&source)?;
+        let inspection = cpu.inspect(&source)?;
         let ids = inspection.tokenizer.encode(prompt, true);
-        let mut a = reference.load(&source, &inspection, 512, &|_| {})?;
-        let mut b = device.load(&source, &inspection, 512, &|_| {})?;
-        // Teacher-forced: both devices see the reference's greedy tokens, so every position compares.
-        let mut la = a.begin(&ids)?;
-        let mut lb = b.begin(&ids)?;
-        let (mut worst_rel, mut worst_abs, mut agree, mut ties) = (0.0f64, 0.0f64, 0usize, 0usize);
-        let mut bad_argmax = 0usize;
+        let mut r = reference.load(&source, &inspection, 512, &|_| {})?;
+        let mut c = cpu.load(&source, &inspection, 512, &|_| {})?;
+        let mut d = device.load(&source, &inspection, 512, &|_| {})?;
+        let (mut lr, mut lc, mut ld) = (r.begin(&ids)?, c.begin(&ids)?, d.begin(&ids)?);
+        let (mut tc, mut td) = (Track::default(), Track::default());
+        let mut series = Vec::new();
         for _ in 0..n {
-            let (rel, abs) = diff(&la, &lb);
-            worst_rel = worst_rel.max(rel);
-            worst_abs = worst_abs.max(abs);
-            let (ta, tb) = (argmax(&la), argmax(&lb));
-            if ta == tb {
-                agree += 1;
-            } else if margin(&la, tb) < TIE {
-                ties += 1;
-            } else {
-                bad_argmax += 1;
+            let best = argmax(&lr);
+            for (t, l) in [(&mut tc, &lc), (&mut td, &ld)] {
+                t.rel.push(diff(&lr, l).0);
+                t.agree += usize::from(argmax(l) == best);
             }
-            la = a.step(ta as u32)?;
-            lb = b.step(ta as u32)?;
+            series.push(format!(
+                "{:.3}/{:.3}",
+                tc.rel[tc.rel.len() - 1],
+                td.rel[td.rel.len() - 1]
+            ));
+            let token = best as u32;
+            (lr, lc, ld) = (r.step(token)?, c.step(token)?, d.step(token)?);
         }
-        // Free-running greedy on each device.
-        let ga = greedy(a.as_mut(), &ids, n);
-        let gb = greedy(b.as_mut(), &ids, n);
-        let same = ga.iter().zip(&gb).take_while(|(x, y)| x == y).count();
-        let ok = worst_rel <= LOGIT_TOL && bad_argmax == 0 && (same == n || ties > 0);
+        let gr = greedy(r.as_mut(), &ids, n);
+        let gc = greedy(c.as_mut(), &ids, n);
+        let gd = greedy(d.as_mut(), &ids, n);
+        let same = |g: &[u32]| gr.iter().zip(g).take_while(|(x, y)| x == y).count();
+        let ok = td.median() <= 1.5 * tc.median() + 0.01 && td.agree + 2 >= tc.agree;
         failed |= !ok;
+        for (label, t, g) in [("cpu", &tc, &gc), (device.device_name().as_str(), &td, &gd)] {
+            println!(
+                "{name:<8} {label:<7} logits rel-L2 median {:.4} worst {:.4}; argmax = reference {}/{n}; greedy = reference for {}/{n} tokens",
+                t.median(),
+                t.worst(),
+                t.agree,
+                same(g)
+            );
+        }
+        println!("{name:<8} per position (cpu/device): {}", series.join(" "));
         println!(
-            "{name:<8} logits rel-L2 max {worst_rel:.2e}, max-abs {worst_abs:.3}, argmax agree {agree}/{n} (near-ties {ties}), greedy tokens identical {same}/{n}: {}",
-            if ok { "ok" } else { "FAIL" }
+            "{name:<8} reference greedy: {:?}",
+            inspection.tokenizer.decode(&gr)
         );
         println!(
-            "         reference: {:?}\n         device:    {:?}",
-            inspection.tokenizer.decode(&ga),
-            inspection.tokenizer.decode(&gb)
+            "{name:<8} device greedy:    {:?}",
+            inspection.tokenizer.decode(&gd)
         );
+        println!("{name:<8} {}", if ok { "ok" } else { "FAIL" });
     }
     let source = ModelSource {
         name: "minilm".into(),
@@ -145,8 +175,8 @@ fn main() -> anyhow::Result<()> {
         max_sequences: 1,
         chat_template: None,
     };
-    let inspection = reference.inspect(&source)?;
-    let mut a = reference.load(&source, &inspection, 0, &|_| {})?;
+    let inspection = cpu.inspect(&source)?;
+    let mut a = cpu.load(&source, &inspection, 0, &|_| {})?;
     let mut b = device.load(&source, &inspection, 0, &|_| {})?;
     for text in [
         "The capital of France is Paris.",
@@ -154,7 +184,11 @@ fn main() -> anyhow::Result<()> {
     ] {
         let ids = inspection.tokenizer.encode(text, true);
         let (ea, eb) = (a.embed(&ids)?, b.embed(&ids)?);
-        let dot: f64 = ea.iter().zip(&eb).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+        let dot: f64 = ea
+            .iter()
+            .zip(&eb)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
         let na: f64 = ea.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
         let nb: f64 = eb.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
         let cosine = dot / (na * nb).max(1e-30);

@@ -262,6 +262,8 @@ pub trait Engine: Send + Sync + 'static {
 /// The Candle engine.
 pub struct CandleEngine {
     device: Device,
+    /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
+    dequantize: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
     #[cfg(feature = "cuda")]
     jit: Option<cuda_jit::WarmUp>,
@@ -295,9 +297,19 @@ impl CandleEngine {
         };
         Ok(Self {
             device,
+            dequantize: false,
             #[cfg(feature = "cuda")]
             jit,
         })
+    }
+
+    /// A numerical reference engine on `device`: every matrix is dequantized to f32 at load, so matmuls
+    /// run in f32 instead of on quantized activations. For correctness checks (`examples/compare.rs`);
+    /// several times the memory of the quantized model.
+    pub fn reference(device: &str) -> Result<Self, EngineError> {
+        let mut e = Self::new(device)?;
+        e.dequantize = true;
+        Ok(e)
     }
 
     /// Waits for the device's kernels to be compiled (a no-op except on CUDA); returns how long the compile
@@ -350,6 +362,8 @@ impl Engine for CandleEngine {
                     data: &map,
                     device: &self.device,
                     progress,
+                    dequantize: self.dequantize,
+                    stack: !self.device.is_cpu(),
                 };
                 let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);

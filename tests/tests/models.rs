@@ -95,7 +95,11 @@ async fn synthetic_model_from_synth_model_loads_and_generates() {
         .arg(ult_tests::models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d = start(
         "",
         &format!(

@@ -20,7 +20,9 @@ use candle_core::cuda_backend::kernels;
 fn default_cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("ULT_CACHE")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/ult")))?;
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/ult"))
+        })?;
     Some(base.join("cuda-jit"))
 }
 

@@ -27,11 +27,29 @@ pub struct WeightSource<'a> {
     pub device: &'a Device,
     /// Called with the bytes of each tensor read.
     pub progress: &'a (dyn Fn(u64) + Sync),
+    /// Dequantize every matrix to f32 (a numerical reference for correctness checks, not for serving).
+    pub dequantize: bool,
+    /// Stack matrices that read the same input into one matmul (see [`WeightSource::stacked`]); the
+    /// engine turns it on for GPUs.
+    pub stack: bool,
 }
 
 impl WeightSource<'_> {
     fn qtensor(&self, name: &str) -> std::result::Result<QTensor, EngineError> {
         let meta = self.header.tensor(name)?;
+        let bytes = self.bytes_of(name, meta)?;
+        let q = qtensor_from_ggml(meta.dtype, bytes, meta.dims.clone(), self.device)
+            .map_err(|e| EngineError::candle(format!("reading tensor {name}"), e))?;
+        (self.progress)(meta.bytes);
+        Ok(q)
+    }
+
+    /// The file bytes of tensor `name`.
+    fn bytes_of(
+        &self,
+        name: &str,
+        meta: &super::gguf::TensorMeta,
+    ) -> std::result::Result<&[u8], EngineError> {
         let start = usize::try_from(meta.offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(usize::try_from(meta.bytes).unwrap_or(usize::MAX));
         // The header check guarantees the range; re-check because Candle reads the slice unchecked.
@@ -42,15 +60,74 @@ impl WeightSource<'_> {
                 path: self.header.path.display().to_string(),
                 reason: format!("tensor {name} lies outside the mapped file"),
             })?;
-        let q = qtensor_from_ggml(meta.dtype, bytes, meta.dims.clone(), self.device)
-            .map_err(|e| EngineError::candle(format!("reading tensor {name}"), e))?;
-        (self.progress)(meta.bytes);
-        Ok(q)
+        Ok(bytes)
+    }
+
+    /// One matmul computing the matrices `names` stacked row-wise, when they share a type and a width: the
+    /// input is quantized once and one kernel runs instead of one each (GGML rows are independent, so
+    /// stacking is concatenating their bytes). Returns the matmul and each matrix's rows; None when the
+    /// matrices cannot be stacked.
+    fn stacked(
+        &self,
+        names: &[&str],
+    ) -> std::result::Result<Option<(QMatMul, Vec<usize>)>, EngineError> {
+        let metas = names
+            .iter()
+            .map(|n| self.header.tensor(n))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let Some(first) = metas.first() else {
+            return Ok(None);
+        };
+        if metas
+            .iter()
+            .any(|m| m.dtype != first.dtype || m.dims.len() != 2 || m.dims[1] != first.dims[1])
+        {
+            return Ok(None);
+        }
+        let total: u64 = metas.iter().map(|m| m.bytes).sum();
+        let mut bytes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for (name, meta) in names.iter().zip(&metas) {
+            bytes.extend_from_slice(self.bytes_of(name, meta)?);
+        }
+        let rows: Vec<usize> = metas.iter().map(|m| m.dims[0]).collect();
+        let dims = vec![rows.iter().sum(), first.dims[1]];
+        let joined = names.join("+");
+        let q = qtensor_from_ggml(first.dtype, &bytes, dims, self.device)
+            .map_err(|e| EngineError::candle(format!("reading tensors {joined}"), e))?;
+        drop(bytes);
+        for meta in &metas {
+            (self.progress)(meta.bytes);
+        }
+        Ok(Some((self.matmul_of(Arc::new(q), &joined)?, rows)))
+    }
+
+    /// The feed-forward's gate and up projections, stacked if `stack` (GPUs: a decode step there is bound
+    /// by kernel launches, not arithmetic; on the CPU the activation then reads a strided half, which costs
+    /// about what the saved quantization does).
+    fn gate_up(&self, gate: &str, up: &str) -> std::result::Result<GateUp, EngineError> {
+        let stacked = if self.stack {
+            self.stacked(&[gate, up])?
+        } else {
+            None
+        };
+        Ok(match stacked {
+            Some((m, rows)) => GateUp::Stacked(m, rows[0]),
+            None => GateUp::Split(self.qmatmul(gate)?, self.qmatmul(up)?),
+        })
     }
 
     fn qmatmul(&self, name: &str) -> std::result::Result<QMatMul, EngineError> {
-        QMatMul::from_qtensor(self.qtensor(name)?)
-            .map_err(|e| EngineError::candle(format!("preparing {name}"), e))
+        let q = self.qtensor(name)?;
+        self.matmul_of(Arc::new(q), name)
+    }
+
+    fn matmul_of(&self, q: Arc<QTensor>, name: &str) -> std::result::Result<QMatMul, EngineError> {
+        let wrap = |e| EngineError::candle(format!("preparing {name}"), e);
+        if self.dequantize {
+            Ok(QMatMul::Tensor(q.dequantize(self.device).map_err(wrap)?))
+        } else {
+            QMatMul::from_arc(q).map_err(wrap)
+        }
     }
 
     fn vector(&self, name: &str) -> std::result::Result<Tensor, EngineError> {
@@ -78,10 +155,36 @@ struct Block {
     k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
+    gate_up: GateUp,
     down: QMatMul,
     post_ffn_norm: Option<Tensor>,
+}
+
+/// A feed-forward's gate and up projections: one stacked matmul whose output splits in two (one input
+/// quantization and one kernel per layer fewer), or two matmuls where the matrices differ in type.
+enum GateUp {
+    /// Gate rows first, then up rows; the gate's row count.
+    Stacked(QMatMul, usize),
+    /// Separate gate and up.
+    Split(QMatMul, QMatMul),
+}
+
+impl GateUp {
+    /// (gate, up) projections of `h`.
+    fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self {
+            GateUp::Stacked(m, rows) => {
+                let both = m.forward(h)?;
+                let last = both.rank() - 1;
+                let total = both.dim(last)?;
+                Ok((
+                    both.narrow(last, 0, *rows)?,
+                    both.narrow(last, *rows, total - rows)?,
+                ))
+            }
+            GateUp::Split(gate, up) => Ok((gate.forward(h)?, up.forward(h)?)),
+        }
+    }
 }
 
 /// A loaded decoder.
@@ -116,8 +219,7 @@ impl Transformer {
                 k_norm: src.optional_vector(&p("attn_k_norm"))?,
                 post_attn_norm: src.optional_vector(&p("post_attention_norm"))?,
                 ffn_norm: src.vector(&p("ffn_norm"))?,
-                gate: src.qmatmul(&p("ffn_gate"))?,
-                up: src.qmatmul(&p("ffn_up"))?,
+                gate_up: src.gate_up(&p("ffn_gate"), &p("ffn_up"))?,
                 down: src.qmatmul(&p("ffn_down"))?,
                 post_ffn_norm: src.optional_vector(&p("post_ffw_norm"))?,
             });
@@ -127,8 +229,7 @@ impl Transformer {
         let lm_head = if src.header.tensors.contains_key("output.weight") {
             src.qmatmul("output.weight")?
         } else {
-            QMatMul::from_arc(embed.clone())
-                .map_err(|e| EngineError::candle("tying the output head".into(), e))?
+            src.matmul_of(embed.clone(), "the tied output head")?
         };
         let tables = |base: f32, scale: f32| {
             rope_tables(hp.head_dim, context, base, scale, src.device)
@@ -216,12 +317,12 @@ impl Transformer {
             }
             x = (x + a)?;
             let h = rms_norm(&x, &b.ffn_norm, eps)?;
-            let gate = b.gate.forward(&h)?;
+            let (gate, up) = b.gate_up.forward(&h)?;
             let act = match hp.arch {
                 Arch::Gemma3 => gate.gelu()?,
                 Arch::Llama => gate.silu()?,
             };
-            let mut m = b.down.forward(&(act * b.up.forward(&h)?)?)?;
+            let mut m = b.down.forward(&(act * up)?)?;
             if let Some(n) = &b.post_ffn_norm {
                 m = rms_norm(&m, n, eps)?;
             }
@@ -329,4 +430,59 @@ fn rope_tables(
 /// The index of the largest logit.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Stacking gate and up (what GPUs run) computes exactly what two matmuls do: same logits on the real
+    /// SmolLM2 file, on the CPU where CI can run it.
+    #[test]
+    fn stacked_gate_up_matches_separate_matmuls() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let header = GgufHeader::read(&path).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        let logits = |stack: bool| {
+            let src = WeightSource {
+                header: &header,
+                data: &data,
+                device: &Device::Cpu,
+                progress: &|_| {},
+                dequantize: false,
+                stack,
+            };
+            let t = Transformer::load(&src, 64).unwrap();
+            assert!(
+                t.blocks
+                    .iter()
+                    .all(|b| matches!(b.gate_up, GateUp::Stacked(..)) == stack)
+            );
+            let mut cache = t.new_cache(64).unwrap();
+            let mut out = t
+                .forward(&[1, 504, 3458, 314], &mut cache)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            out.extend(
+                t.forward(&[30], &mut cache)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            out
+        };
+        let (a, b) = (logits(false), logits(true));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "stacked and separate logits differ by {worst}"
+        );
+    }
 }
