@@ -100,7 +100,14 @@ fn next(seed: &mut u64) -> u64 {
 }
 
 const WORDS: [&str; 8] = [
-    "lighthouse", "harbour", "keeper", "lamp", "storm", "ship", "coast", "beam",
+    "lighthouse",
+    "harbour",
+    "keeper",
+    "lamp",
+    "storm",
+    "ship",
+    "coast",
+    "beam",
 ];
 
 enum Op {

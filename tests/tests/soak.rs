@@ -81,11 +81,17 @@ async fn thrash_loses_nothing_and_holds_the_ceiling() {
     assert_eq!(report.lost, 0, "{report:?}");
     assert_eq!(report.failed_valid, 0, "{report:?}");
     assert!(
-        report.failed.keys().all(|k| k.contains("unknown model") || k.contains("prompt longer")),
+        report
+            .failed
+            .keys()
+            .all(|k| k.contains("unknown model") || k.contains("prompt longer")),
         "{report:?}"
     );
     assert!(report.completed > 20, "{report:?}");
-    assert!(report.evictions > 0, "the ceiling should force evictions: {report:?}");
+    assert!(
+        report.evictions > 0,
+        "the ceiling should force evictions: {report:?}"
+    );
     assert!(report.max_ledger_bytes <= ceiling, "{report:?}");
     assert!(report.max_measured_resident_bytes <= ceiling, "{report:?}");
 }
