@@ -292,7 +292,11 @@ impl CandleEngine {
         };
         #[cfg(feature = "cuda")]
         let jit = match &device {
-            Device::Cuda(d) => Some(cuda_jit::WarmUp::start(d)),
+            // ULT_CUDA_WARMUP=0 leaves every compile to Candle's on-demand path (the baseline it is
+            // measured against in scripts/bench-gpu.sh).
+            Device::Cuda(d) if std::env::var_os("ULT_CUDA_WARMUP").is_none_or(|v| v != "0") => {
+                Some(cuda_jit::WarmUp::start(d))
+            }
             _ => None,
         };
         Ok(Self {

@@ -1,14 +1,16 @@
-//! CUDA only: compiles Candle's kernel modules once per machine, in parallel, so a fresh ultd does not pay
-//! the PTX JIT (about 12 s on an H100, serially) on its first model load.
+//! CUDA only: compiles the Candle kernel modules ult's models use, once per machine, in the background at
+//! startup, so a fresh ultd does not pay the PTX JIT on its first model load.
 //!
 //! Candle ships its element-wise, reduction and quantized kernels as PTX and hands each module to the driver
 //! the first time an op needs it; the driver compiles it for the GPU and, unless disabled, stores the
 //! result in its compute cache on disk. Two things follow. [`configure_cache`] points that cache at ult's
 //! own folder and gives it room for every module, so the compile happens once per machine and driver.
-//! [`WarmUp::start`] compiles all modules at startup on one thread each (the compiles are independent), so
-//! even the very first start pays the longest module instead of their sum, and pays it while the daemon is
-//! already accepting requests. Loads wait for the warm-up; Candle's own later loads of the same PTX are
-//! then cache hits.
+//! [`WarmUp::start`] compiles the modules our model code reaches, in the order a load needs them, on one
+//! background thread while the daemon is already accepting requests. Measured on an H100 (BENCHMARKS.md):
+//! the driver serialises JIT, so one thread per module finished no sooner than their sum (32 s for all
+//! eleven), and `conv` and `sort`, which no served model uses, were a large share of it; they are left to
+//! Candle's on-demand path. Loads wait for the warm-up; Candle's own later loads of the same PTX are then
+//! cache hits.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -47,19 +49,18 @@ pub unsafe fn configure_cache() -> Option<std::path::PathBuf> {
     Some(dir)
 }
 
-/// Every PTX module Candle may load.
-const MODULES: [(&str, &kernels::Module); 11] = [
-    ("affine", &kernels::AFFINE),
-    ("binary", &kernels::BINARY),
+/// The PTX modules ult's Llama, Gemma 3 and BERT code reaches, in the order a load first needs them (weights
+/// are quantized or cast on upload, then the forward pass). `conv` and `sort` are not used and stay lazy.
+const MODULES: [(&str, &kernels::Module); 9] = [
+    ("quantized", &kernels::QUANTIZED),
     ("cast", &kernels::CAST),
-    ("conv", &kernels::CONV),
     ("fill", &kernels::FILL),
     ("indexing", &kernels::INDEXING),
-    ("quantized", &kernels::QUANTIZED),
-    ("reduce", &kernels::REDUCE),
-    ("sort", &kernels::SORT),
-    ("ternary", &kernels::TERNARY),
+    ("affine", &kernels::AFFINE),
     ("unary", &kernels::UNARY),
+    ("binary", &kernels::BINARY),
+    ("reduce", &kernels::REDUCE),
+    ("ternary", &kernels::TERNARY),
 ];
 
 /// A background compile of all kernel modules that loads can wait on.
@@ -69,7 +70,7 @@ pub struct WarmUp {
 }
 
 impl WarmUp {
-    /// Starts compiling every module on `device`, one thread per module.
+    /// Starts compiling the modules on `device`, one after another on a background thread.
     pub fn start(device: &candle_core::CudaDevice) -> Self {
         let done = Arc::new((Mutex::new(None), Condvar::new()));
         let context = device.cuda_stream().context().clone();
@@ -78,24 +79,20 @@ impl WarmUp {
             .name("ult-cuda-jit".into())
             .spawn(move || {
                 let started = Instant::now();
-                std::thread::scope(|s| {
-                    for (name, module) in MODULES {
-                        let context = context.clone();
-                        s.spawn(move || {
-                            let t = Instant::now();
-                            match context.load_module(Ptx::from_src(module.ptx())) {
-                                Ok(_) => tracing::debug!(
-                                    module = name,
-                                    ms = t.elapsed().as_millis() as u64,
-                                    "kernel module ready"
-                                ),
-                                Err(e) => {
-                                    tracing::warn!(module = name, error = %e, "kernel module compile failed")
-                                }
-                            }
-                        });
+                for (name, module) in MODULES {
+                    let t = Instant::now();
+                    match context.load_module(Ptx::from_src(module.ptx())) {
+                        Ok(_) => tracing::info!(
+                            module = name,
+                            ms = t.elapsed().as_millis() as u64,
+                            at_ms = started.elapsed().as_millis() as u64,
+                            "kernel module ready"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(module = name, error = %e, "kernel module compile failed")
+                        }
                     }
-                });
+                }
                 let took = started.elapsed();
                 tracing::info!(ms = took.as_millis() as u64, "CUDA kernels ready");
                 let (lock, cv) = &*signal;
