@@ -144,6 +144,10 @@ PY
     for m in smollm2 gemma3 llama3-8b-shape; do
       "$bin/bench_grpc" --addr "$addr" --model "$m" --prompt-file "$out/prompt.txt" --decode "$decode" --reps "$reps"
     done
+    echo "== cancellation: client drops its stream after 16 tokens"
+    for m in smollm2 llama3-8b-shape; do
+      "$bin/bench_grpc" --addr "$addr" --model "$m" --cancel-after 16 --reps 5
+    done
     stop_ultd
   } 2>&1 | tee "$out/speed.txt"
 fi
@@ -195,7 +199,8 @@ fi
 
 if has ncu; then
   # Every kernel of 4 SmolLM2 decode steps (after warm-up), timed on the GPU one at a time.
-  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+  # No cache flush between kernels: decode kernels run back to back on warm caches.
+  ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
     "$bin/bench" --device cuda:0 --prompt 128 --decode 16 --reps 1 --models smollm2 --models-dir "$models" \
     --profile-decode 4 >"$out/ncu.csv" 2>"$out/ncu.err"
   python3 - "$out/ncu.csv" 4 <<'PY' | tee "$out/ncu.txt"

@@ -7,6 +7,12 @@
 //! `--swap-with OTHER` measures swap latency instead: each rep makes OTHER resident (with a ceiling that
 //! holds only one of the two, that evicts MODEL), makes sure MODEL is not resident, then times a one-token
 //! request for MODEL to its first token: eviction, load, warm-up, prefill and the first decode step.
+//!
+//! `--cancel-after N` measures cancellation instead: each rep starts a long generation, drops the stream
+//! after N deltas (the HTTP/2 stream is reset, as when a client dies), and polls Status until the request has
+//! left flight and is counted cancelled: the time from the drop until the sequence and its KV are freed,
+//! and how many tokens the worker decoded after the drop. Then it times a new request's first token, which
+//! shows the freed slot serving again.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
 use std::time::Instant;
@@ -41,6 +47,10 @@ async fn main() -> anyhow::Result<()> {
         return swap(&mut client, &model, &swap_with, reps).await;
     }
     client.load(&model, |_, _| {}).await?;
+    let cancel_after: u32 = arg(&args, "--cancel-after", "0").parse()?;
+    if cancel_after > 0 {
+        return cancel(&mut client, &model, cancel_after, reps).await;
+    }
     let (mut prompt_rates, mut decode_rates, mut server_prompt, mut server_decode) =
         (vec![], vec![], vec![], vec![]);
     let mut prompt_tokens = 0;
@@ -134,6 +144,65 @@ async fn swap(client: &mut Client, model: &str, other: &str, reps: usize) -> any
     println!(
         "{{\"model\":\"{model}\",\"swap_with\":\"{other}\",\"swap_to_first_token_ms\":{:.1},\"resident_bytes\":{bytes},\"evicted_by_policy\":{evicted_by_policy},\"reps\":{reps}}}",
         median(times)
+    );
+    Ok(())
+}
+
+/// Drop a stream after `after` deltas; time until the daemon has freed the sequence.
+async fn cancel(client: &mut Client, model: &str, after: u32, reps: usize) -> anyhow::Result<()> {
+    let (mut freed_ms, mut extra_tokens, mut next_ttft_ms) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let before = client.status().await?;
+        let m = before.model(model).unwrap();
+        let (cancelled0, generated0) = (m.cancelled, m.generated_tokens);
+        let req = GenerateRequest {
+            model: model.into(),
+            prompt: "The capital of France is".into(),
+            max_tokens: Some(4000),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut stream = client.generate(req).await?;
+        let mut received = 0u64;
+        while let Some(event) = stream.next().await {
+            // A delta carries at least one token, so generated − received bounds the tokens decoded
+            // after the drop from above.
+            if let GenerateEvent::Delta(_) = event? {
+                received += 1;
+                if received >= u64::from(after) {
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        let dropped = Instant::now();
+        let freed = loop {
+            let s = client.status().await?;
+            let m = s.model(model).unwrap();
+            if m.in_flight == 0 && m.cancelled > cancelled0 {
+                break (dropped.elapsed(), m.generated_tokens - generated0);
+            }
+        };
+        freed_ms.push(freed.0.as_secs_f64() * 1000.0);
+        extra_tokens.push(freed.1.saturating_sub(received) as f64);
+        let started = Instant::now();
+        let mut next = client.generate(one_token(model)).await?;
+        let mut first = None;
+        while let Some(event) = next.next().await {
+            if let GenerateEvent::Delta(_) = event? {
+                first.get_or_insert_with(|| started.elapsed());
+            }
+        }
+        next_ttft_ms.push(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0));
+    }
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    println!(
+        "{{\"model\":\"{model}\",\"cancel_after_tokens\":{after},\"freed_ms_median\":{:.2},\"freed_ms_max\":{:.2},\"tokens_after_drop_median\":{},\"tokens_after_drop_max\":{},\"next_request_first_token_ms_median\":{:.1},\"reps\":{reps}}}",
+        median(freed_ms.clone()),
+        max(&freed_ms),
+        median(extra_tokens.clone()),
+        max(&extra_tokens),
+        median(next_ttft_ms)
     );
     Ok(())
 }

@@ -4,6 +4,9 @@
 //! tokens after a chat prompt) it reports, per backend, the relative L2 error of the next-token logits
 //! (median and worst over positions) and how often its argmax matches the reference's; then the first
 //! `--tokens` greedy tokens each backend picks on its own; and BERT embeddings (f32 everywhere: cosine).
+//! Two diagnostics separate ult's model code from the quantized kernels: the reference itself run on the
+//! device (f32 everywhere, so it must match the CPU reference up to summation order), and the device's
+//! quantized path with gate+up stacking off (stacking is exact, so it must not move the logits).
 //! Exits 1 if a check fails.
 //!
 //! `compare --device cuda:0 --models-dir models --tokens 32`
@@ -12,7 +15,8 @@
 //! both round activations to 8 bits before quantized matmuls, with different blocks and summation order.
 //! So the device must be as close to the reference as ult's CPU backend is: its median logit error at most
 //! 1.5 × the CPU's plus 0.01, and its argmax agreement with the reference at most 2 positions worse than
-//! the CPU's. Embeddings: cosine ≥ 0.9999.
+//! the CPU's. The device's f32 reference: median logit error ≤ 1e-3 against the CPU's and every argmax the
+//! same. Embeddings: cosine ≥ 0.9999.
 #![allow(clippy::unwrap_used)] // a check tool may unwrap
 
 use ultd::engine::{CandleEngine, Engine, LoadedModel, ModelKind, ModelSource};
@@ -91,7 +95,10 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let reference = CandleEngine::reference("cpu")?;
     let cpu = CandleEngine::new("cpu")?;
-    let device = CandleEngine::new(&arg(&args, "--device", "cuda:0"))?;
+    let device_name = arg(&args, "--device", "cuda:0");
+    let device = CandleEngine::new(&device_name)?;
+    let device_reference = CandleEngine::reference(&device_name)?;
+    let unstacked = CandleEngine::new(&device_name)?.with_stacking(false);
     let dir = arg(&args, "--models-dir", "models");
     let n: usize = arg(&args, "--tokens", "32").parse()?;
     println!(
@@ -124,15 +131,22 @@ fn main() -> anyhow::Result<()> {
         let mut r = reference.load(&source, &inspection, 512, &|_| {})?;
         let mut c = cpu.load(&source, &inspection, 512, &|_| {})?;
         let mut d = device.load(&source, &inspection, 512, &|_| {})?;
+        let mut dr = device_reference.load(&source, &inspection, 512, &|_| {})?;
+        let mut du = unstacked.load(&source, &inspection, 512, &|_| {})?;
         let (mut lr, mut lc, mut ld) = (r.begin(&ids)?, c.begin(&ids)?, d.begin(&ids)?);
+        let (mut ldr, mut ldu) = (dr.begin(&ids)?, du.begin(&ids)?);
         let (mut tc, mut td) = (Track::default(), Track::default());
+        let (mut tdr, mut tdu) = (Track::default(), Track::default());
         let mut series = Vec::new();
         for _ in 0..n {
             let best = argmax(&lr);
-            for (t, l) in [(&mut tc, &lc), (&mut td, &ld)] {
+            for (t, l) in [(&mut tc, &lc), (&mut td, &ld), (&mut tdr, &ldr)] {
                 t.rel.push(diff(&lr, l).0);
                 t.agree += usize::from(argmax(l) == best);
             }
+            // The unstacked path against the stacked one: any difference at all is a stacking bug.
+            tdu.rel.push(diff(&ld, &ldu).0);
+            tdu.agree += usize::from(argmax(&ldu) == argmax(&ld));
             series.push(format!(
                 "{:.3}/{:.3}",
                 tc.rel[tc.rel.len() - 1],
@@ -140,13 +154,31 @@ fn main() -> anyhow::Result<()> {
             ));
             let token = best as u32;
             (lr, lc, ld) = (r.step(token)?, c.step(token)?, d.step(token)?);
+            (ldr, ldu) = (dr.step(token)?, du.step(token)?);
         }
         let gr = greedy(r.as_mut(), &ids, n);
         let gc = greedy(c.as_mut(), &ids, n);
         let gd = greedy(d.as_mut(), &ids, n);
         let same = |g: &[u32]| gr.iter().zip(g).take_while(|(x, y)| x == y).count();
-        let ok = td.median() <= 1.5 * tc.median() + 0.01 && td.agree + 2 >= tc.agree;
+        let quantized_ok = td.median() <= 1.5 * tc.median() + 0.01 && td.agree + 2 >= tc.agree;
+        let f32_ok = tdr.median() <= 1e-3 && tdr.agree == n;
+        let ok = quantized_ok && f32_ok;
         failed |= !ok;
+        println!(
+            "{name:<8} {} f32 reference vs cpu f32 reference: rel-L2 median {:.2e} worst {:.2e}; argmax {}/{n}: {}",
+            device.device_name(),
+            tdr.median(),
+            tdr.worst(),
+            tdr.agree,
+            if f32_ok { "ok" } else { "FAIL" }
+        );
+        println!(
+            "{name:<8} {} gate+up unstacked vs stacked: rel-L2 median {:.2e} worst {:.2e}; argmax {}/{n}",
+            device.device_name(),
+            tdu.median(),
+            tdu.worst(),
+            tdu.agree
+        );
         for (label, t, g) in [("cpu", &tc, &gc), (device.device_name().as_str(), &td, &gd)] {
             println!(
                 "{name:<8} {label:<7} logits rel-L2 median {:.4} worst {:.4}; argmax = reference {}/{n}; greedy = reference for {}/{n} tokens",
@@ -165,7 +197,11 @@ fn main() -> anyhow::Result<()> {
             "{name:<8} device greedy:    {:?}",
             inspection.tokenizer.decode(&gd)
         );
-        println!("{name:<8} {}", if ok { "ok" } else { "FAIL" });
+        println!(
+            "{name:<8} quantized {}, f32 {}",
+            if quantized_ok { "ok" } else { "FAIL" },
+            if f32_ok { "ok" } else { "FAIL" }
+        );
     }
     let source = ModelSource {
         name: "minilm".into(),

@@ -264,6 +264,8 @@ pub struct CandleEngine {
     device: Device,
     /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
     dequantize: bool,
+    /// Gate and up projections stacked into one matmul (on by default off the CPU).
+    stack: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
     #[cfg(feature = "cuda")]
     jit: Option<cuda_jit::WarmUp>,
@@ -299,9 +301,11 @@ impl CandleEngine {
             }
             _ => None,
         };
+        let stack = !device.is_cpu();
         Ok(Self {
             device,
             dequantize: false,
+            stack,
             #[cfg(feature = "cuda")]
             jit,
         })
@@ -314,6 +318,13 @@ impl CandleEngine {
         let mut e = Self::new(device)?;
         e.dequantize = true;
         Ok(e)
+    }
+
+    /// The same engine with gate+up stacking on or off (a diagnostic for `examples/compare.rs`: stacking
+    /// is exact, so turning it off must not change any logit).
+    pub fn with_stacking(mut self, stack: bool) -> Self {
+        self.stack = stack;
+        self
     }
 
     /// Waits for the device's kernels to be compiled (a no-op except on CUDA); returns how long the compile
@@ -367,7 +378,7 @@ impl Engine for CandleEngine {
                     device: &self.device,
                     progress,
                     dequantize: self.dequantize,
-                    stack: !self.device.is_cpu(),
+                    stack: self.stack,
                 };
                 let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);
