@@ -158,7 +158,7 @@ async fn cancel(client: &mut Client, model: &str, after: u32, reps: usize) -> an
         let req = GenerateRequest {
             model: model.into(),
             prompt: "The capital of France is".into(),
-            max_tokens: Some(4000),
+            max_tokens: Some(800),
             ignore_eos: true,
             ..Default::default()
         };

@@ -6,7 +6,10 @@
 //! `--tokens` greedy tokens each backend picks on its own; and BERT embeddings (f32 everywhere: cosine).
 //! Two diagnostics separate ult's model code from the quantized kernels: the reference itself run on the
 //! device (f32 everywhere, so it must match the CPU reference up to summation order), and the device's
-//! quantized path with gate+up stacking off (stacking is exact, so it must not move the logits).
+//! quantized path with gate+up stacking off, against the reference and against the stacked path. (Stacking
+//! is exact arithmetic, but any change of f32 summation order upstream, such as cuBLAS choosing another
+//! algorithm for another shape, flips some 8-bit activation roundings, so on a GPU the two quantized paths
+//! differ by about the quantization noise itself; what must hold is that both are as close to the reference.)
 //! Exits 1 if a check fails.
 //!
 //! `compare --device cuda:0 --models-dir models --tokens 32`
@@ -137,16 +140,21 @@ fn main() -> anyhow::Result<()> {
         let (mut ldr, mut ldu) = (dr.begin(&ids)?, du.begin(&ids)?);
         let (mut tc, mut td) = (Track::default(), Track::default());
         let (mut tdr, mut tdu) = (Track::default(), Track::default());
+        let mut stacked_vs_unstacked = Track::default();
         let mut series = Vec::new();
         for _ in 0..n {
             let best = argmax(&lr);
-            for (t, l) in [(&mut tc, &lc), (&mut td, &ld), (&mut tdr, &ldr)] {
+            for (t, l) in [
+                (&mut tc, &lc),
+                (&mut td, &ld),
+                (&mut tdr, &ldr),
+                (&mut tdu, &ldu),
+            ] {
                 t.rel.push(diff(&lr, l).0);
                 t.agree += usize::from(argmax(l) == best);
             }
-            // The unstacked path against the stacked one: any difference at all is a stacking bug.
-            tdu.rel.push(diff(&ld, &ldu).0);
-            tdu.agree += usize::from(argmax(&ldu) == argmax(&ld));
+            stacked_vs_unstacked.rel.push(diff(&ld, &ldu).0);
+            stacked_vs_unstacked.agree += usize::from(argmax(&ldu) == argmax(&ld));
             series.push(format!(
                 "{:.3}/{:.3}",
                 tc.rel[tc.rel.len() - 1],
@@ -173,11 +181,13 @@ fn main() -> anyhow::Result<()> {
             if f32_ok { "ok" } else { "FAIL" }
         );
         println!(
-            "{name:<8} {} gate+up unstacked vs stacked: rel-L2 median {:.2e} worst {:.2e}; argmax {}/{n}",
+            "{name:<8} {} gate+up unstacked vs reference: rel-L2 median {:.4} worst {:.4}; argmax {}/{n}; vs stacked: median {:.4}, argmax {}/{n}",
             device.device_name(),
             tdu.median(),
             tdu.worst(),
-            tdu.agree
+            tdu.agree,
+            stacked_vs_unstacked.median(),
+            stacked_vs_unstacked.agree
         );
         for (label, t, g) in [("cpu", &tc, &gc), (device.device_name().as_str(), &td, &gd)] {
             println!(
