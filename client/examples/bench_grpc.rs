@@ -177,6 +177,8 @@ async fn cancel(client: &mut Client, model: &str, after: u32, reps: usize) -> an
         drop(stream);
         let dropped = Instant::now();
         let freed = loop {
+            // Poll every millisecond: a tight loop of Status calls would compete with the worker it waits for.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             let s = client.status().await?;
             let m = s.model(model).unwrap();
             if m.in_flight == 0 && m.cancelled > cancelled0 {
