@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod generation;
 pub mod http;
 pub mod limits;

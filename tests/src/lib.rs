@@ -2,6 +2,7 @@
 //! connect a client to it. No sleeps: the server is bound before `start` returns.
 #![deny(missing_docs)]
 
+pub mod mutate;
 pub mod soak;
 
 use std::path::PathBuf;

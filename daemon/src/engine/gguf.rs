@@ -114,23 +114,27 @@ impl GgufHeader {
     /// Reads and validates the header of `path`: magic, version, metadata, and that every tensor lies
     /// inside the file with the size its type and shape imply.
     pub fn read(path: &Path) -> Result<Self, EngineError> {
+        let io = |source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        Self::parse(&mut BufReader::new(file), file_len, path)
+    }
+
+    /// Parses and validates a GGUF header from `reader`, a file of `file_len` bytes named `path` in
+    /// errors. Never panics, whatever the bytes (fuzzed: `ultd::fuzzing::gguf`).
+    pub fn parse<R: std::io::Read + std::io::Seek>(
+        reader: &mut R,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<Self, EngineError> {
         let corrupt = |reason: String| EngineError::CorruptModel {
             path: path.display().to_string(),
             reason,
         };
-        let file = File::open(path).map_err(|e| EngineError::Io {
-            path: path.display().to_string(),
-            source: e,
-        })?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| EngineError::Io {
-                path: path.display().to_string(),
-                source: e,
-            })?
-            .len();
-        let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| corrupt(e.to_string()))?;
+        let content = gguf_file::Content::read(reader).map_err(|e| corrupt(e.to_string()))?;
         let md = &content.metadata;
         let arch_name = get_string(md, "general.architecture")
             .ok_or_else(|| corrupt("no general.architecture".into()))?;
@@ -146,14 +150,22 @@ impl GgufHeader {
         };
         let mut tensors = BTreeMap::new();
         for (name, info) in &content.tensor_infos {
-            let elems: usize = info.shape.elem_count();
+            // Checked: a hostile file can name dimensions whose product overflows.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| corrupt(format!("tensor {name}: element count overflows")))?;
             let block = info.ggml_dtype.block_size();
             if !elems.is_multiple_of(block) {
                 return Err(corrupt(format!(
                     "tensor {name}: {elems} elements is not a multiple of the block size {block}"
                 )));
             }
-            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
+            let bytes = ((elems / block) as u64)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .ok_or_else(|| corrupt(format!("tensor {name}: size overflows")))?;
             let offset = content
                 .tensor_data_offset
                 .checked_add(info.offset)
