@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::engine::CandleEngine;
 use crate::engine::gguf::GgufHeader;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::template::{ChatMessage, ChatTemplate};
 use crate::engine::tokenizer::Tokenizer;
-use crate::engine::CandleEngine;
 use crate::generation::{Input, prepare_generation};
 use crate::registry::{RegisteredModel, Registry};
 
@@ -88,7 +88,8 @@ impl RequestTarget {
             "[daemon]\nstate_file = \"off\"\n[models.smollm2]\npath = {:?}\nkind = \"chat\"\ncontext = 256\n",
             path.display().to_string()
         );
-        let config = Config::parse(&models_dir.join("models.toml"), &text).map_err(|e| e.to_string())?;
+        let config =
+            Config::parse(&models_dir.join("models.toml"), &text).map_err(|e| e.to_string())?;
         let engine = CandleEngine::new("cpu").map_err(|e| e.to_string())?;
         let registry = Registry::inspect(&config, &engine);
         let model = registry
@@ -134,9 +135,7 @@ fn take<const N: usize>(data: &mut &[u8]) -> [u8; N] {
 /// bit patterns, so NaN and infinities occur); top_k (u16); then NUL-separated strings — with the
 /// messages flag, pairs of role and content, otherwise the prompt first — where strings starting with
 /// `\x01` are stop sequences.
-pub fn decode_request(
-    mut data: &[u8],
-) -> (Input, Option<u32>, SamplingParams, Vec<String>) {
+pub fn decode_request(mut data: &[u8]) -> (Input, Option<u32>, SamplingParams, Vec<String>) {
     let [flags] = take::<1>(&mut data);
     let max_tokens = u32::from_le_bytes(take(&mut data));
     let temperature = f32::from_le_bytes(take(&mut data));

@@ -2,6 +2,7 @@
 //! (`fuzz/corpus/<target>/`) and a fixed number of deterministic mutations of it. A panic fails the test and
 //! writes the input to `target/fuzz-smoke/<target>-<n>` for `cargo fuzz run <target> <file>`. The long runs
 //! are libFuzzer's (`scripts/fuzz.sh`); their figures are in BENCHMARKS.md.
+#![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -35,7 +36,10 @@ fn execs() -> usize {
 fn smoke(target: &str, seed: u64, run: impl Fn(&[u8])) {
     let seeds = corpus(target);
     let mut m = Mutator::new(seed);
-    let inputs = seeds.iter().cloned().chain((0..execs()).map(|_| m.mutate(&seeds)));
+    let inputs = seeds
+        .iter()
+        .cloned()
+        .chain((0..execs()).map(|_| m.mutate(&seeds)));
     // Panics are caught to name the input; the default hook would print each one first.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -57,8 +61,15 @@ fn smoke(target: &str, seed: u64, run: impl Fn(&[u8])) {
         }
     }
     std::panic::set_hook(hook);
-    eprintln!("fuzz smoke {target}: {n} executions, {} panics", failures.len());
-    assert!(failures.is_empty(), "{target} panicked on:\n{}", failures.join("\n"));
+    eprintln!(
+        "fuzz smoke {target}: {n} executions, {} panics",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{target} panicked on:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -91,6 +102,9 @@ fn gguf_seeds_parse_and_build_tokenizers() {
         )
         .unwrap_or_else(|e| panic!("seed {i}: {e}"));
         let tokenizer = Tokenizer::from_gguf(&header.vocab).unwrap();
-        assert!(tokenizer.encode("hello world", false).len() >= 2, "seed {i}");
+        assert!(
+            tokenizer.encode("hello world", false).len() >= 2,
+            "seed {i}"
+        );
     }
 }
