@@ -110,6 +110,19 @@ fn one_token(model: &str) -> GenerateRequest {
     }
 }
 
+/// Milliseconds from sending a one-token request for `model` to its first delta.
+async fn first_token_ms(client: &mut Client, model: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut stream = client.generate(one_token(model)).await?;
+    let mut first = None;
+    while let Some(event) = stream.next().await {
+        if let GenerateEvent::Delta(_) = event? {
+            first.get_or_insert_with(|| started.elapsed());
+        }
+    }
+    Ok(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0))
+}
+
 /// Request for a non-resident `model` → first token, `reps` times, with `other` made resident before each.
 async fn swap(client: &mut Client, model: &str, other: &str, reps: usize) -> anyhow::Result<()> {
     let mut times = Vec::new();
@@ -126,15 +139,7 @@ async fn swap(client: &mut Client, model: &str, other: &str, reps: usize) -> any
         } else {
             evicted_by_policy += 1;
         }
-        let started = Instant::now();
-        let mut stream = client.generate(one_token(model)).await?;
-        let mut first = None;
-        while let Some(event) = stream.next().await {
-            if let GenerateEvent::Delta(_) = event? {
-                first.get_or_insert_with(|| started.elapsed());
-            }
-        }
-        times.push(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0));
+        times.push(first_token_ms(client, model).await?);
     }
     let status = client.status().await?;
     let bytes = status
@@ -187,15 +192,7 @@ async fn cancel(client: &mut Client, model: &str, after: u32, reps: usize) -> an
         };
         freed_ms.push(freed.0.as_secs_f64() * 1000.0);
         extra_tokens.push(freed.1.saturating_sub(received) as f64);
-        let started = Instant::now();
-        let mut next = client.generate(one_token(model)).await?;
-        let mut first = None;
-        while let Some(event) = next.next().await {
-            if let GenerateEvent::Delta(_) = event? {
-                first.get_or_insert_with(|| started.elapsed());
-            }
-        }
-        next_ttft_ms.push(first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0));
+        next_ttft_ms.push(first_token_ms(client, model).await?);
     }
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!(

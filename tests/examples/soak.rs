@@ -1,15 +1,20 @@
-//! The soak harness against a running ultd (what `scripts/soak.sh` runs for minutes; the CI-sized run is
-//! `tests/tests/soak.rs`): many concurrent clients across every model, then the report as JSON.
+//! The soak harness, long (what `scripts/soak.sh` runs; the CI-sized run is `tests/tests/soak.rs`): starts
+//! the ultd binary on the three real models with a ceiling that fits SmolLM2 and Gemma 3 but not all three,
+//! drives it with many concurrent clients, and prints the report as JSON.
 //!
-//! `soak --addr 127.0.0.1:50051 --pid PID --clients 16 --seconds 600 [--seed 7]`
+//! `soak --ultd target/release/ultd --clients 16 --seconds 600 [--seed 7]`
+//! `soak --addr 127.0.0.1:50051 [--pid PID] ...` soaks a daemon that is already running instead.
 //!
 //! Exits 1 if anything was lost, the daemon crashed, a valid request failed, or the ledger or the
 //! measured resident bytes passed the ceiling.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ult_tests::soak::{SoakPlan, run};
+use ult_tests::{daemon_table, model_tables};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -18,19 +23,89 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
+/// Starts `ultd` on `toml`; returns the child and its gRPC address.
+fn start(ultd: &str, dir: &std::path::Path, toml: &str) -> (Child, String) {
+    let path = dir.join("models.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(ultd)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("ultd prints its address").unwrap();
+        if let Some(rest) = line.strip_prefix("ultd listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    (child, addr)
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = None;
+    let (addr, pid) = match (arg(&args, "--addr"), arg(&args, "--ultd")) {
+        (Some(addr), _) => (addr, arg(&args, "--pid").map(|v| v.parse().unwrap())),
+        (None, Some(ultd)) => {
+            // The predictions come from a daemon that loads nothing.
+            let (mut probe, addr) = start(
+                &ultd,
+                dir.path(),
+                &(daemon_table(dir.path(), "") + &model_tables()),
+            );
+            let status = ult_client::Client::connect(&addr)
+                .await
+                .unwrap()
+                .status()
+                .await
+                .unwrap();
+            let p = |m: &str| status.model(m).unwrap().predicted_bytes;
+            let ceiling = p("smollm2") + p("gemma3") + 10_000_000;
+            probe.kill().unwrap();
+            probe.wait().unwrap();
+            let extra =
+                format!("memory_ceiling = {ceiling}\nheadroom = 0\nmax_requests_per_client = 64");
+            let (c, addr) = start(
+                &ultd,
+                dir.path(),
+                &(daemon_table(dir.path(), &extra) + &model_tables()),
+            );
+            let pid = c.id();
+            child = Some(c);
+            (addr, Some(pid))
+        }
+        (None, None) => panic!("give --ultd PATH or --addr HOST:PORT"),
+    };
     let plan = SoakPlan {
-        addr: arg(&args, "--addr").unwrap_or_else(|| "127.0.0.1:50051".into()),
+        addr,
         clients: arg(&args, "--clients").map_or(16, |v| v.parse().unwrap()),
         duration: Duration::from_secs(arg(&args, "--seconds").map_or(600, |v| v.parse().unwrap())),
-        pid: arg(&args, "--pid").map(|v| v.parse().unwrap()),
+        pid,
         seed: arg(&args, "--seed").map_or(7, |v| v.parse().unwrap()),
     };
+    eprintln!(
+        "soak: {} clients for {:?} against {} ({} cores)",
+        plan.clients,
+        plan.duration,
+        plan.addr,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let report = run(plan).await;
+    let alive = child
+        .as_mut()
+        .is_none_or(|c| c.try_wait().unwrap().is_none());
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
-    let ok = report.lost == 0
+    let ok = alive
+        && report.lost == 0
         && report.crashes == 0
         && report.failed_valid == 0
         && report.max_ledger_bytes <= report.ceiling_bytes
