@@ -17,7 +17,7 @@ bin=$cache/cargo-bin
 if [ ! -x "$bin/bin/cargo-fuzz" ]; then
   cargo install --locked --quiet --root "$bin" cargo-fuzz@0.13.1
 fi
-export PATH=$bin/bin:$PATH RUSTC_BOOTSTRAP=1
+export PATH=$bin/bin:$PATH RUSTC_BOOTSTRAP=1 ULT_MODELS_DIR=$root/models
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$cache/target-fuzz}
 [ -f models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || scripts/fetch-models.sh
 status=0

@@ -83,6 +83,8 @@ pub struct RequestTarget {
 impl RequestTarget {
     /// Inspects the SmolLM2 chat model under `models_dir` (the directory `scripts/fetch-models.sh` fills).
     pub fn new(models_dir: &Path) -> Result<Self, String> {
+        let models_dir = std::fs::canonicalize(models_dir)
+            .map_err(|e| format!("{}: {e}", models_dir.display()))?;
         let path: PathBuf = models_dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         let text = format!(
             "[daemon]\nstate_file = \"off\"\n[models.smollm2]\npath = {:?}\nkind = \"chat\"\ncontext = 256\n",
