@@ -207,7 +207,9 @@ pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
             let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
             // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
             let got = unsafe { sys::cuDeviceGetMemPool(&mut pool, context.cu_device()) };
-            if got == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
+            // ULT_POOL_TRIM=0 skips the trim (a diagnostic: what trimming costs the next load).
+            let trim = std::env::var_os("ULT_POOL_TRIM").is_none_or(|v| v != "0");
+            if trim && got == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
                 // SAFETY: `pool` is the device's current pool, returned just above; trimming only releases
                 // reserved memory no allocation holds.
                 let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
