@@ -264,7 +264,7 @@ pub struct CandleEngine {
     device: Device,
     /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
     dequantize: bool,
-    /// Gate and up projections stacked into one matmul (on by default off the CPU).
+    /// Gate and up projections stacked into one matmul (off by default: see `CandleEngine::with_stacking`).
     stack: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
     #[cfg(feature = "cuda")]
@@ -301,7 +301,7 @@ impl CandleEngine {
             }
             _ => None,
         };
-        let stack = !device.is_cpu();
+        let stack = false;
         Ok(Self {
             device,
             dequantize: false,
@@ -320,8 +320,11 @@ impl CandleEngine {
         Ok(e)
     }
 
-    /// The same engine with gate+up stacking on or off (a diagnostic for `examples/compare.rs`: stacking
-    /// is exact, so turning it off must not change any logit).
+    /// The same engine with gate+up stacking on or off. Off by default: measured on an H100 (BENCHMARKS.md,
+    /// run F), stacking saved 60 of 845 kernel launches per SmolLM2 decode step but no decode speed beyond
+    /// the noise, cost 20–30% of prompt speed (the activation then reads strided halves) and 1.1 s of
+    /// load time for the 8B shape (the host-side concatenation). Kept for the benchmarks and
+    /// `examples/compare.rs`; it is exact arithmetic (tested on the CPU).
     pub fn with_stacking(mut self, stack: bool) -> Self {
         self.stack = stack;
         self

@@ -29,8 +29,8 @@ pub struct WeightSource<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
     /// Dequantize every matrix to f32 (a numerical reference for correctness checks, not for serving).
     pub dequantize: bool,
-    /// Stack matrices that read the same input into one matmul (see [`WeightSource::stacked`]); the
-    /// engine turns it on for GPUs.
+    /// Stack matrices that read the same input into one matmul (see [`WeightSource::stacked`]); off
+    /// unless asked for (`CandleEngine::with_stacking`).
     pub stack: bool,
 }
 
@@ -101,9 +101,8 @@ impl WeightSource<'_> {
         Ok(Some((self.matmul_of(Arc::new(q), &joined)?, rows)))
     }
 
-    /// The feed-forward's gate and up projections, stacked if `stack` (GPUs: a decode step there is bound
-    /// by kernel launches, not arithmetic; on the CPU the activation then reads a strided half, which costs
-    /// about what the saved quantization does).
+    /// The feed-forward's gate and up projections, stacked if `stack` (one launch fewer per layer; the
+    /// activation then reads strided halves, which costs prompt speed: measured, it does not pay).
     fn gate_up(&self, gate: &str, up: &str) -> std::result::Result<GateUp, EngineError> {
         let stacked = if self.stack {
             self.stacked(&[gate, up])?
