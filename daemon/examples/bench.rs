@@ -46,6 +46,10 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         ultd::engine::cuda_jit::configure_cache();
     }
+    #[cfg(feature = "cuda")]
+    if let Some(code) = ultd::engine::cuda_jit::run_child() {
+        std::process::exit(code.into());
+    }
     let args: Vec<String> = std::env::args().collect();
     let device = arg(&args, "--device", "cpu");
     let prompt_len: usize = arg(&args, "--prompt", "128").parse()?;

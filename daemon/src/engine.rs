@@ -409,6 +409,9 @@ impl Engine for CandleEngine {
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {
+        // The driver reports device-wide figures, and a cold-cache warm-up runs child processes that each
+        // hold a context: a reading taken while they live would shrink the next load's measured delta.
+        self.wait_for_kernels();
         crate::probe::device_memory(&self.device)
     }
 }

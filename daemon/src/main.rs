@@ -49,6 +49,10 @@ fn main() -> ExitCode {
     unsafe {
         ultd::engine::cuda_jit::configure_cache();
     }
+    #[cfg(feature = "cuda")]
+    if let Some(code) = ultd::engine::cuda_jit::run_child() {
+        return ExitCode::from(code);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
