@@ -9,11 +9,10 @@
 //! measured resident bytes passed the ceiling.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use ult_tests::soak::{SoakPlan, run};
+use ult_tests::soak::{SoakPlan, run, spawn_until_line};
 use ult_tests::{daemon_table, model_tables};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -27,21 +26,12 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 fn start(ultd: &str, dir: &std::path::Path, toml: &str) -> (Child, String) {
     let path = dir.join("models.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(ultd)
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("ultd prints its address").unwrap();
-        if let Some(rest) = line.strip_prefix("ultd listening on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    (child, addr)
+    let (child, rest) = spawn_until_line(
+        Command::new(ultd).arg("--config").arg(&path),
+        "ultd listening on ",
+    )
+    .unwrap();
+    (child, rest.split_whitespace().next().unwrap().to_string())
 }
 
 #[tokio::main]

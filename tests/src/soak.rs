@@ -366,3 +366,29 @@ pub async fn run(plan: SoakPlan) -> SoakReport {
     t.report.max_ms = t.latencies.last().copied().unwrap_or(0.0);
     t.report
 }
+
+/// Starts `command` with its stdout piped and reads that until a line starting with `prefix` (the daemon's
+/// "listening" line: it is printed once the sockets are bound); returns the child and the rest of the line.
+pub fn spawn_until_line(
+    command: &mut std::process::Command,
+    prefix: &str,
+) -> std::io::Result<(std::process::Child, String)> {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| std::io::Error::other("no stdout"))?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        if let Some(rest) = line?.strip_prefix(prefix) {
+            return Ok((child, rest.to_string()));
+        }
+    }
+    let _ = child.kill();
+    Err(std::io::Error::other(format!(
+        "the child ended without printing {prefix:?}"
+    )))
+}

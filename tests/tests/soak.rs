@@ -5,10 +5,9 @@
 //! `scripts/soak.sh` runs the same harness longer against the ultd binary.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::io::BufRead;
 use std::time::Duration;
 
-use ult_tests::soak::{SoakPlan, run};
+use ult_tests::soak::{SoakPlan, run, spawn_until_line};
 use ult_tests::{daemon_table, model_tables};
 
 ult_tests::install_allocator!();
@@ -50,20 +49,13 @@ async fn thrash_loses_nothing_and_holds_the_ceiling() {
         model_tables()
     );
     std::fs::write(&path, text).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "soak_daemon_child", "--nocapture"])
-        .env("ULT_SOAK_CONFIG", &path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the child prints its address").unwrap();
-        if let Some(a) = line.strip_prefix("listening ") {
-            break a.to_string();
-        }
-    };
+    let (mut child, addr) = spawn_until_line(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "soak_daemon_child", "--nocapture"])
+            .env("ULT_SOAK_CONFIG", &path),
+        "listening ",
+    )
+    .unwrap();
     let report = run(SoakPlan {
         addr,
         clients: 8,
@@ -87,7 +79,9 @@ async fn thrash_loses_nothing_and_holds_the_ceiling() {
             .all(|k| k.contains("unknown model") || k.contains("prompt longer")),
         "{report:?}"
     );
-    assert!(report.completed > 20, "{report:?}");
+    // How many complete depends on the machine's speed and what else runs (a throughput figure belongs in
+    // BENCHMARKS.md, not here); that the daemon served and thrashed does not.
+    assert!(report.completed > 0, "{report:?}");
     assert!(
         report.evictions > 0,
         "the ceiling should force evictions: {report:?}"
