@@ -255,7 +255,8 @@ pub trait Engine: Send + Sync + 'static {
     fn device_name(&self) -> String;
     /// The Candle device models run on (the memory probe watches its pool).
     fn device(&self) -> Device;
-    /// Bytes in use in the device's memory pool, for GPU devices (None on CPU).
+    /// Free and total device memory, settled (pending frees landed, the pool trimmed) for measuring a load;
+    /// None on CPU.
     fn device_memory(&self) -> Option<(u64, u64)>;
 }
 
@@ -412,7 +413,7 @@ impl Engine for CandleEngine {
         // The driver reports device-wide figures, and a cold-cache warm-up runs child processes that each
         // hold a context: a reading taken while they live would shrink the next load's measured delta.
         self.wait_for_kernels();
-        crate::probe::device_memory(&self.device)
+        crate::probe::device_memory(&self.device, true)
     }
 }
 

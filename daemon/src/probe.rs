@@ -74,7 +74,9 @@ impl Prober {
     pub fn new(source: ProbeSource, device: &candle_core::Device) -> Self {
         let device = match device {
             candle_core::Device::Cpu => None,
-            d => device_memory(d).map(|(free, total)| (d.clone(), total.saturating_sub(free))),
+            d => {
+                device_memory(d, true).map(|(free, total)| (d.clone(), total.saturating_sub(free)))
+            }
         };
         Self {
             source,
@@ -91,7 +93,7 @@ impl Prober {
                 let (mut snapshot, counters) = os_sample(self.previous.as_ref())?;
                 self.previous = Some(counters);
                 if let Some((device, baseline)) = &self.device
-                    && let Some((free, total)) = device_memory(device)
+                    && let Some((free, total)) = device_memory(device, false)
                 {
                     // On a GPU the pool is device memory; ult's share is what is in use beyond what was in
                     // use before it loaded anything.
@@ -191,11 +193,14 @@ fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeErr
 ///
 /// Candle allocates from the device's stream-ordered memory pool, which keeps freed blocks reserved for
 /// reuse: a model unloaded a moment ago would still count as used, and the next load would measure only what
-/// the pool had to grow by. So the stream is synchronized (pending frees land) and the pool trimmed to what
-/// is in use before the driver is asked: the numbers are then what the models and buffers alive hold.
+/// the pool had to grow by. With `settle`, the stream is synchronized (pending frees land) and the pool
+/// trimmed to what is in use before the driver is asked: the numbers are then what the models and buffers
+/// alive hold. Loads measure settled; the periodic probe does not (a sync and a trim every interval would
+/// stall the serving stream and make the next decode steps grow the pool again), so it counts the pool's
+/// reserve as used, which errs on the safe side.
 #[cfg(feature = "cuda")]
 #[allow(unsafe_code)]
-pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+pub fn device_memory(device: &candle_core::Device, settle: bool) -> Option<(u64, u64)> {
     use candle_core::cuda_backend::cudarc::driver::{result, sys};
     match device {
         candle_core::Device::Cuda(d) => {
@@ -203,16 +208,16 @@ pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
             let stream = d.cuda_stream();
             let context = stream.context();
             context.bind_to_thread().ok()?;
-            stream.synchronize().ok()?;
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
-            let got = unsafe { sys::cuDeviceGetMemPool(&mut pool, context.cu_device()) };
-            // ULT_POOL_TRIM=0 skips the trim (a diagnostic: what trimming costs the next load).
-            let trim = std::env::var_os("ULT_POOL_TRIM").is_none_or(|v| v != "0");
-            if trim && got == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
-                // SAFETY: `pool` is the device's current pool, returned just above; trimming only releases
-                // reserved memory no allocation holds.
-                let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+            if settle {
+                stream.synchronize().ok()?;
+                let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+                // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
+                let got = unsafe { sys::cuDeviceGetMemPool(&mut pool, context.cu_device()) };
+                if got == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
+                    // SAFETY: `pool` is the device's current pool, returned just above; trimming only
+                    // releases reserved memory no allocation holds.
+                    let _ = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+                }
             }
             let (free, total) = result::mem_get_info().ok()?;
             Some((free as u64, total as u64))
@@ -223,7 +228,7 @@ pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
 
 /// Free and total bytes of a GPU device's memory (None on CPU).
 #[cfg(not(feature = "cuda"))]
-pub fn device_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
-    let _ = device;
+pub fn device_memory(device: &candle_core::Device, settle: bool) -> Option<(u64, u64)> {
+    let _ = (device, settle);
     None
 }
