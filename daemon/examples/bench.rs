@@ -69,9 +69,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let opened = Instant::now();
-    // --stack: gate and up as one matmul, to measure what stacking costs at load and saves per token.
-    let stack = args.iter().any(|a| a == "--stack");
-    let engine = CandleEngine::new(&device)?.with_stacking(stack);
+    let engine = CandleEngine::new(&device)?;
     let kernels = engine.wait_for_kernels();
     println!(
         "device opened and kernels ready in {:.0} ms (kernel compile {:.0} ms)",

@@ -265,8 +265,6 @@ pub struct CandleEngine {
     device: Device,
     /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
     dequantize: bool,
-    /// Gate and up projections stacked into one matmul (off by default: see `CandleEngine::with_stacking`).
-    stack: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
     #[cfg(feature = "cuda")]
     jit: Option<cuda_jit::WarmUp>,
@@ -302,11 +300,9 @@ impl CandleEngine {
             }
             _ => None,
         };
-        let stack = false;
         Ok(Self {
             device,
             dequantize: false,
-            stack,
             #[cfg(feature = "cuda")]
             jit,
         })
@@ -319,16 +315,6 @@ impl CandleEngine {
         let mut e = Self::new(device)?;
         e.dequantize = true;
         Ok(e)
-    }
-
-    /// The same engine with gate+up stacking on or off. Off by default: measured on an H100 (BENCHMARKS.md,
-    /// run F), stacking saved 60 of 845 kernel launches per SmolLM2 decode step but no decode speed beyond
-    /// the noise, cost 20–30% of prompt speed (the activation then reads strided halves) and 1.1 s of
-    /// load time for the 8B shape (the host-side concatenation). Kept for the benchmarks and
-    /// `examples/compare.rs`; it is exact arithmetic (tested on the CPU).
-    pub fn with_stacking(mut self, stack: bool) -> Self {
-        self.stack = stack;
-        self
     }
 
     /// Waits for the device's kernels to be compiled (a no-op except on CUDA); returns how long the compile
@@ -382,7 +368,6 @@ impl Engine for CandleEngine {
                     device: &self.device,
                     progress,
                     dequantize: self.dequantize,
-                    stack: self.stack,
                 };
                 let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);

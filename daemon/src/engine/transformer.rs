@@ -29,9 +29,6 @@ pub struct WeightSource<'a> {
     pub progress: &'a (dyn Fn(u64) + Sync),
     /// Dequantize every matrix to f32 (a numerical reference for correctness checks, not for serving).
     pub dequantize: bool,
-    /// Stack matrices that read the same input into one matmul (see [`WeightSource::stacked`]); off
-    /// unless asked for (`CandleEngine::with_stacking`).
-    pub stack: bool,
 }
 
 impl WeightSource<'_> {
@@ -61,58 +58,6 @@ impl WeightSource<'_> {
                 reason: format!("tensor {name} lies outside the mapped file"),
             })?;
         Ok(bytes)
-    }
-
-    /// One matmul computing the matrices `names` stacked row-wise, when they share a type and a width: the
-    /// input is quantized once and one kernel runs instead of one each (GGML rows are independent, so
-    /// stacking is concatenating their bytes). Returns the matmul and each matrix's rows; None when the
-    /// matrices cannot be stacked.
-    fn stacked(
-        &self,
-        names: &[&str],
-    ) -> std::result::Result<Option<(QMatMul, Vec<usize>)>, EngineError> {
-        let metas = names
-            .iter()
-            .map(|n| self.header.tensor(n))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let Some(first) = metas.first() else {
-            return Ok(None);
-        };
-        if metas
-            .iter()
-            .any(|m| m.dtype != first.dtype || m.dims.len() != 2 || m.dims[1] != first.dims[1])
-        {
-            return Ok(None);
-        }
-        let total: u64 = metas.iter().map(|m| m.bytes).sum();
-        let mut bytes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for (name, meta) in names.iter().zip(&metas) {
-            bytes.extend_from_slice(self.bytes_of(name, meta)?);
-        }
-        let rows: Vec<usize> = metas.iter().map(|m| m.dims[0]).collect();
-        let dims = vec![rows.iter().sum(), first.dims[1]];
-        let joined = names.join("+");
-        let q = qtensor_from_ggml(first.dtype, &bytes, dims, self.device)
-            .map_err(|e| EngineError::candle(format!("reading tensors {joined}"), e))?;
-        drop(bytes);
-        for meta in &metas {
-            (self.progress)(meta.bytes);
-        }
-        Ok(Some((self.matmul_of(Arc::new(q), &joined)?, rows)))
-    }
-
-    /// The feed-forward's gate and up projections, stacked if `stack` (one launch fewer per layer; the
-    /// activation then reads strided halves, which costs prompt speed: measured, it does not pay).
-    fn gate_up(&self, gate: &str, up: &str) -> std::result::Result<GateUp, EngineError> {
-        let stacked = if self.stack {
-            self.stacked(&[gate, up])?
-        } else {
-            None
-        };
-        Ok(match stacked {
-            Some((m, rows)) => GateUp::Stacked(m, rows[0]),
-            None => GateUp::Split(self.qmatmul(gate)?, self.qmatmul(up)?),
-        })
     }
 
     fn qmatmul(&self, name: &str) -> std::result::Result<QMatMul, EngineError> {
@@ -154,36 +99,10 @@ struct Block {
     k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate_up: GateUp,
+    gate: QMatMul,
+    up: QMatMul,
     down: QMatMul,
     post_ffn_norm: Option<Tensor>,
-}
-
-/// A feed-forward's gate and up projections: one stacked matmul whose output splits in two (one input
-/// quantization and one kernel per layer fewer), or two matmuls where the matrices differ in type.
-enum GateUp {
-    /// Gate rows first, then up rows; the gate's row count.
-    Stacked(QMatMul, usize),
-    /// Separate gate and up.
-    Split(QMatMul, QMatMul),
-}
-
-impl GateUp {
-    /// (gate, up) projections of `h`.
-    fn forward(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        match self {
-            GateUp::Stacked(m, rows) => {
-                let both = m.forward(h)?;
-                let last = both.rank() - 1;
-                let total = both.dim(last)?;
-                Ok((
-                    both.narrow(last, 0, *rows)?,
-                    both.narrow(last, *rows, total - rows)?,
-                ))
-            }
-            GateUp::Split(gate, up) => Ok((gate.forward(h)?, up.forward(h)?)),
-        }
-    }
 }
 
 /// A loaded decoder.
@@ -218,7 +137,8 @@ impl Transformer {
                 k_norm: src.optional_vector(&p("attn_k_norm"))?,
                 post_attn_norm: src.optional_vector(&p("post_attention_norm"))?,
                 ffn_norm: src.vector(&p("ffn_norm"))?,
-                gate_up: src.gate_up(&p("ffn_gate"), &p("ffn_up"))?,
+                gate: src.qmatmul(&p("ffn_gate"))?,
+                up: src.qmatmul(&p("ffn_up"))?,
                 down: src.qmatmul(&p("ffn_down"))?,
                 post_ffn_norm: src.optional_vector(&p("post_ffw_norm"))?,
             });
@@ -316,12 +236,12 @@ impl Transformer {
             }
             x = (x + a)?;
             let h = rms_norm(&x, &b.ffn_norm, eps)?;
-            let (gate, up) = b.gate_up.forward(&h)?;
+            let gate = b.gate.forward(&h)?;
             let act = match hp.arch {
                 Arch::Gemma3 => gate.gelu()?,
                 Arch::Llama => gate.silu()?,
             };
-            let mut m = b.down.forward(&(act * up)?)?;
+            let mut m = b.down.forward(&(act * b.up.forward(&h)?)?)?;
             if let Some(n) = &b.post_ffn_norm {
                 m = rms_norm(&m, n, eps)?;
             }
@@ -429,59 +349,4 @@ fn rope_tables(
 /// The index of the largest logit.
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     logits.argmax(D::Minus1)?.to_scalar::<u32>()
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// Stacking gate and up (what GPUs run) computes exactly what two matmuls do: same logits on the real
-    /// SmolLM2 file, on the CPU where CI can run it.
-    #[test]
-    fn stacked_gate_up_matches_separate_matmuls() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-        let header = GgufHeader::read(&path).unwrap();
-        let data = std::fs::read(&path).unwrap();
-        let logits = |stack: bool| {
-            let src = WeightSource {
-                header: &header,
-                data: &data,
-                device: &Device::Cpu,
-                progress: &|_| {},
-                dequantize: false,
-                stack,
-            };
-            let t = Transformer::load(&src, 64).unwrap();
-            assert!(
-                t.blocks
-                    .iter()
-                    .all(|b| matches!(b.gate_up, GateUp::Stacked(..)) == stack)
-            );
-            let mut cache = t.new_cache(64).unwrap();
-            let mut out = t
-                .forward(&[1, 504, 3458, 314], &mut cache)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            out.extend(
-                t.forward(&[30], &mut cache)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
-            out
-        };
-        let (a, b) = (logits(false), logits(true));
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            worst < 1e-4,
-            "stacked and separate logits differ by {worst}"
-        );
-    }
 }
