@@ -15,23 +15,14 @@
 //! shows the freed slot serving again.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
+#[path = "../../daemon/examples/common/mod.rs"]
+mod common;
+use common::{arg, median};
+
 use std::time::Instant;
 
 use futures::StreamExt;
 use ult_client::{Client, GenerateEvent, GenerateRequest, ModelState};
-
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {

@@ -219,6 +219,15 @@ impl StatusReport {
     pub fn model(&self, name: &str) -> Option<&ModelInfo> {
         self.models.iter().find(|m| m.name == name)
     }
+
+    /// The measured bytes of the resident models, summed (what the ledger's ceiling must hold in fact).
+    pub fn measured_resident_bytes(&self) -> u64 {
+        self.models
+            .iter()
+            .filter(|m| m.state == ModelState::Resident)
+            .filter_map(|m| m.measured_bytes)
+            .sum()
+    }
 }
 
 /// What a load did.

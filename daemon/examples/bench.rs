@@ -5,6 +5,9 @@
 //! `cargo run --release -p ultd --example bench -- --device cpu --prompt 128 --decode 64 --reps 3`
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
+mod common;
+use common::{arg, median};
+
 use std::time::Instant;
 
 use ultd::engine::{CandleEngine, Engine, ModelKind, ModelSource};
@@ -27,27 +30,11 @@ shoals that have claimed so many ships. Their stories endure in the logbooks the
 that lasted for days, supply boats that could not land, and the long quiet of winter nights spent \
 watching the lamp turn above a dark and restless sea.";
 
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
-    unsafe {
-        ultd::engine::cuda_jit::configure_cache();
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(code) = ultd::engine::cuda_jit::run_child() {
+    #[allow(unsafe_code)]
+    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
         std::process::exit(code.into());
     }
     let args: Vec<String> = std::env::args().collect();

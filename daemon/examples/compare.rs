@@ -18,6 +18,9 @@
 //! same. Embeddings: cosine ≥ 0.9999.
 #![allow(clippy::unwrap_used)] // a check tool may unwrap
 
+mod common;
+use common::arg;
+
 use ultd::engine::{CandleEngine, Engine, LoadedModel, ModelKind, ModelSource};
 
 #[global_allocator]
@@ -26,14 +29,6 @@ static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
 const PROMPT: &str = "<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n";
 const GEMMA_PROMPT: &str = "<start_of_turn>user\nWhat is the capital of France? Answer in one sentence.<end_of_turn>\n<start_of_turn>model\n";
 const COSINE_MIN: f64 = 0.9999;
-
-fn arg(args: &[String], name: &str, default: &str) -> String {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
 
 fn argmax(v: &[f32]) -> usize {
     v.iter()
@@ -76,9 +71,7 @@ struct Track {
 
 impl Track {
     fn median(&self) -> f64 {
-        let mut v = self.rel.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        common::median(self.rel.clone())
     }
     fn worst(&self) -> f64 {
         self.rel.iter().copied().fold(0.0, f64::max)
@@ -88,11 +81,8 @@ impl Track {
 fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
-    unsafe {
-        ultd::engine::cuda_jit::configure_cache();
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(code) = ultd::engine::cuda_jit::run_child() {
+    #[allow(unsafe_code)]
+    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
         std::process::exit(code.into());
     }
     let args: Vec<String> = std::env::args().collect();

@@ -46,11 +46,7 @@ fn main() -> ExitCode {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
     #[allow(unsafe_code)]
-    unsafe {
-        ultd::engine::cuda_jit::configure_cache();
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(code) = ultd::engine::cuda_jit::run_child() {
+    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
         return ExitCode::from(code);
     }
     let args = Args::parse();

@@ -47,6 +47,26 @@ pub struct ModelSpec {
     pub min_kv_tokens: u32,
 }
 
+impl ModelSpec {
+    /// A model that is its weights alone (no KV to speak of), unpinned, of priority 1, never unloaded for
+    /// idleness: what simulations and routing need.
+    pub fn weights_only(name: impl Into<String>, weights_bytes: u64) -> Self {
+        Self {
+            name: name.into(),
+            footprint: Footprint {
+                weights_bytes,
+                context_tokens: 1,
+                max_sequences: 1,
+                ..Default::default()
+            },
+            pinned: false,
+            priority: 1.0,
+            keep_alive: KeepAlive::Forever,
+            min_kv_tokens: 1,
+        }
+    }
+}
+
 /// Retry delays after a failed load: `initial_ms · 2^(attempt-1)`, capped at `max_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {

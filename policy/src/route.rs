@@ -201,22 +201,10 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Event, Footprint, GovernorConfig, KeepAlive, ModelSpec, RequestId, RequestKind};
+    use crate::{Event, GovernorConfig, ModelSpec, RequestId, RequestKind};
 
     fn governor(names: &[&str]) -> Governor {
-        let specs = names.iter().map(|n| ModelSpec {
-            name: n.to_string(),
-            footprint: Footprint {
-                weights_bytes: 10,
-                context_tokens: 1,
-                max_sequences: 1,
-                ..Default::default()
-            },
-            pinned: false,
-            priority: 1.0,
-            keep_alive: KeepAlive::Forever,
-            min_kv_tokens: 1,
-        });
+        let specs = names.iter().map(|n| ModelSpec::weights_only(*n, 10));
         Governor::new(GovernorConfig::new(1000, 0), specs)
     }
 

@@ -11,10 +11,8 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use crate::footprint::Footprint;
 use crate::governor::{Governor, GovernorConfig, ModelSpec, RequestId, RequestKind, Residency};
 use crate::plan::{Action, Event};
-use crate::size::KeepAlive;
 
 /// A model in a simulated zoo.
 #[derive(Debug, Clone, PartialEq)]
@@ -280,19 +278,10 @@ impl UltPolicy {
 
     /// As [`UltPolicy::new`], with the frequency half-life set.
     pub fn with_half_life(capacity: u64, trace: &Trace, bandwidth: f64, half_life_ms: u64) -> Self {
-        let specs = trace.models.iter().map(|m| ModelSpec {
-            name: m.name.clone(),
-            footprint: Footprint {
-                weights_bytes: m.bytes,
-                context_tokens: 1,
-                max_sequences: 1,
-                ..Default::default()
-            },
-            pinned: false,
-            priority: 1.0,
-            keep_alive: KeepAlive::Forever,
-            min_kv_tokens: 1,
-        });
+        let specs = trace
+            .models
+            .iter()
+            .map(|m| ModelSpec::weights_only(m.name.clone(), m.bytes));
         let mut config = GovernorConfig::new(capacity, 0);
         config.default_load_bandwidth = bandwidth;
         config.frequency_half_life_ms = half_life_ms;

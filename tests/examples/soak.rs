@@ -9,18 +9,15 @@
 //! measured resident bytes passed the ceiling.
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
 
+#[path = "../../daemon/examples/common/mod.rs"]
+mod common;
+use common::arg_opt as arg;
+
 use std::process::{Child, Command};
 use std::time::Duration;
 
 use ult_tests::soak::{SoakPlan, run, spawn_until_line};
 use ult_tests::{daemon_table, model_tables};
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
 
 /// Starts `ultd` on `toml`; returns the child and its gRPC address.
 fn start(ultd: &str, dir: &std::path::Path, toml: &str) -> (Child, String) {

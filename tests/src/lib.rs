@@ -136,3 +136,13 @@ pub fn paris_request(model: &str) -> ult_client::GenerateRequest {
         ..Default::default()
     }
 }
+
+/// A greedy completion request for `prompt` of at most `max_tokens` tokens.
+pub fn completion(model: &str, prompt: &str, max_tokens: u32) -> ult_client::GenerateRequest {
+    ult_client::GenerateRequest {
+        model: model.into(),
+        prompt: prompt.into(),
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}

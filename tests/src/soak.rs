@@ -271,12 +271,7 @@ pub async fn run(plan: SoakPlan) -> SoakReport {
                 match c.status().await {
                     Ok(s) => {
                         misses = 0;
-                        let measured: u64 = s
-                            .models
-                            .iter()
-                            .filter(|m| m.state == ModelState::Resident)
-                            .filter_map(|m| m.measured_bytes)
-                            .sum();
+                        let measured = s.measured_resident_bytes();
                         let rss = pid.and_then(rss_bytes);
                         let mut t = tally.lock().expect("tally");
                         let r = &mut t.report;

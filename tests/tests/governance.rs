@@ -8,18 +8,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ult_client::{Client, GenerateRequest, ModelState, StatusReport, WatchItem};
-use ult_tests::{TestDaemon, daemon_table, model_tables, paris_request, start, start_in};
+use ult_tests::{
+    TestDaemon, completion, daemon_table, model_tables, paris_request, start, start_in,
+};
 
 ult_tests::install_allocator!();
-
-fn completion(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        model: model.into(),
-        prompt: prompt.into(),
-        max_tokens: Some(max_tokens),
-        ..Default::default()
-    }
-}
 
 /// Predicted footprints of the three models, read from a daemon's status (headers only, no loads).
 async fn predicted() -> (u64, u64, u64) {
@@ -34,12 +27,7 @@ async fn predicted() -> (u64, u64, u64) {
 /// The invariant, as measured: what the resident models measured and what the ledger charges both stay
 /// under the ceiling.
 fn assert_under_ceiling(s: &StatusReport) {
-    let measured: u64 = s
-        .models
-        .iter()
-        .filter(|m| m.state == ModelState::Resident)
-        .filter_map(|m| m.measured_bytes)
-        .sum();
+    let measured = s.measured_resident_bytes();
     assert!(
         measured <= s.daemon.ceiling_bytes,
         "measured {measured} > ceiling {}",

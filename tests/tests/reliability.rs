@@ -13,11 +13,8 @@ ult_tests::install_allocator!();
 
 fn long(model: &str, tokens: u32) -> GenerateRequest {
     GenerateRequest {
-        model: model.into(),
-        prompt: "Once upon a time".into(),
-        max_tokens: Some(tokens),
         ignore_eos: true,
-        ..Default::default()
+        ..ult_tests::completion(model, "Once upon a time", tokens)
     }
 }
 

@@ -4,19 +4,10 @@
 #![allow(clippy::unwrap_used)] // tests and examples may unwrap
 
 use futures::StreamExt;
-use ult_client::{GenerateEvent, GenerateRequest, ModelState};
-use ult_tests::{paris_request, start};
+use ult_client::{GenerateEvent, ModelState};
+use ult_tests::{completion, paris_request, start};
 
 ult_tests::install_allocator!();
-
-fn completion(model: &str, prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        model: model.into(),
-        prompt: prompt.into(),
-        max_tokens: Some(max_tokens),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_models_resident_and_generating_concurrently() {

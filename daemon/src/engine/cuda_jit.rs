@@ -70,7 +70,19 @@ const CHILD_DEVICE: &str = "ULT_CUDA_JIT_DEVICE";
 /// Whether this binary calls [`run_child`] first thing, so that it can serve as a warm-up child.
 static CHILD_CAPABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Call first thing in `main` (after [`configure_cache`]): in a warm-up child process (see
+/// What every CUDA binary of ult runs first thing in `main`: [`configure_cache`], then [`run_child`].
+/// Returns the exit status to end with when this process is a warm-up child.
+///
+/// # Safety
+/// As [`configure_cache`]: no other thread may exist yet.
+#[allow(unsafe_code)]
+pub unsafe fn init_process() -> Option<u8> {
+    // SAFETY: passed on to the caller.
+    unsafe { configure_cache() };
+    run_child()
+}
+
+/// Called by [`init_process`]: in a warm-up child process (see
 /// [`WarmUp::start`]) compiles its one module into the driver's cache and returns the exit status to end
 /// with (0 or 1); in any other process returns None, and marks the binary as able to serve as a child.
 pub fn run_child() -> Option<u8> {
