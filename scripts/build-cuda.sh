@@ -30,11 +30,15 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   [ -n "$real" ] || { echo "lib$lib missing from $cu/lib" >&2; exit 1; }
   ln -s "$real" "$links/lib$lib.so"
 done
-cudarc=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* 2>/dev/null | head -1)
+# `|| true`: under `set -euo pipefail` a failing `ls` (a fresh registry) would end the script silently
+# before the fetch below could run.
+find_cudarc() { ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* 2>/dev/null | head -1 || true; }
+cudarc=$(find_cudarc)
 if [ -z "$cudarc" ]; then
   cargo fetch --locked >/dev/null
-  cudarc=$(ls -d "$HOME"/.cargo/registry/src/*/cudarc-0.19.* | head -1)
+  cudarc=$(find_cudarc)
 fi
+[ -n "$cudarc" ] || { echo "cudarc 0.19 sources not found in the cargo registry after cargo fetch" >&2; exit 1; }
 grep -rhoE "fn cu[A-Za-z0-9_]+" "$cudarc/src/driver/sys/" | sort -u | sed 's/^fn \(.*\)/void \1(void) {}/' >"$links/cuda_stub.c"
 gcc -shared -fPIC -o "$links/libcuda.so.1" -Wl,-soname,libcuda.so.1 "$links/cuda_stub.c"
 ln -s libcuda.so.1 "$links/libcuda.so"

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 root = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-out_dir = root / "daemon/tests/fixtures/tokenizer"
+out_dir = root / "engine/tests/fixtures/tokenizer"
 out_dir.mkdir(parents=True, exist_ok=True)
 
 COMMON = [

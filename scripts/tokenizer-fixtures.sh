@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates daemon/tests/fixtures/tokenizer/*.json from independent tokenizer implementations
+# Regenerates engine/tests/fixtures/tokenizer/*.json from independent tokenizer implementations
 # (transformers, sentencepiece, tokenizers) in a private virtual environment. The fixtures are committed;
 # tests never run this.
 set -euo pipefail

@@ -157,6 +157,22 @@ pub struct ModelInfo {
     pub failed: u64,
     /// Inputs embedded.
     pub embedded: u64,
+    /// Sequences in the running batch now.
+    pub running_sequences: u32,
+    /// Sequences waiting for admission now.
+    pub waiting_sequences: u32,
+    /// The most sequences running at once.
+    pub max_sequences: u32,
+    /// KV blocks held by sequences.
+    pub kv_blocks_used: u64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u64,
+    /// Positions per KV block.
+    pub kv_block_tokens: u32,
+    /// Bytes the KV pool holds now.
+    pub kv_pool_bytes: u64,
+    /// Sequences preempted (KV freed, recomputed later), over every load.
+    pub preemptions: u64,
 }
 
 /// The daemon's memory.
@@ -779,6 +795,14 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 cancelled: m.cancelled,
                 failed: m.failed,
                 embedded: m.embedded,
+                running_sequences: m.running_sequences,
+                waiting_sequences: m.waiting_sequences,
+                max_sequences: m.max_sequences,
+                kv_blocks_used: m.kv_blocks_used,
+                kv_blocks_total: m.kv_blocks_total,
+                kv_block_tokens: m.kv_block_tokens,
+                kv_pool_bytes: m.kv_pool_bytes,
+                preemptions: m.preemptions,
             })
             .collect(),
         routes: s

@@ -10,7 +10,8 @@ use common::{arg, median};
 
 use std::time::Instant;
 
-use ultd::engine::{CandleEngine, Engine, ModelKind, ModelSource};
+use ult_engine::solo::Solo;
+use ult_engine::{CandleEngine, Engine, ModelKind, ModelSource, PREFILL_CHUNK};
 
 #[global_allocator]
 static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
     #[allow(unsafe_code)]
-    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
+    if let Some(code) = unsafe { ult_engine::cuda_jit::init_process() } {
         std::process::exit(code.into());
     }
     let args: Vec<String> = std::env::args().collect();
@@ -103,7 +104,9 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let device_before = engine.device_memory();
         let heap_before = ultd::alloc::thread_net_bytes();
-        let mut model = engine.load(&source, &inspection, context, &|_| {})?;
+        let mut loaded = engine
+            .load(&source, &inspection, context, &|_| {})?
+            .into_decoder()?;
         let load_ms = started.elapsed().as_secs_f64() * 1000.0;
         let measured = match (device_before, engine.device_memory()) {
             (Some((a, _)), Some((b, _))) => a.saturating_sub(b),
@@ -122,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             let joined: Vec<String> = ids.iter().map(u32::to_string).collect();
             std::fs::write(format!("{ids_out}/{name}.ids"), joined.join(","))?;
         }
+        let mut model = Solo::new(&mut loaded, PREFILL_CHUNK);
         let mut prompt_rates = Vec::new();
         let mut decode_rates = Vec::new();
         for _ in 0..reps {

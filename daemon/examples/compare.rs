@@ -21,7 +21,8 @@
 mod common;
 use common::arg;
 
-use ultd::engine::{CandleEngine, Engine, LoadedModel, ModelKind, ModelSource};
+use ult_engine::solo::Solo;
+use ult_engine::{CandleEngine, Engine, ModelKind, ModelSource, PREFILL_CHUNK};
 
 #[global_allocator]
 static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
@@ -51,7 +52,7 @@ fn diff(a: &[f32], b: &[f32]) -> (f64, f64) {
     ((num / den.max(1e-30)).sqrt(), max)
 }
 
-fn greedy(model: &mut dyn LoadedModel, prompt: &[u32], n: usize) -> Vec<u32> {
+fn greedy(model: &mut Solo<'_>, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut out = Vec::new();
     let mut logits = model.begin(prompt).unwrap();
     for _ in 0..n {
@@ -82,7 +83,7 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
     #[allow(unsafe_code)]
-    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
+    if let Some(code) = unsafe { ult_engine::cuda_jit::init_process() } {
         std::process::exit(code.into());
     }
     let args: Vec<String> = std::env::args().collect();
@@ -120,10 +121,17 @@ fn main() -> anyhow::Result<()> {
         };
         let inspection = cpu.inspect(&source)?;
         let ids = inspection.tokenizer.encode(prompt, true);
-        let mut r = reference.load(&source, &inspection, 512, &|_| {})?;
-        let mut c = cpu.load(&source, &inspection, 512, &|_| {})?;
-        let mut d = device.load(&source, &inspection, 512, &|_| {})?;
-        let mut dr = device_reference.load(&source, &inspection, 512, &|_| {})?;
+        let load = |e: &CandleEngine| e.load(&source, &inspection, 512, &|_| {})?.into_decoder();
+        let (mut r, mut c, mut d, mut dr) = (
+            load(&reference)?,
+            load(&cpu)?,
+            load(&device)?,
+            load(&device_reference)?,
+        );
+        let mut r = Solo::new(&mut r, PREFILL_CHUNK);
+        let mut c = Solo::new(&mut c, PREFILL_CHUNK);
+        let mut d = Solo::new(&mut d, PREFILL_CHUNK);
+        let mut dr = Solo::new(&mut dr, PREFILL_CHUNK);
         let (mut lr, mut lc, mut ld) = (r.begin(&ids)?, c.begin(&ids)?, d.begin(&ids)?);
         let mut ldr = dr.begin(&ids)?;
         let (mut tc, mut td, mut tdr) = (Track::default(), Track::default(), Track::default());
@@ -143,9 +151,9 @@ fn main() -> anyhow::Result<()> {
             (lr, lc, ld) = (r.step(token)?, c.step(token)?, d.step(token)?);
             ldr = dr.step(token)?;
         }
-        let gr = greedy(r.as_mut(), &ids, n);
-        let gc = greedy(c.as_mut(), &ids, n);
-        let gd = greedy(d.as_mut(), &ids, n);
+        let gr = greedy(&mut r, &ids, n);
+        let gc = greedy(&mut c, &ids, n);
+        let gd = greedy(&mut d, &ids, n);
         let same = |g: &[u32]| gr.iter().zip(g).take_while(|(x, y)| x == y).count();
         let quantized_ok = td.median() <= 1.5 * tc.median() + 0.01 && td.agree + 2 >= tc.agree;
         let f32_ok = tdr.median() <= 1e-3 && tdr.agree == n;
@@ -192,8 +200,10 @@ fn main() -> anyhow::Result<()> {
         chat_template: None,
     };
     let inspection = cpu.inspect(&source)?;
-    let mut a = cpu.load(&source, &inspection, 0, &|_| {})?;
-    let mut b = device.load(&source, &inspection, 0, &|_| {})?;
+    let mut a = cpu.load(&source, &inspection, 0, &|_| {})?.into_encoder()?;
+    let mut b = device
+        .load(&source, &inspection, 0, &|_| {})?
+        .into_encoder()?;
     for text in [
         "The capital of France is Paris.",
         "Lighthouses guided ships into harbour for two thousand years.",

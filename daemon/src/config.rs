@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use ult_policy::{KeepAlive, Route, RouteStrategy, Router, SizeSpec, parse_duration_ms};
 
-use crate::engine::ModelKind;
 use crate::probe::ProbeSource;
+use ult_engine::ModelKind;
 
 /// A configuration error, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

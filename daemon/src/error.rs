@@ -2,7 +2,7 @@
 
 use ult_policy::{HoldReason, Rejection};
 
-use crate::engine::{EngineError, ModelKind};
+use ult_engine::{EngineError, ModelKind};
 
 /// Why a request failed. Every variant maps to one gRPC code in `From<ServiceError> for tonic::Status`.
 #[derive(Debug, thiserror::Error)]

@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::engine::CandleEngine;
-use crate::engine::gguf::GgufHeader;
-use crate::engine::sampler::SamplingParams;
-use crate::engine::template::{ChatMessage, ChatTemplate};
-use crate::engine::tokenizer::Tokenizer;
 use crate::generation::{Input, prepare_generation};
 use crate::registry::{RegisteredModel, Registry};
+use ult_engine::CandleEngine;
+use ult_engine::gguf::GgufHeader;
+use ult_engine::sampler::SamplingParams;
+use ult_engine::template::{ChatMessage, ChatTemplate};
+use ult_engine::tokenizer::Tokenizer;
 
 /// Text that exercises special tokens, multi-byte characters and byte fallback.
 const PROBE_TEXT: &str = "<|im_start|>user\nHello wörld 🦀 <0x0A>\t  x<|im_end|>";

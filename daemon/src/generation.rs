@@ -7,14 +7,14 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use ult_policy::RequestKind;
 
-use crate::engine::sampler::SamplingParams;
-use crate::engine::template::ChatMessage;
-use crate::engine::worker::{EmbedJob, GenEvent, GenerateJob, Job};
-use crate::engine::{EngineError, Inspection, ModelKind};
 use crate::error::ServiceError;
 use crate::limits::ClientSlot;
 use crate::registry::RegisteredModel;
 use crate::supervisor::{Grant, Handle, check_kind};
+use crate::worker::{EmbedJob, GenEvent, GenerateJob, Job};
+use ult_engine::sampler::SamplingParams;
+use ult_engine::template::ChatMessage;
+use ult_engine::{EngineError, Inspection, ModelKind};
 
 /// Limits on request contents.
 pub const MAX_STOP_SEQUENCES: usize = 16;
@@ -152,7 +152,7 @@ pub fn prepare_generation(
 pub struct Generation {
     model: String,
     load_ms: Option<u64>,
-    events: mpsc::Receiver<GenEvent>,
+    events: mpsc::UnboundedReceiver<GenEvent>,
     end: tokio::sync::watch::Receiver<bool>,
     grace_ms: u64,
     /// Held, never read: dropping it tells the state owner the request is done.
@@ -215,7 +215,7 @@ pub async fn start_generation(
         .jobs
         .clone()
         .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
-    let (events_tx, events) = mpsc::channel(64);
+    let (events_tx, events) = mpsc::unbounded_channel();
     jobs.submit(Job::Generate(GenerateJob {
         prompt: params.prompt,
         max_tokens: params.max_tokens,

@@ -23,15 +23,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use ult_policy::{Rejection, Residency};
 
-use crate::engine::sampler::SamplingParams;
-use crate::engine::template::ChatMessage;
-use crate::engine::worker::{FinishReason, GenEvent, GenStats};
-use crate::engine::{EngineError, ModelKind};
 use crate::error::ServiceError;
 use crate::generation::{Input, embed, start_generation};
 use crate::limits::client_key;
 use crate::metrics::{Metrics, outcome_of};
 use crate::supervisor::Handle;
+use crate::worker::{FinishReason, GenEvent, GenStats};
+use ult_engine::sampler::SamplingParams;
+use ult_engine::template::ChatMessage;
+use ult_engine::{EngineError, ModelKind};
 
 /// What the HTTP handlers share.
 #[derive(Debug, Clone)]
@@ -296,6 +296,10 @@ struct Sampling {
     stream: bool,
     stream_options: Option<StreamOptions>,
     logprobs: Option<Value>,
+    /// An extension llama.cpp's server and vLLM accept too: keep generating past end-of-sequence tokens
+    /// (for benchmarks that need exactly `max_tokens`).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 impl Sampling {
@@ -417,7 +421,7 @@ async fn generate(
         max_tokens,
         params,
         stop,
-        false,
+        sampling.ignore_eos,
     )
     .await;
     let mut g = match started {

@@ -5,7 +5,6 @@
 pub mod alloc;
 pub mod auth;
 pub mod config;
-pub mod engine;
 pub mod error;
 pub mod fuzzing;
 pub mod generation;
@@ -18,3 +17,4 @@ pub mod server;
 pub mod service;
 pub mod state_file;
 pub mod supervisor;
+pub mod worker;

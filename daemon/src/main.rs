@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use ult_engine::{CandleEngine, Engine};
 use ultd::config::Config;
-use ultd::engine::{CandleEngine, Engine};
 
 #[global_allocator]
 static ALLOC: ultd::alloc::Counting = ultd::alloc::Counting;
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     // SAFETY: first thing in main, before any other thread exists or CUDA is initialised.
     #[cfg(feature = "cuda")]
     #[allow(unsafe_code)]
-    if let Some(code) = unsafe { ultd::engine::cuda_jit::init_process() } {
+    if let Some(code) = unsafe { ult_engine::cuda_jit::init_process() } {
         return ExitCode::from(code);
     }
     let args = Args::parse();

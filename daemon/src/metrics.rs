@@ -75,6 +75,10 @@ pub struct Metrics {
     charged: Family<ModelLabel, Gauge>,
     kv_budget: Family<ModelLabel, Gauge>,
     in_flight: Family<ModelLabel, Gauge>,
+    sequences: Family<StateLabels, Gauge>,
+    kv_blocks: Family<StateLabels, Gauge>,
+    kv_pool: Family<ModelLabel, Gauge>,
+    preemptions: Family<ModelLabel, Gauge>,
     unauthenticated: Family<FrontLabels, Counter>,
     ceiling: Gauge,
     used: Gauge,
@@ -175,6 +179,30 @@ impl Metrics {
             "Requests running",
             in_flight.clone(),
         );
+        let sequences = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "model_sequences",
+            "Sequences of a resident decoder by state (running in the batch, waiting for admission)",
+            sequences.clone(),
+        );
+        let kv_blocks = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "model_kv_blocks",
+            "KV blocks of a resident decoder's pool by state (used, free)",
+            kv_blocks.clone(),
+        );
+        let kv_pool = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "model_kv_pool_bytes",
+            "Bytes the KV block pool holds now",
+            kv_pool.clone(),
+        );
+        let preemptions = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "model_preemptions",
+            "Sequences preempted (KV freed, recomputed later) since the daemon started",
+            preemptions.clone(),
+        );
         let unauthenticated = Family::<FrontLabels, Counter>::default();
         registry.register(
             "unauthenticated_requests",
@@ -232,6 +260,10 @@ impl Metrics {
             charged,
             kv_budget,
             in_flight,
+            sequences,
+            kv_blocks,
+            kv_pool,
+            preemptions,
             unauthenticated,
             ceiling,
             used,
@@ -385,6 +417,29 @@ impl Metrics {
                     .get_or_create(&label)
                     .set(i64::from(v.in_flight));
             }
+            let b = m.batch.unwrap_or_default();
+            let labelled = |state: &str| StateLabels {
+                model: name.clone(),
+                state: state.into(),
+            };
+            self.sequences
+                .get_or_create(&labelled("running"))
+                .set(clamp(b.running));
+            self.sequences
+                .get_or_create(&labelled("waiting"))
+                .set(clamp(b.waiting));
+            self.kv_blocks
+                .get_or_create(&labelled("used"))
+                .set(clamp(b.kv_blocks_used));
+            self.kv_blocks
+                .get_or_create(&labelled("free"))
+                .set(clamp(b.kv_blocks_total.saturating_sub(b.kv_blocks_used)));
+            self.kv_pool
+                .get_or_create(&label)
+                .set(clamp(b.kv_pool_bytes));
+            self.preemptions
+                .get_or_create(&label)
+                .set(clamp(m.counters.preemptions));
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ult_policy::ModelSpec;
 
 use crate::config::{Config, ModelConfig};
-use crate::engine::{Engine, Inspection, ModelSource};
+use ult_engine::{Engine, Inspection, ModelSource};
 
 /// One configured model.
 #[derive(Debug)]

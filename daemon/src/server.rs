@@ -13,13 +13,13 @@ use ult_proto::v1::ult_server::UltServer;
 
 use crate::auth::BearerAuth;
 use crate::config::Config;
-use crate::engine::Engine;
 use crate::http::HttpState;
 use crate::metrics::Metrics;
 use crate::probe::Prober;
 use crate::registry::Registry;
 use crate::service::UltService;
 use crate::supervisor::{self, Handle};
+use ult_engine::Engine;
 
 /// A running daemon.
 pub struct Running {

@@ -11,15 +11,15 @@ use tonic::{Request, Response, Status};
 use ult_policy::{LeaseId, PressureLevel, RequestKind, Residency};
 use ult_proto::v1 as pb;
 
-use crate::engine::sampler::SamplingParams;
-use crate::engine::template::ChatMessage;
-use crate::engine::worker::{FinishReason, GenEvent};
-use crate::engine::{EngineError, ModelKind};
 use crate::error::ServiceError;
 use crate::generation::{Input, embed, start_generation};
 use crate::limits::client_key;
 use crate::metrics::{Metrics, outcome_of};
 use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent};
+use crate::worker::{FinishReason, GenEvent};
+use ult_engine::sampler::SamplingParams;
+use ult_engine::template::ChatMessage;
+use ult_engine::{EngineError, ModelKind};
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -148,8 +148,19 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         cancelled: m.counters.cancelled,
         failed: m.counters.failed,
         embedded: m.counters.embedded,
+        preemptions: m.counters.preemptions,
+        max_sequences: f.max_sequences,
+        kv_block_tokens: f.kv_block_tokens,
         ..Default::default()
     };
+    if let Some(b) = m.batch {
+        let small = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        out.running_sequences = small(b.running);
+        out.waiting_sequences = small(b.waiting);
+        out.kv_blocks_used = b.kv_blocks_used;
+        out.kv_blocks_total = b.kv_blocks_total;
+        out.kv_pool_bytes = b.kv_pool_bytes;
+    }
     match (&reg.inspection, &m.view) {
         (Err(reason), _) => {
             out.state = pb::ModelState::Failed as i32;

@@ -14,12 +14,12 @@ use ult_policy::{
 };
 
 use crate::config::Config;
-use crate::engine::worker::{JobSender, Worker};
-use crate::engine::{Engine, EngineError, LoadedModel, ModelKind};
 use crate::error::ServiceError;
 use crate::probe::Prober;
 use crate::registry::{RegisteredModel, Registry};
 use crate::state_file::DesiredState;
+use crate::worker::{JobSender, Worker};
+use ult_engine::{Engine, EngineError, LoadedModel, ModelKind};
 
 /// A change worth telling watchers about.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,6 +186,36 @@ pub struct ModelStatus {
     pub last_used_unix_ms: Option<u64>,
     /// Counters accumulated over every load of this model.
     pub counters: Counters,
+    /// The batch and the KV pool now (None unless resident).
+    pub batch: Option<BatchView>,
+}
+
+/// A resident decoder's running batch and KV block pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchView {
+    /// Sequences in the running batch.
+    pub running: u64,
+    /// Sequences waiting for admission (new or preempted).
+    pub waiting: u64,
+    /// KV blocks held by sequences.
+    pub kv_blocks_used: u64,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: u64,
+    /// Bytes the pool holds now (zero while released).
+    pub kv_pool_bytes: u64,
+}
+
+impl BatchView {
+    fn read(s: &crate::worker::WorkerStats) -> Self {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Self {
+            running: r(&s.running),
+            waiting: r(&s.waiting),
+            kv_blocks_used: r(&s.kv_blocks_used),
+            kv_blocks_total: r(&s.kv_blocks_total),
+            kv_pool_bytes: r(&s.kv_bytes),
+        }
+    }
 }
 
 /// Cumulative request counters of one model.
@@ -203,10 +233,12 @@ pub struct Counters {
     pub failed: u64,
     /// Inputs embedded.
     pub embedded: u64,
+    /// Sequences preempted (KV freed, recomputed later) to make room.
+    pub preemptions: u64,
 }
 
 impl Counters {
-    fn read(s: &crate::engine::worker::WorkerStats) -> Self {
+    fn read(s: &crate::worker::WorkerStats) -> Self {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Self {
             prompt_tokens: r(&s.prompt_tokens),
@@ -215,6 +247,7 @@ impl Counters {
             cancelled: r(&s.cancelled),
             failed: r(&s.failed),
             embedded: r(&s.embedded),
+            preemptions: r(&s.preemptions),
         }
     }
 
@@ -226,6 +259,7 @@ impl Counters {
             cancelled: self.cancelled + o.cancelled,
             failed: self.failed + o.failed,
             embedded: self.embedded + o.embedded,
+            preemptions: self.preemptions + o.preemptions,
         }
     }
 }
@@ -307,7 +341,7 @@ enum Msg {
     },
 }
 
-struct LoadedModelBox(Box<dyn LoadedModel>);
+struct LoadedModelBox(LoadedModel);
 
 impl std::fmt::Debug for LoadedModelBox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -975,12 +1009,12 @@ impl Supervisor {
                 }
                 Action::DropIdleKv { model } => {
                     if let Some(w) = self.workers.get(&model) {
-                        let _ = w.submit(crate::engine::worker::Job::ReleaseKv);
+                        let _ = w.submit(crate::worker::Job::ReleaseKv);
                     }
                 }
                 Action::SetKvBudget { model, tokens } => {
                     if let Some(w) = self.workers.get(&model) {
-                        let _ = w.submit(crate::engine::worker::Job::SetBudget(tokens as usize));
+                        let _ = w.submit(crate::worker::Job::SetBudget(tokens as usize));
                     }
                     self.emit(WatchEvent::KvBudget { model, tokens });
                 }
@@ -1151,7 +1185,7 @@ impl Supervisor {
                     Ok(i) => i.tokenizer.clone(),
                     Err(_) => return,
                 };
-                let kv_tokens = loaded.budget() as u32;
+                let kv_tokens = loaded.kv_tokens() as u32;
                 let tx = self.tx.clone();
                 let name = model.clone();
                 match Worker::spawn(&model, loaded, tokenizer, move |crash| {
@@ -1245,6 +1279,10 @@ impl Supervisor {
                     view,
                     last_used_unix_ms,
                     counters: self.counters(&m.config.name),
+                    batch: self
+                        .workers
+                        .get(&m.config.name)
+                        .map(|w| BatchView::read(w.stats())),
                 }
             })
             .collect();

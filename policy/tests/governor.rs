@@ -19,6 +19,7 @@ fn spec(name: &str, gib: u64) -> ModelSpec {
             scratch_bytes: 0,
             kv_bytes_per_token: 0,
             kv_fixed_bytes_per_sequence: 0,
+            kv_block_tokens: 0,
             context_tokens: 1024,
             max_sequences: 1,
         },

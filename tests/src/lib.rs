@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ult_client::Client;
+use ult_engine::CandleEngine;
 use ultd::config::Config;
-use ultd::engine::CandleEngine;
 use ultd::server::Running;
 
 /// Installs ult's counting allocator in a test binary, so loads are measured as in ultd.

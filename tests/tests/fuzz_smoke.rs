@@ -92,8 +92,8 @@ fn request_validation_never_panics() {
 /// explore past the header checks instead of failing at the magic.
 #[test]
 fn gguf_seeds_parse_and_build_tokenizers() {
-    use ultd::engine::gguf::GgufHeader;
-    use ultd::engine::tokenizer::Tokenizer;
+    use ult_engine::gguf::GgufHeader;
+    use ult_engine::tokenizer::Tokenizer;
     for (i, seed) in corpus("gguf").iter().enumerate() {
         let header = GgufHeader::parse(
             &mut std::io::Cursor::new(seed),

@@ -22,7 +22,7 @@ fn soak_daemon_child() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let config = ultd::config::Config::load(std::path::Path::new(&path)).unwrap();
-        let engine = std::sync::Arc::new(ultd::engine::CandleEngine::new("cpu").unwrap());
+        let engine = std::sync::Arc::new(ult_engine::CandleEngine::new("cpu").unwrap());
         let running = ultd::server::spawn(config, engine).await.unwrap();
         println!("listening {}", running.tcp.unwrap());
         std::future::pending::<()>().await;

@@ -562,6 +562,20 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
                 },
                 m.keep_alive_ms.map_or_else(|| "never".into(), duration),
                 format!("{}/{}", m.in_flight, m.queued),
+                if m.kv_blocks_total > 0 {
+                    format!(
+                        "{}/{} +{}",
+                        m.running_sequences, m.max_sequences, m.waiting_sequences
+                    )
+                } else {
+                    "".into()
+                },
+                if m.kv_blocks_total > 0 {
+                    format!("{}/{}", m.kv_blocks_used, m.kv_blocks_total)
+                } else {
+                    "".into()
+                },
+                format!("{}", m.preemptions),
                 format!("{:.2}", m.score),
             ]
         })
@@ -578,7 +592,10 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
             "PIN",
             "IDLE",
             "KEEP-ALIVE",
-            "RUN/WAIT",
+            "REQ/WAIT",
+            "BATCH",
+            "KV BLOCKS",
+            "PREEMPT",
             "SCORE",
         ],
         &rows,

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use ultd::engine::gguf::GgufHeader;
-use ultd::engine::tokenizer::Tokenizer;
+use ult_engine::gguf::GgufHeader;
+use ult_engine::tokenizer::Tokenizer;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -17,7 +17,7 @@ fn models() -> PathBuf {
 }
 
 fn check(tokenizer: &Tokenizer, fixture: &str) {
-    let path = root().join("daemon/tests/fixtures/tokenizer").join(fixture);
+    let path = root().join("engine/tests/fixtures/tokenizer").join(fixture);
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut failures = Vec::new();

@@ -1,21 +1,29 @@
-//! The engine: reads model files, predicts their footprint, loads them with Candle and runs them.
+//! ult's engine: reads model files, predicts their footprint, loads them with Candle and runs them —
+//! many sequences per step over a paged KV cache, scheduled by a pure step scheduler.
 //!
-//! [`Engine`] is the seam between scheduling and models: the daemon asks it to inspect (headers only) and
-//! to load (weights, KV budget, a warm-up pass), and gets back a [`LoadedModel`] that a worker thread
-//! drives token by token. [`CandleEngine`] is the real one.
+//! [`Engine`] is the seam between the daemon and models: the daemon asks it to inspect (headers only) and
+//! to load (weights, the KV block pool at the granted budget, a warm-up pass), and gets back a
+//! [`LoadedModel`]: a [`decoder::Decoder`] with its [`kv::KvPool`], which a worker drives step by step
+//! with a [`sched::Scheduler`], or an [`decoder::Encoder`]. [`CandleEngine`] is the real one.
+#![deny(missing_docs)]
 
+pub mod attention;
 pub mod bert;
 #[cfg(feature = "cuda")]
 pub mod cuda_jit;
+pub mod decoder;
+pub mod device;
 pub mod gguf;
 pub mod kv;
 pub mod repack;
 pub mod sampler;
+pub mod sched;
+pub mod sequence;
+pub mod solo;
 pub mod stream;
 pub mod template;
 pub mod tokenizer;
 pub mod transformer;
-pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,13 +32,14 @@ use candle_core::Device;
 use ult_policy::Footprint;
 
 use bert::{Bert, BertConfig, SafetensorsHeader};
+pub use decoder::{Decoder, Encoder, LoadedDecoder, LoadedModel};
 use gguf::GgufHeader;
-use kv::KvCache;
+use kv::KvPool;
 use template::ChatTemplate;
 use tokenizer::{Tokenizer, TokenizerError};
 use transformer::{Transformer, WeightSource};
 
-/// Prompts are prefilled in chunks of this many tokens, bounding activation memory.
+/// The most tokens one step computes (decodes and prefill chunks together), bounding activation memory.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// The context of a decoder whose config sets none (capped at the model's trained context).
@@ -211,46 +220,20 @@ pub struct Inspection {
     pub load_bytes: u64,
 }
 
-/// A model in memory, driven by one worker thread.
-pub trait LoadedModel: Send {
-    /// Starts a new sequence with `prompt` and returns the next-token logits.
-    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError>;
-    /// Appends `token` and returns the next-token logits.
-    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError>;
-    /// Starts a sequence and returns the most likely next token (greedy decoding can stay on the device
-    /// instead of copying every logit back).
-    fn begin_greedy(&mut self, prompt: &[u32]) -> Result<u32, EngineError> {
-        self.begin(prompt).map(|l| sampler::argmax(&l))
-    }
-    /// Appends `token` and returns the most likely next token.
-    fn step_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
-        self.step(token).map(|l| sampler::argmax(&l))
-    }
-    /// Embeds one tokenized input.
-    fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError>;
-    /// Tokens one sequence may hold now (the KV budget).
-    fn budget(&self) -> usize;
-    /// Frees the KV cache between requests; the next `begin` allocates it again.
-    fn release_kv(&mut self);
-    /// Changes the KV budget (applied between requests).
-    fn set_budget(&mut self, tokens: usize) -> Result<(), EngineError>;
-    /// Bytes the KV cache holds now.
-    fn kv_bytes(&self) -> u64;
-}
-
 /// Loads models. The seam between scheduling and model code.
 pub trait Engine: Send + Sync + 'static {
     /// Reads headers: footprint, tokenizer, template. No weights.
     fn inspect(&self, source: &ModelSource) -> Result<Inspection, EngineError>;
-    /// Loads weights, allocates a KV budget of `kv_tokens` and runs a warm-up pass, calling `progress`
-    /// with the bytes read so far. Blocking.
+    /// Loads weights, allocates the KV block pool for a budget of `kv_tokens` per sequence (of
+    /// `source.max_sequences`) and runs a warm-up pass, calling `progress` with the bytes read so far.
+    /// Blocking.
     fn load(
         &self,
         source: &ModelSource,
         inspection: &Inspection,
         kv_tokens: usize,
         progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<Box<dyn LoadedModel>, EngineError>;
+    ) -> Result<LoadedModel, EngineError>;
     /// "cpu", "cuda:0", "metal:0".
     fn device_name(&self) -> String;
     /// The Candle device models run on (the memory probe watches its pool).
@@ -265,6 +248,9 @@ pub struct CandleEngine {
     device: Device,
     /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
     dequantize: bool,
+    /// KV pools as Candle tensors with the portable attention ops (the default everywhere); false keeps
+    /// them in host memory for the CPU's block loops (see [`CandleEngine::host_loops`]).
+    portable_kv: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
     #[cfg(feature = "cuda")]
     jit: Option<cuda_jit::WarmUp>,
@@ -303,6 +289,7 @@ impl CandleEngine {
         Ok(Self {
             device,
             dequantize: false,
+            portable_kv: true,
             #[cfg(feature = "cuda")]
             jit,
         })
@@ -314,6 +301,25 @@ impl CandleEngine {
     pub fn reference(device: &str) -> Result<Self, EngineError> {
         let mut e = Self::new(device)?;
         e.dequantize = true;
+        Ok(e)
+    }
+
+    /// An engine whose KV pools are Candle tensors and whose attention uses portable Candle ops on every
+    /// backend: what [`CandleEngine::new`] gives (the path Metal runs, and CUDA until ult's kernels land).
+    pub fn portable(device: &str) -> Result<Self, EngineError> {
+        Self::new(device)
+    }
+
+    /// A CPU engine whose KV pools live in host memory, read by the hand-written block loops of
+    /// `attention::host`. They compute the same attention as the portable ops up to summation order
+    /// (within 3e-6 on SmolLM2's real activations), but a small model behind 8-bit activation
+    /// quantization amplifies even that: SmolLM2's greedy answer to a chat prompt flips at a near-tie
+    /// ("La" for "The"), away from what llama.cpp and the portable ops (Candle's matmuls, as ult has
+    /// always computed attention) give. So serving uses the portable ops, and the loops stay an
+    /// alternative that benchmarks and tests hold to them.
+    pub fn host_loops(device: &str) -> Result<Self, EngineError> {
+        let mut e = Self::new(device)?;
+        e.portable_kv = false;
         Ok(e)
     }
 
@@ -342,7 +348,7 @@ impl Engine for CandleEngine {
         inspection: &Inspection,
         kv_tokens: usize,
         progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<Box<dyn LoadedModel>, EngineError> {
+    ) -> Result<LoadedModel, EngineError> {
         self.wait_for_kernels();
         match source.kind {
             ModelKind::Embedding => {
@@ -357,7 +363,7 @@ impl Engine for CandleEngine {
                 };
                 // Warm-up: the first pass sizes Candle's lazily built structures.
                 model.embed(&[101, 2023, 102])?;
-                Ok(Box::new(model))
+                Ok(LoadedModel::Encoder(Box::new(model)))
             }
             ModelKind::Chat | ModelKind::Completion => {
                 let header = GgufHeader::read(&source.path)?;
@@ -371,13 +377,19 @@ impl Engine for CandleEngine {
                 };
                 let transformer = Transformer::load(&src, inspection.context)?;
                 drop(map);
-                let mut model = DecoderModel {
-                    transformer,
-                    cache: None,
-                    budget: kv_tokens.min(inspection.context),
-                };
-                model.warm_up()?;
-                Ok(Box::new(model))
+                let max_sequences = source.max_sequences.max(1) as usize;
+                let layout = transformer.kv_layout().clone();
+                let kv_tokens = kv_tokens.clamp(1, inspection.context);
+                let blocks = layout.pool_blocks(kv_tokens, max_sequences);
+                let mut pool = KvPool::new(layout, blocks, &self.device, self.portable_kv)
+                    .map_err(|e| EngineError::candle("allocating the KV pool".into(), e))?;
+                warm_up(&transformer, &mut pool)?;
+                Ok(LoadedModel::Decoder(LoadedDecoder {
+                    decoder: Box::new(transformer),
+                    pool,
+                    max_sequences,
+                    kv_tokens,
+                }))
             }
         }
     }
@@ -398,7 +410,7 @@ impl Engine for CandleEngine {
         // The driver reports device-wide figures, and a cold-cache warm-up runs child processes that each
         // hold a context: a reading taken while they live would shrink the next load's measured delta.
         self.wait_for_kernels();
-        crate::probe::device_memory(&self.device, true)
+        device::memory(&self.device, true)
     }
 }
 
@@ -501,6 +513,7 @@ fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
             scratch_bytes: activations as u64,
             kv_bytes_per_token: 0,
             kv_fixed_bytes_per_sequence: 0,
+            kv_block_tokens: 0,
             context_tokens: u32::try_from(max_input).unwrap_or(u32::MAX),
             max_sequences: 1,
         },
@@ -513,149 +526,39 @@ fn inspect_bert(source: &ModelSource) -> Result<Inspection, EngineError> {
     })
 }
 
-/// A decoder with its (single-sequence) KV cache.
-struct DecoderModel {
-    transformer: Transformer,
-    cache: Option<KvCache>,
-    budget: usize,
-}
-
-impl DecoderModel {
-    /// Allocates the KV cache at the current budget if it is missing or sized differently.
-    fn ensure_cache(&mut self) -> Result<(), EngineError> {
-        if self
-            .cache
-            .as_ref()
-            .is_none_or(|c| c.capacity() != self.budget)
-        {
-            self.cache = None;
-            let cache = self
-                .transformer
-                .new_cache(self.budget)
-                .map_err(|e| EngineError::candle("allocating the KV cache".into(), e))?;
-            self.cache = Some(cache);
-        }
-        Ok(())
+/// Runs a short prefill and a decode step of a throwaway sequence through `pool`, so that the matmul paths
+/// for both m > 1 and m = 1 have built their lazy structures (Candle repacks some weights on first use)
+/// before the load is measured. The blocks it writes are garbage that no sequence reads: a sequence only
+/// reads positions it wrote itself.
+fn warm_up(transformer: &Transformer, pool: &mut KvPool) -> Result<(), EngineError> {
+    use decoder::{SeqStep, StepInput};
+    let layout = pool.layout().clone();
+    let bt = layout.block_tokens;
+    let n = (bt * pool.blocks().iter().copied().min().unwrap_or(0)).clamp(0, 9);
+    if n < 2 {
+        return Ok(());
     }
-
-    /// Runs a short prefill and a decode step, so that the matmul paths for both m > 1 and m = 1 have
-    /// built their lazy structures (Candle repacks some weights on first use) before the load is measured.
-    fn warm_up(&mut self) -> Result<(), EngineError> {
-        let n = self.budget.clamp(2, 9);
-        let prompt: Vec<u32> = (1..n as u32).collect();
-        let logits = self.begin(&prompt)?;
-        if self.budget > prompt.len() {
-            self.step(sampler::argmax(&logits))?;
-        }
-        if let Some(c) = self.cache.as_mut() {
-            c.clear();
-        }
-        Ok(())
-    }
-}
-
-impl DecoderModel {
-    /// Prefills `prompt` in chunks and returns the last position's logits, on the device.
-    fn prefill(&mut self, prompt: &[u32]) -> Result<candle_core::Tensor, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if prompt.len() > self.budget {
-            return Err(EngineError::ContextTooLong {
-                prompt_tokens: prompt.len(),
-                context_tokens: self.budget,
-            });
-        }
-        let vocab = self.transformer.hparams().vocab_size as u32;
-        if let Some(bad) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(EngineError::InvalidParameter {
-                field: "prompt",
-                reason: format!("token id {bad} is outside the vocabulary"),
-            });
-        }
-        self.ensure_cache()?;
-        let transformer = &self.transformer;
-        let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
-        cache.clear();
-        let mut logits = None;
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            logits = Some(
-                transformer
-                    .forward(chunk, cache)
-                    .map_err(|e| EngineError::candle("prefill".into(), e))?,
-            );
-        }
-        logits.ok_or(EngineError::EmptyPrompt)
-    }
-
-    /// Runs one decode step and returns the logits, on the device.
-    fn decode(&mut self, token: u32) -> Result<candle_core::Tensor, EngineError> {
-        let transformer = &self.transformer;
-        let cache = self.cache.as_mut().ok_or(EngineError::WorkerGone)?;
-        if cache.len() >= cache.capacity() {
-            return Err(EngineError::ContextTooLong {
-                prompt_tokens: cache.len() + 1,
-                context_tokens: cache.capacity(),
-            });
-        }
-        transformer
-            .forward(&[token], cache)
-            .map_err(|e| EngineError::candle("decode step".into(), e))
-    }
-}
-
-fn host_logits(t: candle_core::Tensor) -> Result<Vec<f32>, EngineError> {
-    t.to_vec1::<f32>()
-        .map_err(|e| EngineError::candle("reading logits".into(), e))
-}
-
-fn device_argmax(t: &candle_core::Tensor) -> Result<u32, EngineError> {
-    transformer::argmax(t).map_err(|e| EngineError::candle("argmax".into(), e))
-}
-
-impl LoadedModel for DecoderModel {
-    fn begin(&mut self, prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.prefill(prompt).and_then(host_logits)
-    }
-
-    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
-        self.decode(token).and_then(host_logits)
-    }
-
-    fn begin_greedy(&mut self, prompt: &[u32]) -> Result<u32, EngineError> {
-        self.prefill(prompt).and_then(|t| device_argmax(&t))
-    }
-
-    fn step_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
-        self.decode(token).and_then(|t| device_argmax(&t))
-    }
-
-    fn embed(&mut self, _input: &[u32]) -> Result<Vec<f32>, EngineError> {
-        Err(EngineError::InvalidParameter {
-            field: "model",
-            reason: "this model generates text; it does not embed".into(),
-        })
-    }
-
-    fn budget(&self) -> usize {
-        self.budget
-    }
-
-    fn release_kv(&mut self) {
-        self.cache = None;
-    }
-
-    fn set_budget(&mut self, tokens: usize) -> Result<(), EngineError> {
-        self.budget = tokens.clamp(1, self.transformer.context());
-        if self.cache.is_some() {
-            self.ensure_cache()?;
-        }
-        Ok(())
-    }
-
-    fn kv_bytes(&self) -> u64 {
-        self.cache.as_ref().map_or(0, |c| c.bytes() as u64)
-    }
+    let tables: Vec<Vec<sched::BlockId>> = layout
+        .groups
+        .iter()
+        .map(|_| (0..n.div_ceil(bt) as sched::BlockId).collect())
+        .collect();
+    let prompt: Vec<u32> = (1..n as u32).collect();
+    let step = |tokens: &[u32], start: usize, pool: &mut KvPool| {
+        let input = StepInput {
+            seqs: vec![SeqStep {
+                seq: 0,
+                tokens,
+                start,
+                tables: &tables,
+                sample: true,
+            }],
+        };
+        transformer.forward(&input, pool).and_then(|o| o.argmax())
+    };
+    let next = step(&prompt, 0, pool)?;
+    step(&next, prompt.len(), pool)?;
+    Ok(())
 }
 
 /// A BERT encoder.
@@ -664,16 +567,9 @@ struct EmbeddingModel {
     max_input: usize,
 }
 
-impl LoadedModel for EmbeddingModel {
-    fn begin(&mut self, _prompt: &[u32]) -> Result<Vec<f32>, EngineError> {
-        Err(EngineError::InvalidParameter {
-            field: "model",
-            reason: "this is an embedding model; it does not generate text".into(),
-        })
-    }
-
-    fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
-        self.begin(&[token])
+impl Encoder for EmbeddingModel {
+    fn max_input(&self) -> usize {
+        self.max_input
     }
 
     fn embed(&mut self, input: &[u32]) -> Result<Vec<f32>, EngineError> {
@@ -686,19 +582,5 @@ impl LoadedModel for EmbeddingModel {
         self.bert
             .embed(input)
             .map_err(|e| EngineError::candle("embedding".into(), e))
-    }
-
-    fn budget(&self) -> usize {
-        self.max_input
-    }
-
-    fn release_kv(&mut self) {}
-
-    fn set_budget(&mut self, _tokens: usize) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    fn kv_bytes(&self) -> u64 {
-        0
     }
 }

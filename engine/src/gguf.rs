@@ -226,23 +226,19 @@ impl GgufHeader {
     /// The predicted footprint for a context of `context` tokens and `max_sequences` sequences, on a CPU
     /// (`cpu = true`, where Candle may keep repacked weight copies) or a GPU.
     ///
-    /// KV: f32 keys and values, `2 · kv_heads · head_dim · 4` bytes per token per layer; sliding-window
-    /// layers keep only their window. Steady overhead: rope tables sized to the context (two bases for
+    /// KV: the model's [`crate::kv::KvLayout`] (f32 on the CPU, f16 on GPUs, in blocks of
+    /// [`crate::kv::BLOCK_TOKENS`]; sliding-window layers keep a ring of their window's blocks), the same
+    /// layout the block pool is allocated from. Steady overhead: rope tables sized to the context (two bases for
     /// Gemma 3) and Candle's repacked copies. Scratch: the activations, attention scores and logits of a
     /// prefill chunk of [`super::PREFILL_CHUNK`] tokens against a full context.
     pub fn footprint(&self, context: usize, max_sequences: u32, cpu: bool) -> Footprint {
         let hp = &self.hparams;
-        let per_token_layer = 2 * hp.n_head_kv * hp.head_dim * 4;
-        let n_local = (0..hp.n_layer).filter(|&il| hp.is_local(il)).count();
-        let n_global = hp.n_layer - n_local;
-        let window = hp.sliding_window.unwrap_or(0);
-        // A local layer whose window covers the context keeps a plain cache of the context.
-        let (n_ring, ring) = if window > 0 && window < context {
-            (n_local, window)
+        let dtype = if cpu {
+            crate::kv::KvDType::F32
         } else {
-            (0, 0)
+            crate::kv::KvDType::F16
         };
-        let n_linear = n_global + (n_local - n_ring);
+        let layout = crate::kv::KvLayout::new(hp, context, dtype, crate::kv::BLOCK_TOKENS);
         let rope_tables = match hp.arch {
             Arch::Gemma3 => 2,
             Arch::Llama => 1,
@@ -275,8 +271,9 @@ impl GgufHeader {
             weights_bytes: self.weights_bytes(),
             overhead_bytes: rope as u64 + repacked,
             scratch_bytes: (scores + activations + logits) as u64,
-            kv_bytes_per_token: (n_linear * per_token_layer) as u64,
-            kv_fixed_bytes_per_sequence: (n_ring * per_token_layer * ring) as u64,
+            kv_bytes_per_token: layout.bytes_per_token(),
+            kv_fixed_bytes_per_sequence: layout.ring_bytes_per_sequence(),
+            kv_block_tokens: layout.block_tokens as u32,
             context_tokens: u32::try_from(context).unwrap_or(u32::MAX),
             max_sequences,
         }

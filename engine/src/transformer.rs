@@ -10,12 +10,14 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::{rope, rope_i};
 
-use super::EngineError;
-use super::gguf::{Arch, GgufHeader, HParams};
-use super::kv::{KvCache, attention_mask};
+use crate::EngineError;
+use crate::attention::{self, AttnSeq, AttnShape};
+use crate::decoder::{Decoder, SeqStep, StepInput, StepOutput};
+use crate::gguf::{Arch, GgufHeader, HParams};
+use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
 
 /// Reads tensors out of a mapped GGUF file onto a device, counting bytes for progress reports.
 pub struct WeightSource<'a> {
@@ -116,6 +118,7 @@ pub struct Transformer {
     rope_local: Option<(Tensor, Tensor)>,
     device: Device,
     context: usize,
+    layout: KvLayout,
 }
 
 impl Transformer {
@@ -170,6 +173,12 @@ impl Transformer {
             rope_local,
             device: src.device.clone(),
             context,
+            layout: KvLayout::new(
+                &src.header.hparams,
+                context,
+                KvDType::for_device(src.device),
+                crate::kv::BLOCK_TOKENS,
+            ),
         })
     }
 
@@ -188,41 +197,51 @@ impl Transformer {
         &self.device
     }
 
-    /// A new KV cache for up to `capacity` positions.
-    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+    /// Runs one step for every sequence of `input` and returns the logits of those that asked, in order.
+    pub fn forward_step(&self, input: &StepInput<'_>, pool: &mut KvPool) -> Result<StepOutput> {
         let hp = &self.hp;
-        KvCache::new(
-            hp.n_layer,
-            hp.n_head_kv,
-            hp.head_dim,
-            capacity.min(self.context),
-            |il| {
-                if hp.is_local(il) {
-                    hp.sliding_window
-                } else {
-                    None
-                }
-            },
-            &self.device,
-        )
-    }
-
-    /// Runs `tokens` at the cache's next positions and returns the logits of the last one, `(vocab,)`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let seq = tokens.len();
-        let pos = cache.len();
-        if seq == 0 {
-            candle_core::bail!("forward of zero tokens")
+        let n: usize = input.tokens();
+        if n == 0 {
+            return Ok(StepOutput {
+                logits: None,
+                rows: Vec::new(),
+            });
         }
-        if pos + seq > cache.capacity() {
-            candle_core::bail!(
-                "{} positions exceed the cache capacity {}",
-                pos + seq,
-                cache.capacity()
-            )
+        pool.ensure()?;
+        let mut tokens = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut seqs = Vec::with_capacity(input.seqs.len());
+        for s in &input.seqs {
+            if s.start + s.tokens.len() > self.context {
+                candle_core::bail!(
+                    "positions up to {} exceed the context {}",
+                    s.start + s.tokens.len(),
+                    self.context
+                )
+            }
+            seqs.push((tokens.len(), s));
+            tokens.extend_from_slice(s.tokens);
+            positions.extend((s.start..s.start + s.tokens.len()).map(|p| p as u32));
         }
-        let hp = &self.hp;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let layout = pool.layout().clone();
+        let portable = pool.host_layer(0).is_none();
+        let spans: Vec<(usize, usize, &[Vec<crate::sched::BlockId>])> = input
+            .seqs
+            .iter()
+            .map(|s| (s.start, s.tokens.len(), s.tables))
+            .collect();
+        let slots = SlotMap::new(&layout, &spans, portable.then_some(&self.device))?;
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let gather = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+            let half = hp.head_dim / 2;
+            Ok((
+                cos.index_select(&pos, 0)?.reshape((n, 1, half))?,
+                sin.index_select(&pos, 0)?.reshape((n, 1, half))?,
+            ))
+        };
+        let rope_global = gather(&self.rope_global)?;
+        let rope_local = self.rope_local.as_ref().map(gather).transpose()?;
+        let ids = Tensor::new(tokens.as_slice(), &self.device)?;
         let mut x = self.embed.embedding(&ids)?.unsqueeze(0)?;
         if hp.arch == Arch::Gemma3 {
             x = (x * (hp.n_embd as f64).sqrt())?;
@@ -230,7 +249,17 @@ impl Transformer {
         let eps = hp.rms_eps as f32;
         for (il, b) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &b.attn_norm, eps)?;
-            let mut a = self.attention(il, b, &h, pos, cache)?;
+            let rope = match (&rope_local, hp.is_local(il)) {
+                (Some(local), true) => local,
+                _ => &rope_global,
+            };
+            let ctx = StepContext {
+                seqs: &seqs,
+                slots: &slots,
+                rope,
+                layout: &layout,
+            };
+            let mut a = self.attention(il, b, &h, &ctx, pool)?;
             if let Some(n) = &b.post_attn_norm {
                 a = rms_norm(&a, n, eps)?;
             }
@@ -247,13 +276,29 @@ impl Transformer {
             }
             x = (x + m)?;
         }
-        cache.advance(seq);
-        let last = x.narrow(1, seq - 1, 1)?.contiguous()?;
-        let last = rms_norm(&last, &self.out_norm, eps)?;
-        self.lm_head
-            .forward(&last)?
-            .flatten_all()?
-            .to_dtype(DType::F32)
+        let mut rows = Vec::new();
+        let mut last = Vec::new();
+        for (row, s) in &seqs {
+            if s.sample {
+                rows.push(s.seq);
+                last.push((row + s.tokens.len() - 1) as u32);
+            }
+        }
+        if last.is_empty() {
+            return Ok(StepOutput { logits: None, rows });
+        }
+        let idx = Tensor::new(last.as_slice(), &self.device)?;
+        let picked = x.squeeze(0)?.index_select(&idx, 0)?.unsqueeze(0)?;
+        let picked = rms_norm(&picked, &self.out_norm, eps)?;
+        let logits = self
+            .lm_head
+            .forward(&picked)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?;
+        Ok(StepOutput {
+            logits: Some(logits),
+            rows,
+        })
     }
 
     fn attention(
@@ -261,69 +306,115 @@ impl Transformer {
         il: usize,
         b: &Block,
         h: &Tensor,
-        pos: usize,
-        cache: &mut KvCache,
+        ctx: &StepContext<'_>,
+        pool: &mut KvPool,
     ) -> Result<Tensor> {
         let hp = &self.hp;
-        let (_, seq, _) = h.dims3()?;
+        let (_, n, _) = h.dims3()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_head_kv, hp.head_dim);
-        let mut q = b.wq.forward(h)?.reshape((1, seq, nh, hd))?;
-        let mut k = b.wk.forward(h)?.reshape((1, seq, nkv, hd))?;
-        let v = b.wv.forward(h)?.reshape((1, seq, nkv, hd))?;
+        let mut q = b.wq.forward(h)?.reshape((n, nh, 1, hd))?;
+        let mut k = b.wk.forward(h)?.reshape((n, nkv, 1, hd))?;
+        let v = b.wv.forward(h)?.reshape((n, nkv, hd))?;
         let eps = hp.rms_eps as f32;
-        if let Some(n) = &b.q_norm {
-            q = rms_norm(&q.contiguous()?, n, eps)?;
+        if let Some(w) = &b.q_norm {
+            q = rms_norm(&q.contiguous()?, w, eps)?;
         }
-        if let Some(n) = &b.k_norm {
-            k = rms_norm(&k.contiguous()?, n, eps)?;
+        if let Some(w) = &b.k_norm {
+            k = rms_norm(&k.contiguous()?, w, eps)?;
         }
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let local = hp.is_local(il);
-        let (cos, sin) = match (&self.rope_local, local) {
-            (Some(tables), true) => tables,
-            _ => &self.rope_global,
-        };
-        let cos = cos.narrow(0, pos, seq)?;
-        let sin = sin.narrow(0, pos, seq)?;
+        let (cos, sin) = ctx.rope;
         let (q, k) = match hp.arch {
-            Arch::Llama => (rope_i(&q, &cos, &sin)?, rope_i(&k, &cos, &sin)?),
-            Arch::Gemma3 => (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?),
+            Arch::Llama => (
+                rope_i(&q.contiguous()?, cos, sin)?,
+                rope_i(&k.contiguous()?, cos, sin)?,
+            ),
+            Arch::Gemma3 => (
+                rope(&q.contiguous()?, cos, sin)?,
+                rope(&k.contiguous()?, cos, sin)?,
+            ),
         };
-        let att = cache.append(il, &k, &v)?;
-        let n_keys = att.k.dim(2)?;
-        let window = if local { hp.sliding_window } else { None };
-        let mask = if seq > 1 {
-            Some(attention_mask(
-                pos,
-                seq,
-                att.positions.as_deref(),
-                n_keys,
-                window,
-                &self.device,
-            )?)
-        } else {
-            None
+        let q = q.reshape((n, nh, hd))?;
+        let k = k.reshape((n, nkv, hd))?;
+        let (g, _) = ctx.layout.place(il);
+        let group = &ctx.layout.groups[g];
+        let shape = AttnShape {
+            n_head: nh,
+            n_kv: nkv,
+            head_dim: hd,
+            scale: hp.attn_scale as f32,
+            window: group.window,
+            ring: group.ring,
+            block_tokens: ctx.layout.block_tokens,
         };
-        // Grouped-query attention without copying keys: the query heads of one KV head are stacked on
-        // the sequence axis.
-        let n_rep = nh / nkv;
-        let qg = q.reshape((1, nkv, n_rep * seq, hd))?;
-        let mut scores = (qg.matmul(&att.k.t()?)? * hp.attn_scale)?;
-        if let Some(mask) = mask {
-            scores = scores
-                .reshape((1, nkv, n_rep, seq, n_keys))?
-                .broadcast_add(&mask)?
-                .reshape((1, nkv, n_rep * seq, n_keys))?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&att.v)?;
-        let out = out
-            .reshape((1, nh, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((1, seq, nh * hd))?;
+        let seqs: Vec<AttnSeq<'_>> = ctx
+            .seqs
+            .iter()
+            .map(|(row, s)| AttnSeq {
+                row: *row,
+                start: s.start,
+                len: s.tokens.len(),
+                table: &s.tables[g],
+            })
+            .collect();
+        let out = match pool.host_layer(il) {
+            Some(layer) => {
+                let qh = q.flatten_all()?.to_vec1::<f32>()?;
+                let kh = k.flatten_all()?.to_vec1::<f32>()?;
+                let vh = v.flatten_all()?.to_vec1::<f32>()?;
+                let o = attention::host(&layer, &qh, &kh, &vh, &seqs, &shape);
+                Tensor::from_vec(o, (1, n, nh * hd), &self.device)?
+            }
+            None => {
+                let (pk, pv) = pool
+                    .device_layer(il)
+                    .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
+                attention::portable(pk, pv, &q, &k, &v, &seqs, &shape)?.reshape((1, n, nh * hd))?
+            }
+        };
+        pool.write(il, &k, &v, ctx.slots)?;
         b.wo.forward(&out)
+    }
+}
+
+/// What every layer of one step shares.
+struct StepContext<'a> {
+    /// Each sequence's first row and its step.
+    seqs: &'a [(usize, &'a SeqStep<'a>)],
+    slots: &'a SlotMap,
+    /// The rope tables of this layer, gathered at every row's position: `(rows, 1, head_dim / 2)`.
+    rope: &'a (Tensor, Tensor),
+    layout: &'a KvLayout,
+}
+
+impl Decoder for Transformer {
+    fn kv_layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    fn context(&self) -> usize {
+        self.context
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.hp.vocab_size
+    }
+
+    fn forward(
+        &self,
+        input: &StepInput<'_>,
+        pool: &mut KvPool,
+    ) -> std::result::Result<StepOutput, EngineError> {
+        let vocab = self.hp.vocab_size as u32;
+        for s in &input.seqs {
+            if let Some(bad) = s.tokens.iter().find(|&&t| t >= vocab) {
+                return Err(EngineError::InvalidParameter {
+                    field: "prompt",
+                    reason: format!("token id {bad} is outside the vocabulary"),
+                });
+            }
+        }
+        self.forward_step(input, pool)
+            .map_err(|e| EngineError::candle("forward step".into(), e))
     }
 }
 

@@ -1,0 +1,670 @@
+//! A resident model's worker: one OS thread that owns the loaded model and its KV block pool. A decoder's
+//! worker runs steps: each step the pure scheduler (`ult_engine::sched`) picks which sequences advance
+//! (decodes first, then prefill chunks, then new arrivals in FIFO order, under a per-step token budget),
+//! the decoder computes them in one forward pass over the paged KV, and each sequence samples and streams
+//! its own token. Deltas go out through unbounded channels (bounded in practice by `max_tokens`), so a
+//! client that stops reading never blocks the model; a dropped receiver leaves the batch, and its blocks
+//! are free, before the next step. An encoder's worker embeds jobs in arrival order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use ult_engine::decoder::{Decoder, Encoder, StepInput};
+use ult_engine::kv::KvPool;
+use ult_engine::sampler::SamplingParams;
+use ult_engine::sched::{Refusal, Scheduler, SchedulerConfig, SeqId, StepPlan};
+pub use ult_engine::sequence::FinishReason;
+use ult_engine::sequence::{Sequence, SequenceParams};
+use ult_engine::tokenizer::Tokenizer;
+use ult_engine::{EngineError, LoadedDecoder, LoadedModel, PREFILL_CHUNK};
+
+/// Statistics of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenStats {
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (stop tokens excluded).
+    pub completion_tokens: usize,
+    /// Prefill wall time (from admission to the first token).
+    pub prefill_ms: f64,
+    /// Decode wall time after the first token.
+    pub decode_ms: f64,
+    /// Time waiting for admission into the running batch.
+    pub queue_ms: f64,
+    /// From submission to the first token.
+    pub ttft_ms: f64,
+    /// From submission to the end.
+    pub total_ms: f64,
+    /// Times the sequence was preempted (its KV freed and recomputed later).
+    pub preemptions: u32,
+}
+
+impl GenStats {
+    /// Prompt tokens per second.
+    pub fn prompt_tps(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_ms)
+    }
+
+    /// Decode tokens per second (tokens after the first, over the time after the first).
+    pub fn decode_tps(&self) -> f64 {
+        rate(self.completion_tokens.saturating_sub(1), self.decode_ms)
+    }
+}
+
+fn rate(n: usize, ms: f64) -> f64 {
+    if ms > 0.0 {
+        n as f64 / (ms / 1000.0)
+    } else {
+        0.0
+    }
+}
+
+/// What a generation streams back.
+#[derive(Debug)]
+pub enum GenEvent {
+    /// Text to show.
+    Delta(String),
+    /// The end, with statistics.
+    Done(GenStats),
+    /// It failed.
+    Failed(EngineError),
+}
+
+/// A generation job.
+#[derive(Debug)]
+pub struct GenerateJob {
+    /// The prompt's tokens.
+    pub prompt: Vec<u32>,
+    /// The most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// Keep going past end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Where deltas go; dropping the receiver cancels.
+    pub events: tmpsc::UnboundedSender<GenEvent>,
+    /// When the job was submitted.
+    pub submitted: Instant,
+}
+
+/// An embedding job.
+#[derive(Debug)]
+pub struct EmbedJob {
+    /// Tokenized inputs.
+    pub inputs: Vec<Vec<u32>>,
+    /// The answer.
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+}
+
+/// Work for a worker.
+#[derive(Debug)]
+pub enum Job {
+    /// Generate text.
+    Generate(GenerateJob),
+    /// Embed texts.
+    Embed(EmbedJob),
+    /// Free the KV pool once no sequence holds blocks (it is allocated again for the next one).
+    ReleaseKv,
+    /// Change the KV budget (tokens per sequence): the pool grows or shrinks, preempting the newest
+    /// sequences when what is running does not fit.
+    SetBudget(usize),
+}
+
+/// Counters and gauges a worker keeps for status and metrics.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Generations completed (any finish reason but cancellation).
+    pub completed: AtomicU64,
+    /// Generations cancelled because the client went away.
+    pub cancelled: AtomicU64,
+    /// Generations or embeddings that failed.
+    pub failed: AtomicU64,
+    /// Inputs embedded.
+    pub embedded: AtomicU64,
+    /// Sequences in the running batch now.
+    pub running: AtomicU64,
+    /// Sequences waiting for admission now (new or preempted).
+    pub waiting: AtomicU64,
+    /// KV blocks held by sequences now (all groups).
+    pub kv_blocks_used: AtomicU64,
+    /// KV blocks in the pool (all groups).
+    pub kv_blocks_total: AtomicU64,
+    /// Bytes the KV pool holds now (zero while released).
+    pub kv_bytes: AtomicU64,
+    /// Preemptions so far.
+    pub preemptions: AtomicU64,
+    /// Forward steps run.
+    pub steps: AtomicU64,
+}
+
+/// A clonable way to queue jobs on a worker (held by a request while it runs).
+#[derive(Debug, Clone)]
+pub struct JobSender(mpsc::Sender<Job>);
+
+impl JobSender {
+    /// Queues a job.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.0.send(job).map_err(|_| EngineError::WorkerGone)
+    }
+}
+
+/// A handle to a worker thread.
+#[derive(Debug)]
+pub struct Worker {
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    /// Starts a worker for `model`. `on_exit` runs on the worker thread after the model is dropped (its
+    /// memory is back), with `None` after a stop, or the error when model code crashed.
+    pub fn spawn(
+        name: &str,
+        model: LoadedModel,
+        tokenizer: Arc<Tokenizer>,
+        on_exit: impl FnOnce(Option<EngineError>) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let stats = Arc::new(WorkerStats::default());
+        let counters = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ult-{name}"))
+            .spawn(move || {
+                let crash = match model {
+                    LoadedModel::Encoder(e) => run_encoder(e, &rx, &counters),
+                    LoadedModel::Decoder(d) => StepLoop::new(d, &tokenizer, &counters).run(&rx),
+                };
+                on_exit(crash);
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// The worker's counters.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// A sender for requests to hold while they run.
+    pub fn sender(&self) -> Option<JobSender> {
+        self.tx.clone().map(JobSender)
+    }
+
+    /// Queues a job.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        self.tx
+            .as_ref()
+            .ok_or(EngineError::WorkerGone)?
+            .send(job)
+            .map_err(|_| EngineError::WorkerGone)
+    }
+
+    /// Stops taking jobs; the thread finishes what is queued and running, drops the model and runs
+    /// `on_exit`.
+    pub fn stop(mut self) {
+        self.tx = None;
+        // Detach: the exit callback reports when memory is back.
+        drop(self.thread.take());
+    }
+
+    /// Stops and waits for the thread to end (used at shutdown).
+    pub fn join(mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves embedding jobs until every sender is gone. A panic in model code fails the job at hand, drops
+/// the model and ends the worker; the error is returned.
+fn run_encoder(
+    mut model: Box<dyn Encoder>,
+    rx: &mpsc::Receiver<Job>,
+    counters: &WorkerStats,
+) -> Option<EngineError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Generate(job) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = job
+                    .events
+                    .send(GenEvent::Failed(EngineError::InvalidParameter {
+                        field: "model",
+                        reason: "this is an embedding model; it does not generate text".into(),
+                    }));
+            }
+            Job::Embed(job) => {
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    job.inputs
+                        .iter()
+                        .map(|ids| model.embed(ids))
+                        .collect::<Result<Vec<_>, _>>()
+                }));
+                match result {
+                    Ok(r) => {
+                        let counter = if r.is_ok() {
+                            &counters.embedded
+                        } else {
+                            &counters.failed
+                        };
+                        counter.fetch_add(job.inputs.len() as u64, Ordering::Relaxed);
+                        let _ = job.reply.send(r);
+                    }
+                    Err(panic) => {
+                        let _ = job
+                            .reply
+                            .send(Err(EngineError::from_panic("embedding", panic)));
+                        return Some(crashed("embedding"));
+                    }
+                }
+            }
+            Job::ReleaseKv | Job::SetBudget(_) => {}
+        }
+    }
+    None
+}
+
+fn crashed(context: &'static str) -> EngineError {
+    EngineError::Crashed {
+        context,
+        message: "see the failed request".into(),
+    }
+}
+
+/// A generation in the worker: its sequence state, where its events go, and its timings.
+struct Active {
+    seq: Sequence,
+    events: tmpsc::UnboundedSender<GenEvent>,
+    submitted: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+/// A decoder's step loop.
+struct StepLoop<'a> {
+    decoder: Box<dyn Decoder>,
+    pool: KvPool,
+    sched: Scheduler,
+    max_sequences: usize,
+    active: BTreeMap<SeqId, Active>,
+    next_id: SeqId,
+    release_when_idle: bool,
+    tokenizer: &'a Tokenizer,
+    counters: &'a WorkerStats,
+}
+
+impl<'a> StepLoop<'a> {
+    fn new(model: LoadedDecoder, tokenizer: &'a Tokenizer, counters: &'a WorkerStats) -> Self {
+        let layout = model.pool.layout().clone();
+        let config = SchedulerConfig {
+            max_running: model.max_sequences,
+            step_tokens: PREFILL_CHUNK,
+            block_tokens: layout.block_tokens,
+            context: model.decoder.context(),
+            groups: layout.group_configs(model.pool.blocks()),
+        };
+        let s = Self {
+            decoder: model.decoder,
+            pool: model.pool,
+            sched: Scheduler::new(config),
+            max_sequences: model.max_sequences,
+            active: BTreeMap::new(),
+            next_id: 0,
+            release_when_idle: false,
+            tokenizer,
+            counters,
+        };
+        s.publish();
+        s
+    }
+
+    /// Serves until every sender is gone and nothing runs.
+    fn run(mut self, rx: &mpsc::Receiver<Job>) -> Option<EngineError> {
+        let mut open = true;
+        loop {
+            if self.sched.is_idle() {
+                if self.release_when_idle {
+                    self.pool.release();
+                    self.release_when_idle = false;
+                    self.publish();
+                }
+                if !open {
+                    return None;
+                }
+                match rx.recv() {
+                    Ok(job) => self.handle(job),
+                    Err(_) => return None,
+                }
+            }
+            // Everything that arrived meanwhile joins at this step boundary.
+            loop {
+                match rx.try_recv() {
+                    Ok(job) => self.handle(job),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            if self.sched.is_idle() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                return Some(e);
+            }
+        }
+    }
+
+    fn handle(&mut self, job: Job) {
+        match job {
+            Job::Generate(job) => self.admit(job),
+            Job::Embed(job) => {
+                let _ = job.reply.send(Err(EngineError::InvalidParameter {
+                    field: "model",
+                    reason: "this model generates text; it does not embed".into(),
+                }));
+            }
+            Job::ReleaseKv => self.release_when_idle = true,
+            Job::SetBudget(tokens) => self.set_budget(tokens),
+        }
+    }
+
+    fn admit(&mut self, job: GenerateJob) {
+        if job.events.is_closed() {
+            return;
+        }
+        let vocab = self.decoder.vocab_size() as u32;
+        if let Some(bad) = job.prompt.iter().find(|&&t| t >= vocab) {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            let _ = job
+                .events
+                .send(GenEvent::Failed(EngineError::InvalidParameter {
+                    field: "prompt",
+                    reason: format!("token id {bad} is outside the vocabulary"),
+                }));
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Err(refusal) = self.sched.add(id, job.prompt.len()) {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            let error = match refusal {
+                Refusal::EmptyPrompt => EngineError::EmptyPrompt,
+                Refusal::TooLong {
+                    prompt_tokens,
+                    limit,
+                } => EngineError::ContextTooLong {
+                    prompt_tokens,
+                    context_tokens: limit,
+                },
+                Refusal::DuplicateId(_) => EngineError::WorkerGone,
+            };
+            let _ = job.events.send(GenEvent::Failed(error));
+            return;
+        }
+        self.release_when_idle = false;
+        let params = SequenceParams {
+            max_tokens: job.max_tokens,
+            sampling: job.sampling,
+            stop: job.stop,
+            ignore_eos: job.ignore_eos,
+        };
+        let limit = self.decoder.context();
+        self.active.insert(
+            id,
+            Active {
+                seq: Sequence::new(job.prompt, params, limit),
+                events: job.events,
+                submitted: job.submitted,
+                admitted: None,
+                first_token: None,
+            },
+        );
+        self.publish();
+    }
+
+    fn set_budget(&mut self, tokens: usize) {
+        let tokens = tokens.clamp(1, self.decoder.context());
+        let blocks = self.pool.layout().pool_blocks(tokens, self.max_sequences);
+        let resize = self.sched.resize(&blocks);
+        if let Err(e) = self.pool.resize(blocks, &resize.moves) {
+            // The storage could not follow (out of memory): release it; sequences recompute.
+            tracing::warn!(error = %e, "could not resize the KV pool; releasing it");
+            let message = e.to_string();
+            for id in self.active.keys().copied().collect::<Vec<_>>() {
+                let error = EngineError::Crashed {
+                    context: "resizing the KV pool",
+                    message: message.clone(),
+                };
+                self.finish(id, None, Some(error));
+            }
+            self.pool.release();
+        }
+        if !resize.preempted.is_empty() {
+            tracing::info!(
+                preempted = resize.preempted.len(),
+                tokens,
+                "KV budget shrank"
+            );
+        }
+        self.publish();
+    }
+
+    /// Removes sequences whose client went away, freeing their blocks before the next step.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, Some(FinishReason::Cancelled), None);
+        }
+    }
+
+    /// Plans and runs one step. Returns an error only when model code panicked (the worker ends).
+    fn step(&mut self) -> Result<(), EngineError> {
+        use std::panic::{AssertUnwindSafe, catch_unwind};
+        let plan = self.sched.schedule();
+        for &id in &plan.stalled {
+            // The pool cannot hold this sequence's next position even alone: its budget is full.
+            self.finish(id, Some(FinishReason::Context), None);
+        }
+        if plan.items.is_empty() {
+            self.publish();
+            return Ok(());
+        }
+        let now = Instant::now();
+        for it in &plan.items {
+            if let Some(a) = self.active.get_mut(&it.seq) {
+                a.admitted.get_or_insert(now);
+            }
+        }
+        let result = {
+            let active = &self.active;
+            let input = step_input(&plan, active);
+            let decoder = &self.decoder;
+            let pool = &mut self.pool;
+            catch_unwind(AssertUnwindSafe(|| {
+                pool.ensure()
+                    .map_err(|e| EngineError::candle("allocating the KV pool".into(), e))?;
+                let out = decoder.forward(&input, pool)?;
+                let argmax = out.argmax()?;
+                let needs_logits = out
+                    .rows
+                    .iter()
+                    .any(|id| active.get(id).is_some_and(|a| a.seq.needs_logits()));
+                let logits = if needs_logits {
+                    Some(out.host()?)
+                } else {
+                    None
+                };
+                Ok::<_, EngineError>((out.rows, argmax, logits))
+            }))
+        };
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let (rows, argmax, mut logits) = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                // The step failed as a whole: every sequence in it fails; the others go on.
+                tracing::warn!(error = %e, sequences = plan.items.len(), "forward step failed");
+                for it in &plan.items {
+                    self.finish(it.seq, None, Some(clone_error(&e)));
+                }
+                self.publish();
+                return Ok(());
+            }
+            Err(panic) => {
+                let e = EngineError::from_panic("generating", panic);
+                let ids: Vec<SeqId> = self.active.keys().copied().collect();
+                for id in ids {
+                    self.finish(id, None, Some(clone_error(&e)));
+                }
+                return Err(crashed("generating"));
+            }
+        };
+        let now = Instant::now();
+        for (i, id) in rows.iter().enumerate() {
+            let Some(a) = self.active.get_mut(id) else {
+                continue;
+            };
+            let row = logits
+                .as_mut()
+                .and_then(|l| l.get_mut(i))
+                .map(Vec::as_mut_slice);
+            let token = a.seq.choose(argmax[i], row);
+            let accepted = a.seq.accept(token, self.tokenizer);
+            a.first_token.get_or_insert(now);
+            let mut finish = accepted.finish;
+            if let Some(text) = accepted.delta
+                && a.events.send(GenEvent::Delta(text)).is_err()
+            {
+                finish = Some(FinishReason::Cancelled);
+            }
+            match finish {
+                Some(f) => self.finish(*id, Some(f), None),
+                None => {
+                    self.sched.push_token(*id);
+                }
+            }
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Ends sequence `id` with a finish reason (statistics sent) or an error.
+    fn finish(&mut self, id: SeqId, reason: Option<FinishReason>, error: Option<EngineError>) {
+        let preemptions = self.sched.preemptions_of(id).unwrap_or(0);
+        self.sched.remove(id);
+        let Some(mut a) = self.active.remove(&id) else {
+            return;
+        };
+        let c = self.counters;
+        c.prompt_tokens
+            .fetch_add(a.seq.prompt_tokens() as u64, Ordering::Relaxed);
+        c.generated_tokens
+            .fetch_add(a.seq.generated() as u64, Ordering::Relaxed);
+        if let Some(e) = error {
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            let _ = a.events.send(GenEvent::Failed(e));
+            return;
+        }
+        let finish = reason.unwrap_or(FinishReason::Context);
+        if finish == FinishReason::Context
+            && let Some(text) = a.seq.flush()
+        {
+            let _ = a.events.send(GenEvent::Delta(text));
+        }
+        let counter = if finish == FinishReason::Cancelled {
+            &c.cancelled
+        } else {
+            &c.completed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
+        let end = Instant::now();
+        let admitted = a.admitted.unwrap_or(end);
+        let stats = GenStats {
+            finish,
+            prompt_tokens: a.seq.prompt_tokens(),
+            completion_tokens: a.seq.generated(),
+            prefill_ms: a.first_token.map_or(0.0, |t| ms(admitted, t)),
+            decode_ms: a.first_token.map_or(0.0, |t| ms(t, end)),
+            queue_ms: ms(a.submitted, admitted),
+            ttft_ms: a.first_token.map_or(0.0, |t| ms(a.submitted, t)),
+            total_ms: ms(a.submitted, end),
+            preemptions,
+        };
+        let _ = a.events.send(GenEvent::Done(stats));
+    }
+
+    /// Publishes the gauges.
+    fn publish(&self) {
+        let c = self.counters;
+        let usage = self.sched.usage();
+        c.running
+            .store(self.sched.running() as u64, Ordering::Relaxed);
+        c.waiting
+            .store(self.sched.waiting() as u64, Ordering::Relaxed);
+        c.kv_blocks_used
+            .store(usage.iter().map(|u| u.used as u64).sum(), Ordering::Relaxed);
+        c.kv_blocks_total.store(
+            usage.iter().map(|u| u.total as u64).sum(),
+            Ordering::Relaxed,
+        );
+        c.kv_bytes.store(self.pool.bytes(), Ordering::Relaxed);
+        c.preemptions
+            .store(self.sched.preemptions(), Ordering::Relaxed);
+    }
+}
+
+/// The decoder's input for `plan`: each item's tokens from its sequence.
+fn step_input<'p>(plan: &'p StepPlan, active: &'p BTreeMap<SeqId, Active>) -> StepInput<'p> {
+    StepInput::from_plan(plan, |id| {
+        active.get(&id).map_or(&[][..], |a| a.seq.tokens())
+    })
+}
+
+/// Engine errors are not `Clone` (they carry Candle's); the copy keeps the message.
+fn clone_error(e: &EngineError) -> EngineError {
+    match e {
+        EngineError::InvalidParameter { field, reason } => EngineError::InvalidParameter {
+            field,
+            reason: reason.clone(),
+        },
+        EngineError::ContextTooLong {
+            prompt_tokens,
+            context_tokens,
+        } => EngineError::ContextTooLong {
+            prompt_tokens: *prompt_tokens,
+            context_tokens: *context_tokens,
+        },
+        other => EngineError::Crashed {
+            context: "generating",
+            message: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,320 @@
+//! Attention over the paged KV pool for one layer of one step, for many sequences at once.
+//!
+//! Every query at absolute position `p` attends over keys `lo..=p` (`lo = p + 1 − window` for
+//! sliding-window layers, else 0): keys before the sequence's first position in this step come from the
+//! pool through its block table, the step's own keys straight from its activations (the pool is written
+//! after attention, so a ring never loses a key that a query of the same step still needs).
+//!
+//! Two implementations with one contract: [`host`] walks the blocks in host memory with plain loops
+//! (the CPU path, parallel over query rows), and [`portable`] gathers each sequence's slots with Candle
+//! ops that every backend implements (`index_select`, `cat`, `matmul`, `softmax`), the path Metal and
+//! CUDA take. Tests hold them to each other on real models.
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::ops::softmax_last_dim;
+use rayon::prelude::*;
+
+use crate::kv::{HostLayer, slot_of};
+use crate::sched::BlockId;
+
+/// One sequence's part of a step, as attention sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    /// Its first row in the step's activations.
+    pub row: usize,
+    /// The absolute position of that row.
+    pub start: usize,
+    /// Rows (positions) in the step.
+    pub len: usize,
+    /// The block table of this layer's group.
+    pub table: &'a [BlockId],
+}
+
+/// The shape of one layer's attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv: usize,
+    /// Per-head dimension.
+    pub head_dim: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Sliding window (None: global).
+    pub window: Option<usize>,
+    /// Ring length in blocks, for sliding-window groups.
+    pub ring: Option<usize>,
+    /// Positions per block.
+    pub block_tokens: usize,
+}
+
+impl AttnShape {
+    /// The first key position query `p` sees.
+    fn lo(&self, p: usize) -> usize {
+        self.window.map_or(0, |w| (p + 1).saturating_sub(w))
+    }
+}
+
+/// Attention on host memory. `q` is `(rows, n_head, head_dim)`, `k` and `v` `(rows, n_kv, head_dim)`,
+/// all contiguous f32; returns `(rows, n_head · head_dim)`.
+pub fn host(
+    pool: &HostLayer<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seqs: &[AttnSeq<'_>],
+    shape: &AttnShape,
+) -> Vec<f32> {
+    let (nh, nkv, hd, bt) = (shape.n_head, shape.n_kv, shape.head_dim, shape.block_tokens);
+    let rows: usize = seqs.iter().map(|s| s.len).sum();
+    let mut out = vec![0f32; rows * nh * hd];
+    // Which sequence each row belongs to.
+    let mut owner = Vec::with_capacity(rows);
+    for (i, s) in seqs.iter().enumerate() {
+        owner.extend(std::iter::repeat_n(i, s.len));
+    }
+    let n_rep = nh / nkv;
+    out.par_chunks_mut(nh * hd)
+        .enumerate()
+        .for_each(|(row, out_row)| {
+            let s = &seqs[owner[row]];
+            let p = s.start + (row - s.row);
+            let lo = shape.lo(p);
+            let n_keys = p + 1 - lo;
+            let mut scores = vec![0f32; n_keys];
+            // Where key position `kp`'s vector of kv head `g` starts: in the step's rows (true) or in the
+            // pool (false); None when the table does not cover it.
+            let key_at = |kp: usize, g: usize| -> Option<(bool, usize)> {
+                if kp >= s.start {
+                    let r = s.row + (kp - s.start);
+                    Some((true, (r * nkv + g) * hd))
+                } else {
+                    let slot = slot_of(kp, s.table, shape.ring, bt)? as usize;
+                    Some((false, (((slot / bt) * nkv + g) * bt + slot % bt) * hd))
+                }
+            };
+            for h in 0..nh {
+                let g = h / n_rep;
+                let qv = &q[(row * nh + h) * hd..(row * nh + h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, kp) in (lo..=p).enumerate() {
+                    let sc = key_at(kp, g).map_or(f32::NEG_INFINITY, |(fresh, at)| {
+                        let src = if fresh { k } else { pool.k };
+                        dot(qv, &src[at..at + hd]) * shape.scale
+                    });
+                    scores[j] = sc;
+                    max = max.max(sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let o = &mut out_row[h * hd..(h + 1) * hd];
+                for (j, kp) in (lo..=p).enumerate() {
+                    let w = scores[j] / sum;
+                    if w == 0.0 {
+                        continue;
+                    }
+                    if let Some((fresh, at)) = key_at(kp, g) {
+                        let src = if fresh { v } else { pool.v };
+                        axpy(w, &src[at..at + hd], o);
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Attention with portable Candle ops over device tensors of the pool (`(slots, n_kv, head_dim)` each).
+/// `q` is `(rows, n_head, head_dim)`, `k` and `v` `(rows, n_kv, head_dim)`; returns `(rows, n_head,
+/// head_dim)` in f32.
+pub fn portable(
+    pool_k: &Tensor,
+    pool_v: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[AttnSeq<'_>],
+    shape: &AttnShape,
+) -> Result<Tensor> {
+    let (nh, nkv, hd) = (shape.n_head, shape.n_kv, shape.head_dim);
+    let n_rep = nh / nkv;
+    let device = q.device();
+    let mut outs = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        let lo = shape.lo(s.start);
+        let old: Vec<u32> = (lo..s.start)
+            .map(|kp| {
+                slot_of(kp, s.table, shape.ring, shape.block_tokens).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("position {kp} is not in the block table"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let fresh_k = k.narrow(0, s.row, s.len)?;
+        let fresh_v = v.narrow(0, s.row, s.len)?;
+        let (keys, values) = if old.is_empty() {
+            (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?)
+        } else {
+            let idx = Tensor::from_vec(old.clone(), old.len(), device)?;
+            let ok = pool_k.index_select(&idx, 0)?.to_dtype(DType::F32)?;
+            let ov = pool_v.index_select(&idx, 0)?.to_dtype(DType::F32)?;
+            (
+                Tensor::cat(&[&ok, &fresh_k.to_dtype(DType::F32)?], 0)?,
+                Tensor::cat(&[&ov, &fresh_v.to_dtype(DType::F32)?], 0)?,
+            )
+        };
+        let n_keys = keys.dim(0)?;
+        // (len, nh, hd) → (nkv, n_rep·len, hd): the query heads of one KV head stacked on rows.
+        let qs = q
+            .narrow(0, s.row, s.len)?
+            .to_dtype(DType::F32)?
+            .reshape((s.len, nkv, n_rep, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((nkv, n_rep * s.len, hd))?;
+        let kt = keys.transpose(0, 1)?.contiguous()?; // (nkv, n_keys, hd)
+        let vt = values.transpose(0, 1)?.contiguous()?;
+        let mut scores = (qs.matmul(&kt.t()?)? * f64::from(shape.scale))?;
+        let key_positions: Vec<usize> = (lo..s.start + s.len).collect();
+        let needs_mask = s.len > 1
+            || key_positions
+                .first()
+                .is_some_and(|&k0| shape.lo(s.start + s.len - 1) > k0);
+        if needs_mask {
+            let mut m = Vec::with_capacity(s.len * n_keys);
+            for i in 0..s.len {
+                let p = s.start + i;
+                let lo_p = shape.lo(p);
+                m.extend(key_positions.iter().map(|&kp| {
+                    if kp <= p && kp >= lo_p {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+            let mask = Tensor::from_vec(m, (s.len, n_keys), device)?;
+            scores = scores
+                .reshape((nkv, n_rep, s.len, n_keys))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, n_rep * s.len, n_keys))?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let o = probs
+            .matmul(&vt)? // (nkv, n_rep·len, hd)
+            .reshape((nkv, n_rep, s.len, hd))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((s.len, nh, hd))?;
+        outs.push(o);
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Tensor::cat(&refs, 0)
+}
+
+/// The index of the largest value in each row of `(rows, n)` logits.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    logits.argmax(D::Minus1)?.to_vec1::<u32>()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight lanes, so the compiler vectorises without fast-math.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += w * xi;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
+    use candle_core::Device;
+
+    /// The host loops and the portable ops agree, on a grouped-query shape, for a prefill chunk that
+    /// reads earlier keys from the pool and for a decode row beside it.
+    #[test]
+    fn host_and_portable_agree() {
+        let dev = Device::Cpu;
+        let (nh, nkv, hd) = (9, 3, 64);
+        let layout = KvLayout::from_windows([None], nkv, hd, KvDType::F32, 4);
+        let tables = vec![vec![2, 0, 1]];
+        let other = vec![vec![3]];
+        let mut host_pool = KvPool::new(layout.clone(), vec![4], &dev, false).unwrap();
+        let mut port = KvPool::new(layout.clone(), vec![4], &dev, true).unwrap();
+        let shape = AttnShape {
+            n_head: nh,
+            n_kv: nkv,
+            head_dim: hd,
+            scale: 0.3,
+            window: None,
+            ring: None,
+            block_tokens: 4,
+        };
+        // Step 1: 7 positions of sequence A. Step 2: 3 more of A and 1 of B (at position 0).
+        for (spans, rows) in [
+            (vec![(0usize, 7usize, &tables)], 7usize),
+            (vec![(7, 3, &tables), (0, 1, &other)], 4),
+        ] {
+            let q = Tensor::randn(0f32, 3.0, (rows, nh, hd), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
+            let mut row = 0;
+            let seqs: Vec<AttnSeq<'_>> = spans
+                .iter()
+                .map(|&(start, len, t)| {
+                    let s = AttnSeq {
+                        row,
+                        start,
+                        len,
+                        table: &t[0],
+                    };
+                    row += len;
+                    s
+                })
+                .collect();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let h = host(
+                &host_pool.host_layer(0).unwrap(),
+                &flat(&q),
+                &flat(&k),
+                &flat(&v),
+                &seqs,
+                &shape,
+            );
+            let (pk, pv) = port.device_layer(0).unwrap();
+            let p = flat(&portable(pk, pv, &q, &k, &v, &seqs, &shape).unwrap());
+            let worst = h
+                .iter()
+                .zip(&p)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "host and portable differ by {worst}");
+            let spans_ref: Vec<(usize, usize, &[Vec<BlockId>])> = spans
+                .iter()
+                .map(|&(s, l, t)| (s, l, t.as_slice()))
+                .collect();
+            let m = SlotMap::new(&layout, &spans_ref, None).unwrap();
+            host_pool.write(0, &k, &v, &m).unwrap();
+            let m = SlotMap::new(&layout, &spans_ref, Some(&dev)).unwrap();
+            port.write(0, &k, &v, &m).unwrap();
+        }
+    }
+}
