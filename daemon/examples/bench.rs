@@ -56,8 +56,15 @@ fn main() -> anyhow::Result<()> {
             (name.to_string(), path.to_string())
         })
         .collect();
+    // `--attention host`: the CPU's block loops instead of the portable Candle ops (see
+    // CandleEngine::host_loops).
+    let attention = arg(&args, "--attention", "portable");
     let opened = Instant::now();
-    let engine = CandleEngine::new(&device)?;
+    let engine = if attention == "host" {
+        CandleEngine::host_loops(&device)?
+    } else {
+        CandleEngine::new(&device)?
+    };
     let kernels = engine.wait_for_kernels();
     println!(
         "device opened and kernels ready in {:.0} ms (kernel compile {:.0} ms)",
@@ -77,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     models.retain(|(n, _)| only.split(',').any(|o| o == n));
     models.extend(extra);
     println!(
-        "device {}, prompt {prompt_len} tokens, decode {decode} tokens, median of {reps}",
+        "device {}, attention {attention}, prompt {prompt_len} tokens, decode {decode} tokens, median of {reps}",
         engine.device_name()
     );
     println!(

@@ -129,7 +129,10 @@ pub fn host(
 
 /// Attention with portable Candle ops over device tensors of the pool (`(slots, n_kv, head_dim)` each).
 /// `q` is `(rows, n_head, head_dim)`, `k` and `v` `(rows, n_kv, head_dim)`; returns `(rows, n_head,
-/// head_dim)` in f32.
+/// head_dim)` in f32. With `in_pool`, the step's own keys and values are already in the pool (a global
+/// layer writes before it attends: one gather instead of a gather and a concatenation); otherwise they
+/// come from `k` and `v`.
+#[allow(clippy::too_many_arguments)]
 pub fn portable(
     pool_k: &Tensor,
     pool_v: &Tensor,
@@ -138,6 +141,7 @@ pub fn portable(
     v: &Tensor,
     seqs: &[AttnSeq<'_>],
     shape: &AttnShape,
+    in_pool: bool,
 ) -> Result<Tensor> {
     let (nh, nkv, hd) = (shape.n_head, shape.n_kv, shape.head_dim);
     let n_rep = nh / nkv;
@@ -145,7 +149,8 @@ pub fn portable(
     let mut outs = Vec::with_capacity(seqs.len());
     for s in seqs {
         let lo = shape.lo(s.start);
-        let old: Vec<u32> = (lo..s.start)
+        let pooled_end = if in_pool { s.start + s.len } else { s.start };
+        let old: Vec<u32> = (lo..pooled_end)
             .map(|kp| {
                 slot_of(kp, s.table, shape.ring, shape.block_tokens).ok_or_else(|| {
                     candle_core::Error::Msg(format!("position {kp} is not in the block table"))
@@ -154,7 +159,13 @@ pub fn portable(
             .collect::<Result<_>>()?;
         let fresh_k = k.narrow(0, s.row, s.len)?;
         let fresh_v = v.narrow(0, s.row, s.len)?;
-        let (keys, values) = if old.is_empty() {
+        let (keys, values) = if in_pool {
+            let idx = Tensor::from_vec(old, pooled_end - lo, device)?;
+            (
+                pool_k.index_select(&idx, 0)?.to_dtype(DType::F32)?,
+                pool_v.index_select(&idx, 0)?.to_dtype(DType::F32)?,
+            )
+        } else if old.is_empty() {
             (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?)
         } else {
             let idx = Tensor::from_vec(old.clone(), old.len(), device)?;
@@ -167,13 +178,16 @@ pub fn portable(
         };
         let n_keys = keys.dim(0)?;
         // (len, nh, hd) → (nkv, n_rep·len, hd): the query heads of one KV head stacked on rows.
-        let qs = q
-            .narrow(0, s.row, s.len)?
-            .to_dtype(DType::F32)?
-            .reshape((s.len, nkv, n_rep, hd))?
-            .permute((1, 2, 0, 3))?
-            .contiguous()?
-            .reshape((nkv, n_rep * s.len, hd))?;
+        let q1 = q.narrow(0, s.row, s.len)?.to_dtype(DType::F32)?;
+        let qs = if s.len == 1 {
+            // One row: (1, nh, hd) is already (nkv, n_rep, hd) in memory.
+            q1.reshape((nkv, n_rep, hd))?
+        } else {
+            q1.reshape((s.len, nkv, n_rep, hd))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((nkv, n_rep * s.len, hd))?
+        };
         let kt = keys.transpose(0, 1)?.contiguous()?; // (nkv, n_keys, hd)
         let vt = values.transpose(0, 1)?.contiguous()?;
         let mut scores = (qs.matmul(&kt.t()?)? * f64::from(shape.scale))?;
@@ -202,8 +216,12 @@ pub fn portable(
                 .reshape((nkv, n_rep * s.len, n_keys))?;
         }
         let probs = softmax_last_dim(&scores)?;
-        let o = probs
-            .matmul(&vt)? // (nkv, n_rep·len, hd)
+        let o = probs.matmul(&vt)?; // (nkv, n_rep·len, hd)
+        if s.len == 1 {
+            outs.push(o.reshape((1, nh, hd))?);
+            continue;
+        }
+        let o = o
             .reshape((nkv, n_rep, s.len, hd))?
             .permute((2, 0, 1, 3))?
             .contiguous()?
@@ -300,7 +318,7 @@ mod tests {
                 &shape,
             );
             let (pk, pv) = port.device_layer(0).unwrap();
-            let p = flat(&portable(pk, pv, &q, &k, &v, &seqs, &shape).unwrap());
+            let p = flat(&portable(pk, pv, &q, &k, &v, &seqs, &shape, false).unwrap());
             let worst = h
                 .iter()
                 .zip(&p)

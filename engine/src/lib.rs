@@ -286,10 +286,13 @@ impl CandleEngine {
             }
             _ => None,
         };
+        // ULT_ATTENTION=host: the CPU's block loops (a diagnostic for benchmarks; see `host_loops`).
+        let portable_kv =
+            !(device.is_cpu() && std::env::var_os("ULT_ATTENTION").is_some_and(|v| v == "host"));
         Ok(Self {
             device,
             dequantize: false,
-            portable_kv: true,
+            portable_kv,
             #[cfg(feature = "cuda")]
             jit,
         })

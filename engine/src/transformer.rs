@@ -365,10 +365,21 @@ impl Transformer {
                 Tensor::from_vec(o, (1, n, nh * hd), &self.device)?
             }
             None => {
+                // A global layer keeps every position: its own rows can go into the pool first. A ring
+                // may not hold a long chunk's early keys, so it attends first and writes after.
+                let in_pool = group.ring.is_none();
+                if in_pool {
+                    pool.write(il, &k, &v, ctx.slots)?;
+                }
                 let (pk, pv) = pool
                     .device_layer(il)
                     .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
-                attention::portable(pk, pv, &q, &k, &v, &seqs, &shape)?.reshape((1, n, nh * hd))?
+                let out = attention::portable(pk, pv, &q, &k, &v, &seqs, &shape, in_pool)?
+                    .reshape((1, n, nh * hd))?;
+                if !in_pool {
+                    pool.write(il, &k, &v, ctx.slots)?;
+                }
+                return b.wo.forward(&out);
             }
         };
         pool.write(il, &k, &v, ctx.slots)?;
