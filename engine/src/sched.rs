@@ -288,14 +288,7 @@ impl Scheduler {
                 match self.grow_running(id, take, &mut plan) {
                     Grow::Took(n) => {
                         budget -= n;
-                        let seq = &self.seqs[&id];
-                        plan.items.push(StepItem {
-                            seq: id,
-                            start: seq.computed - n,
-                            len: n,
-                            sample: seq.computed == seq.tokens,
-                            tables: seq.tables.clone(),
-                        });
+                        plan.items.push(self.item(id, n));
                     }
                     Grow::Stalled => plan.stalled.push(id),
                     Grow::Wait => {}
@@ -333,13 +326,7 @@ impl Scheduler {
             let seq = self.seqs.get_mut(&id).expect("an admitted sequence exists");
             seq.phase = Phase::Running;
             budget -= take;
-            plan.items.push(StepItem {
-                seq: id,
-                start: seq.computed - take,
-                len: take,
-                sample: seq.computed == seq.tokens,
-                tables: seq.tables.clone(),
-            });
+            plan.items.push(self.item(id, take));
         }
         plan.items.sort_by_key(|it| self.seqs[&it.seq].arrival);
         plan
@@ -449,6 +436,18 @@ impl Scheduler {
     /// The free blocks of group `g`.
     pub fn free_blocks(&self, g: usize) -> impl Iterator<Item = BlockId> + '_ {
         self.free[g].iter().copied()
+    }
+
+    /// The step item of sequence `id`, which has just been given its last `n` computed positions.
+    fn item(&self, id: SeqId, n: usize) -> StepItem {
+        let seq = &self.seqs[&id];
+        StepItem {
+            seq: id,
+            start: seq.computed - n,
+            len: n,
+            sample: seq.computed == seq.tokens,
+            tables: seq.tables.clone(),
+        }
     }
 
     /// Blocks sequence `seq` must hold in each group to have `positions` computed.
