@@ -127,11 +127,40 @@ pub fn host(
     out
 }
 
+/// The pool slots each sequence's portable attention gathers: keys `lo..start` (or `lo..start + len`
+/// with `in_pool`, when the step's own rows were written first), as an index tensor, None when there are
+/// none. The same for every layer of a group, so a step computes it once per group, not once per layer.
+pub fn gather_indices(
+    seqs: &[AttnSeq<'_>],
+    shape: &AttnShape,
+    in_pool: bool,
+    device: &candle_core::Device,
+) -> Result<Vec<Option<Tensor>>> {
+    seqs.iter()
+        .map(|s| {
+            let lo = shape.lo(s.start);
+            let end = if in_pool { s.start + s.len } else { s.start };
+            if end <= lo {
+                return Ok(None);
+            }
+            let slots: Vec<u32> = (lo..end)
+                .map(|kp| {
+                    slot_of(kp, s.table, shape.ring, shape.block_tokens).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("position {kp} is not in the block table"))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let n = slots.len();
+            Tensor::from_vec(slots, n, device).map(Some)
+        })
+        .collect()
+}
+
 /// Attention with portable Candle ops over device tensors of the pool (`(slots, n_kv, head_dim)` each).
 /// `q` is `(rows, n_head, head_dim)`, `k` and `v` `(rows, n_kv, head_dim)`; returns `(rows, n_head,
-/// head_dim)` in f32. With `in_pool`, the step's own keys and values are already in the pool (a global
-/// layer writes before it attends: one gather instead of a gather and a concatenation); otherwise they
-/// come from `k` and `v`.
+/// head_dim)` in f32. `gathers` are [`gather_indices`] of `seqs`. With `in_pool`, the step's own keys
+/// and values are already in the pool (a global layer writes before it attends: one gather instead of a
+/// gather and a concatenation); otherwise they come from `k` and `v`.
 #[allow(clippy::too_many_arguments)]
 pub fn portable(
     pool_k: &Tensor,
@@ -140,6 +169,7 @@ pub fn portable(
     k: &Tensor,
     v: &Tensor,
     seqs: &[AttnSeq<'_>],
+    gathers: &[Option<Tensor>],
     shape: &AttnShape,
     in_pool: bool,
 ) -> Result<Tensor> {
@@ -147,34 +177,18 @@ pub fn portable(
     let n_rep = nh / nkv;
     let device = q.device();
     let mut outs = Vec::with_capacity(seqs.len());
-    for s in seqs {
+    for (s, gather) in seqs.iter().zip(gathers) {
         let lo = shape.lo(s.start);
-        let pooled_end = if in_pool { s.start + s.len } else { s.start };
-        let old: Vec<u32> = (lo..pooled_end)
-            .map(|kp| {
-                slot_of(kp, s.table, shape.ring, shape.block_tokens).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("position {kp} is not in the block table"))
-                })
-            })
-            .collect::<Result<_>>()?;
         let fresh_k = k.narrow(0, s.row, s.len)?;
         let fresh_v = v.narrow(0, s.row, s.len)?;
-        let (keys, values) = if in_pool {
-            let idx = Tensor::from_vec(old, pooled_end - lo, device)?;
-            (
-                pool_k.index_select(&idx, 0)?.to_dtype(DType::F32)?,
-                pool_v.index_select(&idx, 0)?.to_dtype(DType::F32)?,
-            )
-        } else if old.is_empty() {
-            (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?)
-        } else {
-            let idx = Tensor::from_vec(old.clone(), old.len(), device)?;
-            let ok = pool_k.index_select(&idx, 0)?.to_dtype(DType::F32)?;
-            let ov = pool_v.index_select(&idx, 0)?.to_dtype(DType::F32)?;
-            (
-                Tensor::cat(&[&ok, &fresh_k.to_dtype(DType::F32)?], 0)?,
-                Tensor::cat(&[&ov, &fresh_v.to_dtype(DType::F32)?], 0)?,
-            )
+        let pooled = |t: &Tensor, idx: &Tensor| t.index_select(idx, 0)?.to_dtype(DType::F32);
+        let (keys, values) = match (gather, in_pool) {
+            (Some(idx), true) => (pooled(pool_k, idx)?, pooled(pool_v, idx)?),
+            (Some(idx), false) => (
+                Tensor::cat(&[&pooled(pool_k, idx)?, &fresh_k.to_dtype(DType::F32)?], 0)?,
+                Tensor::cat(&[&pooled(pool_v, idx)?, &fresh_v.to_dtype(DType::F32)?], 0)?,
+            ),
+            (None, _) => (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?),
         };
         let n_keys = keys.dim(0)?;
         // (len, nh, hd) → (nkv, n_rep·len, hd): the query heads of one KV head stacked on rows.
@@ -191,17 +205,13 @@ pub fn portable(
         let kt = keys.transpose(0, 1)?.contiguous()?; // (nkv, n_keys, hd)
         let vt = values.transpose(0, 1)?.contiguous()?;
         let mut scores = (qs.matmul(&kt.t()?)? * f64::from(shape.scale))?;
-        let key_positions: Vec<usize> = (lo..s.start + s.len).collect();
-        let needs_mask = s.len > 1
-            || key_positions
-                .first()
-                .is_some_and(|&k0| shape.lo(s.start + s.len - 1) > k0);
-        if needs_mask {
+        // A mask is needed for several rows, or when the window cuts keys the first row still sees.
+        if s.len > 1 || shape.lo(s.start + s.len - 1) > lo {
             let mut m = Vec::with_capacity(s.len * n_keys);
             for i in 0..s.len {
                 let p = s.start + i;
                 let lo_p = shape.lo(p);
-                m.extend(key_positions.iter().map(|&kp| {
+                m.extend((lo..lo + n_keys).map(|kp| {
                     if kp <= p && kp >= lo_p {
                         0f32
                     } else {
@@ -318,7 +328,8 @@ mod tests {
                 &shape,
             );
             let (pk, pv) = port.device_layer(0).unwrap();
-            let p = flat(&portable(pk, pv, &q, &k, &v, &seqs, &shape, false).unwrap());
+            let gathers = gather_indices(&seqs, &shape, false, &dev).unwrap();
+            let p = flat(&portable(pk, pv, &q, &k, &v, &seqs, &gathers, &shape, false).unwrap());
             let worst = h
                 .iter()
                 .zip(&p)

@@ -248,7 +248,8 @@ pub struct CandleEngine {
     device: Device,
     /// Matrices dequantized to f32 at load (see [`CandleEngine::reference`]).
     dequantize: bool,
-    /// KV pools as Candle tensors with the portable attention ops (the default everywhere); false keeps
+    /// KV pools as Candle tensors with the portable attention ops (the default on every backend: the path
+    /// Metal runs, and CUDA until ult's kernels land); false keeps
     /// them in host memory for the CPU's block loops (see [`CandleEngine::host_loops`]).
     portable_kv: bool,
     /// The background compile of Candle's CUDA kernels that loads wait for.
@@ -305,12 +306,6 @@ impl CandleEngine {
         let mut e = Self::new(device)?;
         e.dequantize = true;
         Ok(e)
-    }
-
-    /// An engine whose KV pools are Candle tensors and whose attention uses portable Candle ops on every
-    /// backend: what [`CandleEngine::new`] gives (the path Metal runs, and CUDA until ult's kernels land).
-    pub fn portable(device: &str) -> Result<Self, EngineError> {
-        Self::new(device)
     }
 
     /// A CPU engine whose KV pools live in host memory, read by the hand-written block loops of

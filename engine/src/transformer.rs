@@ -15,7 +15,7 @@ use candle_nn::rotary_emb::{rope, rope_i};
 
 use crate::EngineError;
 use crate::attention::{self, AttnSeq, AttnShape};
-use crate::decoder::{Decoder, SeqStep, StepInput, StepOutput};
+use crate::decoder::{Decoder, StepInput, StepOutput};
 use crate::gguf::{Arch, GgufHeader, HParams};
 use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
 
@@ -231,6 +231,42 @@ impl Transformer {
             .map(|s| (s.start, s.tokens.len(), s.tables))
             .collect();
         let slots = SlotMap::new(&layout, &spans, portable.then_some(&self.device))?;
+        let groups: Vec<GroupStep<'_>> = layout
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                let shape = AttnShape {
+                    n_head: hp.n_head,
+                    n_kv: hp.n_head_kv,
+                    head_dim: hp.head_dim,
+                    scale: hp.attn_scale as f32,
+                    window: group.window,
+                    ring: group.ring,
+                    block_tokens: layout.block_tokens,
+                };
+                let seqs: Vec<AttnSeq<'_>> = seqs
+                    .iter()
+                    .map(|(row, s)| AttnSeq {
+                        row: *row,
+                        start: s.start,
+                        len: s.tokens.len(),
+                        table: &s.tables[g],
+                    })
+                    .collect();
+                // Global layers write before they attend (see `attention`), rings after.
+                let gathers = if portable {
+                    attention::gather_indices(&seqs, &shape, group.ring.is_none(), &self.device)?
+                } else {
+                    Vec::new()
+                };
+                Ok(GroupStep {
+                    shape,
+                    seqs,
+                    gathers,
+                })
+            })
+            .collect::<Result<_>>()?;
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let gather = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
             let half = hp.head_dim / 2;
@@ -254,7 +290,7 @@ impl Transformer {
                 _ => &rope_global,
             };
             let ctx = StepContext {
-                seqs: &seqs,
+                groups: &groups,
                 slots: &slots,
                 rope,
                 layout: &layout,
@@ -336,45 +372,30 @@ impl Transformer {
         let q = q.reshape((n, nh, hd))?;
         let k = k.reshape((n, nkv, hd))?;
         let (g, _) = ctx.layout.place(il);
-        let group = &ctx.layout.groups[g];
-        let shape = AttnShape {
-            n_head: nh,
-            n_kv: nkv,
-            head_dim: hd,
-            scale: hp.attn_scale as f32,
-            window: group.window,
-            ring: group.ring,
-            block_tokens: ctx.layout.block_tokens,
-        };
-        let seqs: Vec<AttnSeq<'_>> = ctx
-            .seqs
-            .iter()
-            .map(|(row, s)| AttnSeq {
-                row: *row,
-                start: s.start,
-                len: s.tokens.len(),
-                table: &s.tables[g],
-            })
-            .collect();
+        let GroupStep {
+            shape,
+            seqs,
+            gathers,
+        } = &ctx.groups[g];
         let out = match pool.host_layer(il) {
             Some(layer) => {
                 let qh = q.flatten_all()?.to_vec1::<f32>()?;
                 let kh = k.flatten_all()?.to_vec1::<f32>()?;
                 let vh = v.flatten_all()?.to_vec1::<f32>()?;
-                let o = attention::host(&layer, &qh, &kh, &vh, &seqs, &shape);
+                let o = attention::host(&layer, &qh, &kh, &vh, seqs, shape);
                 Tensor::from_vec(o, (1, n, nh * hd), &self.device)?
             }
             None => {
                 // A global layer keeps every position: its own rows can go into the pool first. A ring
                 // may not hold a long chunk's early keys, so it attends first and writes after.
-                let in_pool = group.ring.is_none();
+                let in_pool = shape.ring.is_none();
                 if in_pool {
                     pool.write(il, &k, &v, ctx.slots)?;
                 }
                 let (pk, pv) = pool
                     .device_layer(il)
                     .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
-                let out = attention::portable(pk, pv, &q, &k, &v, &seqs, &shape, in_pool)?
+                let out = attention::portable(pk, pv, &q, &k, &v, seqs, gathers, shape, in_pool)?
                     .reshape((1, n, nh * hd))?;
                 if !in_pool {
                     pool.write(il, &k, &v, ctx.slots)?;
@@ -387,10 +408,17 @@ impl Transformer {
     }
 }
 
+/// One layer group's view of a step, the same for all its layers.
+struct GroupStep<'a> {
+    shape: AttnShape,
+    seqs: Vec<AttnSeq<'a>>,
+    gathers: Vec<Option<Tensor>>,
+}
+
 /// What every layer of one step shares.
 struct StepContext<'a> {
-    /// Each sequence's first row and its step.
-    seqs: &'a [(usize, &'a SeqStep<'a>)],
+    /// Per layer group: the attention shape, each sequence's part, and (portable path) what it gathers.
+    groups: &'a [GroupStep<'a>],
     slots: &'a SlotMap,
     /// The rope tables of this layer, gathered at every row's position: `(rows, 1, head_dim / 2)`.
     rope: &'a (Tensor, Tensor),

@@ -254,7 +254,7 @@ fn the_cpu_block_loops_match_the_portable_ops() {
     // The CPU's host-memory block loops, batched, against the portable ops (what serving and Metal run)
     // alone, on Gemma 3 (global and ring groups): the same tokens.
     let host = CandleEngine::host_loops("cpu").unwrap();
-    let portable = CandleEngine::portable("cpu").unwrap();
+    let portable = CandleEngine::new("cpu").unwrap();
     let src = source("gemma3", 4);
     let (mut p, inspection) = load(&portable, &src, 1024);
     let (mut h, _) = load(&host, &src, 1024);

@@ -1,3 +1,4 @@
+//! Bindings to Apple Accelerate (BLAS and vector functions) for the `accelerate` feature (upstream Candle 0.11.1, unchanged).
 #![allow(dead_code)]
 use libc::{c_char, c_double, c_float, c_int, c_long, c_ulong};
 

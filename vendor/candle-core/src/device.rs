@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `device.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::backend::BackendDevice;
 use crate::cpu_backend::CpuDevice;
 use crate::{CpuStorage, DType, Result, Shape, Storage, WithDType};

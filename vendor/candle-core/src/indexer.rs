@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `indexer.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{Error, Tensor};
 use std::ops::{
     Bound, Range, RangeBounds, RangeFrom, RangeFull, RangeInclusive, RangeTo, RangeToInclusive,

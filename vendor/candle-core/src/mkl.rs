@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `mkl.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 #![allow(dead_code)]
 use libc::{c_char, c_double, c_float, c_int};
 

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `nditer.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use std::iter::FusedIterator;
 
 use crate::Layout;

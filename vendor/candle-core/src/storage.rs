@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `storage.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::backend::BackendStorage;
 use crate::custom_op::{all_distinct, InplaceOpN, Src};
 use crate::op::{self, CmpOp, ReduceOp};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `strided_index.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::Layout;
 
 /// An iterator over offset position for items of an N-dimensional arrays stored in a

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `tensor_cat.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{shape::Dim, Context, Error, Result, Shape, Tensor};
 
 impl Tensor {

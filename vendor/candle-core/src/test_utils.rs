@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `test_utils.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{Result, Tensor};
 
 #[macro_export]

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `variable.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 // Variables are wrappers around tensors that can be modified, they are typically used for holding
 // weights and being modified by gradient descent.
 // We do not expose a public way to create variables as this would break the invariant that the

@@ -1,3 +1,4 @@
+//! AVX vector operations for the CPU kernels (upstream Candle 0.11.1, unchanged).
 use super::{Cpu, CpuBF16, CpuF16};
 #[cfg(target_arch = "x86")]
 use core::arch::x86::*;

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cpu/erf.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 #![allow(clippy::excessive_precision)]
 // Code taken from https://github.com/statrs-dev/statrs
 //! Provides the [error](https://en.wikipedia.org/wiki/Error_function) and

@@ -1,3 +1,4 @@
+//! CPU feature detection for the CPU kernels (upstream Candle 0.11.1, unchanged).
 use std::sync::OnceLock;
 
 #[allow(dead_code)]

@@ -1,3 +1,4 @@
+//! Element-wise vector operation traits the CPU backend dispatches to (upstream Candle 0.11.1, unchanged).
 pub trait VecOps: num_traits::NumAssign + Copy {
     fn min(self, rhs: Self) -> Self;
     fn max(self, rhs: Self) -> Self;

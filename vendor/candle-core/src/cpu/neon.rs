@@ -1,3 +1,4 @@
+//! NEON vector operations for the CPU kernels on Arm (upstream Candle 0.11.1, unchanged).
 use super::{Cpu, CpuBF16, CpuF16};
 #[cfg(target_arch = "arm")]
 use core::arch::arm::*;

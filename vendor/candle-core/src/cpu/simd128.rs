@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cpu/simd128.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use super::{Cpu, CpuBF16, CpuF16};
 use core::arch::wasm32::*;
 use half::{bf16, f16};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cpu_backend/conv2d.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use std::borrow::Cow;
 
 use rayon::iter::{IntoParallelIterator, ParallelIterator};

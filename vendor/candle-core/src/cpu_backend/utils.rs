@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cpu_backend/utils.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 /// Helper functions to write CPU kernels.
 use crate::backend::BackendStorage;
 use crate::nditer::NdIter;

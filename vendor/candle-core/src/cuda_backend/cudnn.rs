@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cuda_backend/cudnn.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::WithDType;
 use cudarc;
 use cudarc::cudnn::safe::{ConvForward, Cudnn};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cuda_backend/device.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::backend::{BackendDevice, BackendStorage};
 use crate::{CpuStorage, CpuStorageRef, DType, Layout, Result, Shape};
 pub use candle_kernels as kernels;

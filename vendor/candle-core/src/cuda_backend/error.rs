@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cuda_backend/error.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{DType, Layout};
 
 /// cudarc related errors

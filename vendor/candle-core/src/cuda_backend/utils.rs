@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `cuda_backend/utils.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 /// Helper functions to plug cuda kernels in candle.
 use crate::{Layout, Result, WithDType};
 pub use cudarc;

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `metal_backend/device.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{DType, Result};
 
 use candle_metal_kernels::{

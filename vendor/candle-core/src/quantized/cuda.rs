@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/cuda.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use super::{GgmlDType, QStorage};
 use crate::quantized::k_quants::GgmlType;
 use crate::{backend::BackendDevice, cuda_backend::WrapErr};

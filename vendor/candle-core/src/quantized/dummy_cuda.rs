@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/dummy_cuda.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 #![allow(unused)]
 use super::GgmlDType;
 use crate::{CudaDevice, CudaStorage, Error, Result};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/imatrix_file.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Cursor, Read};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/k_quants.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use super::utils::{
     get_scale_min_k4, group_for_dequantization, group_for_quantization, make_q3_quants,
     make_qkx1_quants, make_qx_quants, nearest_int,

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/metal.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use super::{GgmlDType, QStorage};
 use crate::backend::BackendStorage;
 use crate::{DType, Layout, MetalDevice, MetalStorage, Result, Shape, D};

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/mod.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::{
     backend::BackendStorage, CpuStorage, DType, Device, Result, Shape, Storage, Tensor, D,
 };

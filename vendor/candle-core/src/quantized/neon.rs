@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/neon.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 #![allow(clippy::needless_range_loop)]
 
 use super::k_quants::{

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/repack.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 #[cfg(target_arch = "aarch64")]
 use super::GgmlDType;
 use super::QuantizedType;

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/simd128.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use super::k_quants::{BlockQ2K, BlockQ4K, BlockQ4_0, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K};
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/tokenizer.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 use crate::quantized::gguf_file;
 use crate::{Context, Error, Result};
 use std::collections::HashSet;

@@ -1,3 +1,4 @@
+//! Candle 0.11.1 `quantized/utils.rs`, unchanged from upstream (vendored for one patch in utils.rs).
 pub(super) fn nearest_int(v: f32) -> i32 {
     v.round() as i32
 }
