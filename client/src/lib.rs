@@ -173,6 +173,18 @@ pub struct ModelInfo {
     pub kv_pool_bytes: u64,
     /// Sequences preempted (KV freed, recomputed later), over every load.
     pub preemptions: u64,
+    /// Whether the prefix cache is on.
+    pub prefix_cache: bool,
+    /// KV blocks the prefix cache keeps that no sequence holds now.
+    pub kv_cached_blocks: u64,
+    /// Bytes of those blocks (the cache's share of the pool).
+    pub kv_cached_bytes: u64,
+    /// Admissions that reused cached blocks, over every load.
+    pub prefix_cache_hits: u64,
+    /// Admissions that found nothing cached, over every load.
+    pub prefix_cache_misses: u64,
+    /// Prompt tokens served from the cache instead of computed, over every load.
+    pub prefix_cached_tokens: u64,
 }
 
 /// The daemon's memory.
@@ -331,6 +343,8 @@ pub struct GenerateStats {
     pub time_to_first_token_ms: u64,
     /// Total.
     pub total_ms: u64,
+    /// Prompt tokens served from the prefix cache (not computed).
+    pub cached_tokens: u32,
 }
 
 /// One item of a generation stream.
@@ -803,6 +817,12 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 kv_block_tokens: m.kv_block_tokens,
                 kv_pool_bytes: m.kv_pool_bytes,
                 preemptions: m.preemptions,
+                prefix_cache: m.prefix_cache,
+                kv_cached_blocks: m.kv_cached_blocks,
+                kv_cached_bytes: m.kv_cached_bytes,
+                prefix_cache_hits: m.prefix_cache_hits,
+                prefix_cache_misses: m.prefix_cache_misses,
+                prefix_cached_tokens: m.prefix_cached_tokens,
             })
             .collect(),
         routes: s
@@ -838,6 +858,7 @@ fn stats_from(d: pb::GenerateDone) -> GenerateStats {
         queue_ms: d.queue_ms,
         time_to_first_token_ms: d.time_to_first_token_ms,
         total_ms: d.total_ms,
+        cached_tokens: d.cached_tokens,
     }
 }
 
@@ -869,6 +890,7 @@ fn watch_from(e: pb::WatchEvent) -> Option<WatchItem> {
             format!("{}: {}", pressure_name(p.level), p.reason),
         ),
         E::KvBudget(k) => ("kv-budget", Some(k.model), format!("{} tokens", k.tokens)),
+        E::CacheDropped(c) => ("cache-dropped", Some(c.model), format!("{} bytes", c.bytes)),
     };
     Some(WatchItem {
         unix_ms: e.unix_ms,

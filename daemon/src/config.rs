@@ -117,6 +117,8 @@ pub struct ModelConfig {
     pub min_context: Option<usize>,
     /// A chat template replacing the file's.
     pub chat_template: Option<String>,
+    /// Keep full KV blocks for later requests with the same prompt prefix (default on).
+    pub prefix_cache: bool,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +180,7 @@ struct RawModel {
     max_sequences: Option<u32>,
     min_context: Option<u32>,
     chat_template: Option<String>,
+    prefix_cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -569,6 +572,7 @@ fn parse_model(
         max_sequences,
         min_context: m.min_context.map(|c| c as usize),
         chat_template: m.chat_template.clone(),
+        prefix_cache: m.prefix_cache.unwrap_or(true),
     })
 }
 

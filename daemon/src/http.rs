@@ -388,6 +388,7 @@ fn usage(s: &GenStats) -> Value {
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
         "total_tokens": s.prompt_tokens + s.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": s.cached_tokens },
     })
 }
 

@@ -79,6 +79,9 @@ pub struct Metrics {
     kv_blocks: Family<StateLabels, Gauge>,
     kv_pool: Family<ModelLabel, Gauge>,
     preemptions: Family<ModelLabel, Gauge>,
+    cache_lookups: Family<StateLabels, Gauge>,
+    cache_tokens: Family<ModelLabel, Gauge>,
+    cache_bytes: Family<ModelLabel, Gauge>,
     unauthenticated: Family<FrontLabels, Counter>,
     ceiling: Gauge,
     used: Gauge,
@@ -203,6 +206,24 @@ impl Metrics {
             "Sequences preempted (KV freed, recomputed later) since the daemon started",
             preemptions.clone(),
         );
+        let cache_lookups = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "model_prefix_cache_lookups",
+            "Admissions that reused prefix-cache blocks (state=hit) or found none (state=miss), over every load",
+            cache_lookups.clone(),
+        );
+        let cache_tokens = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "model_prefix_cached_tokens",
+            "Prompt tokens served from the prefix cache instead of computed, over every load",
+            cache_tokens.clone(),
+        );
+        let cache_bytes = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "model_kv_cached_bytes",
+            "Bytes of the KV pool the prefix cache holds in blocks no sequence references",
+            cache_bytes.clone(),
+        );
         let unauthenticated = Family::<FrontLabels, Counter>::default();
         registry.register(
             "unauthenticated_requests",
@@ -264,6 +285,9 @@ impl Metrics {
             kv_blocks,
             kv_pool,
             preemptions,
+            cache_lookups,
+            cache_tokens,
+            cache_bytes,
             unauthenticated,
             ceiling,
             used,
@@ -432,8 +456,25 @@ impl Metrics {
                 .get_or_create(&labelled("used"))
                 .set(clamp(b.kv_blocks_used));
             self.kv_blocks
-                .get_or_create(&labelled("free"))
-                .set(clamp(b.kv_blocks_total.saturating_sub(b.kv_blocks_used)));
+                .get_or_create(&labelled("cached"))
+                .set(clamp(b.kv_cached_blocks));
+            self.kv_blocks.get_or_create(&labelled("free")).set(clamp(
+                b.kv_blocks_total
+                    .saturating_sub(b.kv_blocks_used)
+                    .saturating_sub(b.kv_cached_blocks),
+            ));
+            self.cache_bytes
+                .get_or_create(&label)
+                .set(clamp(b.kv_cached_bytes));
+            self.cache_lookups
+                .get_or_create(&labelled("hit"))
+                .set(clamp(m.counters.cache_hits));
+            self.cache_lookups
+                .get_or_create(&labelled("miss"))
+                .set(clamp(m.counters.cache_misses));
+            self.cache_tokens
+                .get_or_create(&label)
+                .set(clamp(m.counters.cache_tokens_saved));
             self.kv_pool
                 .get_or_create(&label)
                 .set(clamp(b.kv_pool_bytes));

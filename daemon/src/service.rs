@@ -149,6 +149,10 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         failed: m.counters.failed,
         embedded: m.counters.embedded,
         preemptions: m.counters.preemptions,
+        prefix_cache: reg.config.prefix_cache,
+        prefix_cache_hits: m.counters.cache_hits,
+        prefix_cache_misses: m.counters.cache_misses,
+        prefix_cached_tokens: m.counters.cache_tokens_saved,
         max_sequences: f.max_sequences,
         kv_block_tokens: f.kv_block_tokens,
         ..Default::default()
@@ -160,6 +164,8 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         out.kv_blocks_used = b.kv_blocks_used;
         out.kv_blocks_total = b.kv_blocks_total;
         out.kv_pool_bytes = b.kv_pool_bytes;
+        out.kv_cached_blocks = b.kv_cached_blocks;
+        out.kv_cached_bytes = b.kv_cached_bytes;
     }
     match (&reg.inspection, &m.view) {
         (Err(reason), _) => {
@@ -232,6 +238,9 @@ fn watch_to_pb(unix_ms: u64, e: WatchEvent) -> Option<pb::WatchEvent> {
         }),
         WatchEvent::KvBudget { model, tokens } => {
             E::KvBudget(pb::KvBudgetChanged { model, tokens })
+        }
+        WatchEvent::CacheDropped { model, bytes } => {
+            E::CacheDropped(pb::CacheDropped { model, bytes })
         }
         WatchEvent::Progress { .. } => return None,
     };
@@ -412,6 +421,7 @@ impl pb::ult_server::Ult for UltService {
                                         queue_ms: s.queue_ms as u64,
                                         time_to_first_token_ms: s.ttft_ms as u64,
                                         total_ms: s.total_ms as u64,
+                                        cached_tokens: s.cached_tokens as u32,
                                     })),
                                 })
                             }

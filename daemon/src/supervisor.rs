@@ -81,6 +81,13 @@ pub enum WatchEvent {
         /// Tokens per sequence.
         tokens: u32,
     },
+    /// A model's prefix cache was dropped (shedding's first step).
+    CacheDropped {
+        /// The model.
+        model: String,
+        /// The bytes the cache held, as last reported.
+        bytes: u64,
+    },
 }
 
 /// A watch event with its wall-clock time.
@@ -203,6 +210,10 @@ pub struct BatchView {
     pub kv_blocks_total: u64,
     /// Bytes the pool holds now (zero while released).
     pub kv_pool_bytes: u64,
+    /// KV blocks the prefix cache keeps that no sequence holds.
+    pub kv_cached_blocks: u64,
+    /// Bytes of those blocks (the cache's share of the pool).
+    pub kv_cached_bytes: u64,
 }
 
 impl BatchView {
@@ -214,6 +225,8 @@ impl BatchView {
             kv_blocks_used: r(&s.kv_blocks_used),
             kv_blocks_total: r(&s.kv_blocks_total),
             kv_pool_bytes: r(&s.kv_bytes),
+            kv_cached_blocks: r(&s.cached_blocks),
+            kv_cached_bytes: r(&s.cached_bytes),
         }
     }
 }
@@ -235,6 +248,12 @@ pub struct Counters {
     pub embedded: u64,
     /// Sequences preempted (KV freed, recomputed later) to make room.
     pub preemptions: u64,
+    /// Admissions that reused prefix-cache blocks.
+    pub cache_hits: u64,
+    /// Admissions that found nothing cached.
+    pub cache_misses: u64,
+    /// Prompt tokens served from the prefix cache (not computed).
+    pub cache_tokens_saved: u64,
 }
 
 impl Counters {
@@ -248,6 +267,9 @@ impl Counters {
             failed: r(&s.failed),
             embedded: r(&s.embedded),
             preemptions: r(&s.preemptions),
+            cache_hits: r(&s.cache_hits),
+            cache_misses: r(&s.cache_misses),
+            cache_tokens_saved: r(&s.cache_tokens_saved),
         }
     }
 
@@ -260,6 +282,9 @@ impl Counters {
             failed: self.failed + o.failed,
             embedded: self.embedded + o.embedded,
             preemptions: self.preemptions + o.preemptions,
+            cache_hits: self.cache_hits + o.cache_hits,
+            cache_misses: self.cache_misses + o.cache_misses,
+            cache_tokens_saved: self.cache_tokens_saved + o.cache_tokens_saved,
         }
     }
 }
@@ -849,6 +874,25 @@ impl Supervisor {
                 self.execute(plan);
             }
             Msg::Snapshot(s) => {
+                // The governor sheds from the sample: tell it first what each prefix cache holds.
+                let reports: Vec<(String, u64)> = self
+                    .workers
+                    .iter()
+                    .map(|(name, w)| {
+                        let bytes = w.stats().cached_bytes.load(Ordering::Relaxed);
+                        (name.clone(), bytes)
+                    })
+                    .collect();
+                for (model, cached_bytes) in reports {
+                    let plan = self.governor.handle(
+                        Event::KvCache {
+                            model,
+                            cached_bytes,
+                        },
+                        now,
+                    );
+                    self.execute(plan);
+                }
                 let plan = self.governor.handle(Event::Snapshot(s), now);
                 self.execute(plan);
             }
@@ -1006,6 +1050,13 @@ impl Supervisor {
                             self.execute(plan);
                         }
                     }
+                }
+                Action::DropCache { model, bytes } => {
+                    if let Some(w) = self.workers.get(&model) {
+                        let _ = w.submit(crate::worker::Job::DropCache);
+                    }
+                    tracing::info!(model = %model, bytes, "dropping the prefix cache");
+                    self.emit(WatchEvent::CacheDropped { model, bytes });
                 }
                 Action::DropIdleKv { model } => {
                     if let Some(w) = self.workers.get(&model) {
@@ -1188,7 +1239,8 @@ impl Supervisor {
                 let kv_tokens = loaded.kv_tokens() as u32;
                 let tx = self.tx.clone();
                 let name = model.clone();
-                match Worker::spawn(&model, loaded, tokenizer, move |crash| {
+                let prefix_cache = registered.config.prefix_cache;
+                match Worker::spawn(&model, loaded, tokenizer, prefix_cache, move |crash| {
                     let _ = tx.send(Msg::WorkerExited { model: name, crash });
                 }) {
                     Ok(worker) => {

@@ -45,6 +45,8 @@ pub struct GenStats {
     pub total_ms: f64,
     /// Times the sequence was preempted (its KV freed and recomputed later).
     pub preemptions: u32,
+    /// Prompt tokens whose KV came from the prefix cache (not computed).
+    pub cached_tokens: usize,
 }
 
 impl GenStats {
@@ -118,6 +120,8 @@ pub enum Job {
     /// Change the KV budget (tokens per sequence): the pool grows or shrinks, preempting the newest
     /// sequences when what is running does not fit.
     SetBudget(usize),
+    /// Forget the prefix cache's unreferenced blocks (the first thing shed under memory pressure).
+    DropCache,
 }
 
 /// Counters and gauges a worker keeps for status and metrics.
@@ -149,6 +153,18 @@ pub struct WorkerStats {
     pub preemptions: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
+    /// KV blocks the prefix cache keeps that no sequence holds (all groups).
+    pub cached_blocks: AtomicU64,
+    /// Bytes of those blocks (the cache's share of the KV pool).
+    pub cached_bytes: AtomicU64,
+    /// Admissions that reused cached blocks.
+    pub cache_hits: AtomicU64,
+    /// Admissions that found nothing cached.
+    pub cache_misses: AtomicU64,
+    /// Prompt tokens not computed thanks to the cache.
+    pub cache_tokens_saved: AtomicU64,
+    /// Cached blocks dropped at the governor's request.
+    pub cache_dropped_blocks: AtomicU64,
 }
 
 /// A clonable way to queue jobs on a worker (held by a request while it runs).
@@ -171,12 +187,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts a worker for `model`. `on_exit` runs on the worker thread after the model is dropped (its
-    /// memory is back), with `None` after a stop, or the error when model code crashed.
+    /// Starts a worker for `model` (keeping a prefix cache when `prefix_cache`). `on_exit` runs on the
+    /// worker thread after the model is dropped (its memory is back), with `None` after a stop, or the
+    /// error when model code crashed.
     pub fn spawn(
         name: &str,
         model: LoadedModel,
         tokenizer: Arc<Tokenizer>,
+        prefix_cache: bool,
         on_exit: impl FnOnce(Option<EngineError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -187,7 +205,9 @@ impl Worker {
             .spawn(move || {
                 let crash = match model {
                     LoadedModel::Encoder(e) => run_encoder(e, &rx, &counters),
-                    LoadedModel::Decoder(d) => StepLoop::new(d, &tokenizer, &counters).run(&rx),
+                    LoadedModel::Decoder(d) => {
+                        StepLoop::new(d, &tokenizer, prefix_cache, &counters).run(&rx)
+                    }
                 };
                 on_exit(crash);
             })?;
@@ -278,7 +298,7 @@ fn run_encoder(
                     }
                 }
             }
-            Job::ReleaseKv | Job::SetBudget(_) => {}
+            Job::ReleaseKv | Job::SetBudget(_) | Job::DropCache => {}
         }
     }
     None
@@ -314,7 +334,12 @@ struct StepLoop<'a> {
 }
 
 impl<'a> StepLoop<'a> {
-    fn new(model: LoadedDecoder, tokenizer: &'a Tokenizer, counters: &'a WorkerStats) -> Self {
+    fn new(
+        model: LoadedDecoder,
+        tokenizer: &'a Tokenizer,
+        prefix_cache: bool,
+        counters: &'a WorkerStats,
+    ) -> Self {
         let layout = model.pool.layout().clone();
         let config = SchedulerConfig {
             max_running: model.max_sequences,
@@ -322,6 +347,7 @@ impl<'a> StepLoop<'a> {
             block_tokens: layout.block_tokens,
             context: model.decoder.context(),
             groups: layout.group_configs(model.pool.blocks()),
+            prefix_cache,
         };
         let s = Self {
             decoder: model.decoder,
@@ -344,6 +370,8 @@ impl<'a> StepLoop<'a> {
         loop {
             if self.sched.is_idle() {
                 if self.release_when_idle {
+                    // The cache lives in the pool: it goes with it.
+                    self.sched.drop_cache();
                     self.pool.release();
                     self.release_when_idle = false;
                     self.publish();
@@ -388,6 +416,16 @@ impl<'a> StepLoop<'a> {
             }
             Job::ReleaseKv => self.release_when_idle = true,
             Job::SetBudget(tokens) => self.set_budget(tokens),
+            Job::DropCache => {
+                let dropped = self.sched.drop_cache();
+                self.counters
+                    .cache_dropped_blocks
+                    .fetch_add(dropped as u64, Ordering::Relaxed);
+                if dropped > 0 {
+                    tracing::info!(blocks = dropped, "prefix cache dropped");
+                }
+                self.publish();
+            }
         }
     }
 
@@ -408,7 +446,7 @@ impl<'a> StepLoop<'a> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        if let Err(refusal) = self.sched.add(id, job.prompt.len()) {
+        if let Err(refusal) = self.sched.add(id, &job.prompt) {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
             let error = match refusal {
                 Refusal::EmptyPrompt => EngineError::EmptyPrompt,
@@ -508,9 +546,12 @@ impl<'a> StepLoop<'a> {
             let input = step_input(&plan, active);
             let decoder = &self.decoder;
             let pool = &mut self.pool;
+            let copies = &plan.copies;
             catch_unwind(AssertUnwindSafe(|| {
                 pool.ensure()
                     .map_err(|e| EngineError::candle("allocating the KV pool".into(), e))?;
+                pool.copy_blocks(copies)
+                    .map_err(|e| EngineError::candle("copying cached KV blocks".into(), e))?;
                 let out = decoder.forward(&input, pool)?;
                 let argmax = out.argmax()?;
                 let needs_logits = out
@@ -527,7 +568,10 @@ impl<'a> StepLoop<'a> {
         };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let (rows, argmax, mut logits) = match result {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                self.sched.step_done();
+                r
+            }
             Ok(Err(e)) => {
                 // The step failed as a whole: every sequence in it fails; the others go on.
                 tracing::warn!(error = %e, sequences = plan.items.len(), "forward step failed");
@@ -567,7 +611,7 @@ impl<'a> StepLoop<'a> {
             match finish {
                 Some(f) => self.finish(*id, Some(f), None),
                 None => {
-                    self.sched.push_token(*id);
+                    self.sched.push_token(*id, token);
                 }
             }
         }
@@ -578,6 +622,7 @@ impl<'a> StepLoop<'a> {
     /// Ends sequence `id` with a finish reason (statistics sent) or an error.
     fn finish(&mut self, id: SeqId, reason: Option<FinishReason>, error: Option<EngineError>) {
         let preemptions = self.sched.preemptions_of(id).unwrap_or(0);
+        let cached_tokens = self.sched.cached_tokens(id).unwrap_or(0);
         self.sched.remove(id);
         let Some(mut a) = self.active.remove(&id) else {
             return;
@@ -617,6 +662,7 @@ impl<'a> StepLoop<'a> {
             ttft_ms: a.first_token.map_or(0.0, |t| ms(a.submitted, t)),
             total_ms: ms(a.submitted, end),
             preemptions,
+            cached_tokens,
         };
         let _ = a.events.send(GenEvent::Done(stats));
     }
@@ -638,6 +684,26 @@ impl<'a> StepLoop<'a> {
         c.kv_bytes.store(self.pool.bytes(), Ordering::Relaxed);
         c.preemptions
             .store(self.sched.preemptions(), Ordering::Relaxed);
+        let layout = self.pool.layout();
+        c.cached_blocks.store(
+            usage.iter().map(|u| u.cached as u64).sum(),
+            Ordering::Relaxed,
+        );
+        let cached_bytes: u64 = if self.pool.is_allocated() {
+            usage
+                .iter()
+                .enumerate()
+                .map(|(g, u)| (u.cached * layout.block_bytes(g)) as u64)
+                .sum()
+        } else {
+            0
+        };
+        c.cached_bytes.store(cached_bytes, Ordering::Relaxed);
+        let cache = self.sched.cache_stats();
+        c.cache_hits.store(cache.hits, Ordering::Relaxed);
+        c.cache_misses.store(cache.misses, Ordering::Relaxed);
+        c.cache_tokens_saved
+            .store(cache.tokens_saved, Ordering::Relaxed);
     }
 }
 

@@ -380,12 +380,15 @@ impl KvPool {
         }
     }
 
-    /// Changes the pool to `blocks` per group after the scheduler's resize: copies the moved blocks, then
-    /// truncates or grows the storage.
-    pub fn resize(&mut self, blocks: Vec<usize>, moves: &[BlockMove]) -> Result<()> {
-        let l = self.layout.clone();
-        let (kvh, hd, bt) = (l.kv_heads, l.head_dim, l.block_tokens);
-        let block_elems = kvh * bt * hd;
+    /// Copies block contents, in order, in every layer of each move's group (a plan's copies before its
+    /// step runs, or a shrink's moves). Nothing to do while released.
+    pub fn copy_blocks(&mut self, moves: &[BlockMove]) -> Result<()> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let l = &self.layout;
+        let bt = l.block_tokens;
+        let block_elems = l.kv_heads * bt * l.head_dim;
         match &mut self.storage {
             Storage::Released => {}
             Storage::Host { k, v } => {
@@ -399,6 +402,38 @@ impl KvPool {
                                 to * block_elems,
                             );
                         }
+                    }
+                }
+            }
+            Storage::Device { k, v } => {
+                for il in 0..l.place.len() {
+                    let g = l.place(il).0;
+                    for t in [&mut k[il], &mut v[il]] {
+                        for m in moves.iter().filter(|m| m.group == g) {
+                            // A copy: `slice_set` refuses a source that shares the pool's storage.
+                            let src = t.narrow(0, m.from as usize * bt, bt)?.copy()?;
+                            t.slice_set(&src, 0, m.to as usize * bt)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the pool to `blocks` per group after the scheduler's resize: copies the moved blocks, then
+    /// truncates or grows the storage.
+    pub fn resize(&mut self, blocks: Vec<usize>, moves: &[BlockMove]) -> Result<()> {
+        self.copy_blocks(moves)?;
+        let l = self.layout.clone();
+        let (kvh, hd, bt) = (l.kv_heads, l.head_dim, l.block_tokens);
+        let block_elems = kvh * bt * hd;
+        match &mut self.storage {
+            Storage::Released => {}
+            Storage::Host { k, v } => {
+                for il in 0..l.place.len() {
+                    let g = l.place(il).0;
+                    for buf in [&mut k[il], &mut v[il]] {
                         buf.resize(blocks[g] * block_elems, 0.0);
                         buf.shrink_to_fit();
                     }
@@ -408,10 +443,6 @@ impl KvPool {
                 for il in 0..l.place.len() {
                     let g = l.place(il).0;
                     for t in [&mut k[il], &mut v[il]] {
-                        for m in moves.iter().filter(|m| m.group == g) {
-                            let src = t.narrow(0, m.from as usize * bt, bt)?.contiguous()?;
-                            t.slice_set(&src, 0, m.to as usize * bt)?;
-                        }
                         let new = blocks[g] * bt;
                         let old = t.dim(0)?;
                         *t = if new <= old {

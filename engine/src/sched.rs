@@ -13,8 +13,26 @@
 //! Blocks come in groups (one per kind of layer): a plain group holds every position of a sequence; a ring
 //! group (sliding-window layers) holds at most `ring` blocks per sequence, reused round-robin, so a
 //! sequence's position `p` lives in block `table[(p / block_tokens) % ring]`.
+//!
+//! The prefix cache: each full block's content is keyed by a hash chained over every token up to its end.
+//! After a step, the blocks it filled are registered under their keys ([`Scheduler::step_done`]); a
+//! sequence admitted later looks its prompt up block by block and starts after the longest cached prefix
+//! (leaving its last two tokens to compute),
+//! holding those blocks by reference. Nothing ever writes a block while it is cached. Plain groups share
+//! cached blocks (a sequence only writes past its prefix). Ring blocks are never shared, because a ring
+//! overwrites its own slots in place: a sequence that reuses a prefix gets fresh ring blocks that the plan
+//! fills by copying the cached ones ([`StepPlan::copies`]), and before a ring laps over a block that is
+//! cached, the plan copies it to another block that keeps the cache entry. A ring group is reused only
+//! where exact: the prefix must have the ring's last `ring` blocks cached, which hold every key its window
+//! still reads. Blocks no sequence references keep their content until a new block is needed (least
+//! recently used first), the pool shrinks, or the governor drops the cache.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+mod blocks;
+
+pub use blocks::BlockHash;
+use blocks::GroupBlocks;
 
 /// A sequence's id, chosen by the caller.
 pub type SeqId = u64;
@@ -44,6 +62,8 @@ pub struct SchedulerConfig {
     pub context: usize,
     /// The block groups.
     pub groups: Vec<GroupConfig>,
+    /// Keep full blocks' content for later sequences with the same prefix.
+    pub prefix_cache: bool,
 }
 
 /// Why a sequence was refused on arrival.
@@ -90,6 +110,9 @@ pub struct StepPlan {
     /// Running sequences that cannot get the block they need even with every other sequence preempted:
     /// the pool cannot hold them. The caller ends them (their KV budget is full).
     pub stalled: Vec<SeqId>,
+    /// Block contents to copy, in order, before the step runs (ring blocks of a reused prefix, and cached
+    /// ring blocks a lap is about to overwrite).
+    pub copies: Vec<BlockMove>,
 }
 
 impl StepPlan {
@@ -99,7 +122,7 @@ impl StepPlan {
     }
 }
 
-/// A block moving to a lower index when a pool shrinks.
+/// A block's content copied to another block (a pool shrinking, or a plan's copies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockMove {
     /// The group.
@@ -134,7 +157,15 @@ struct Seq {
     /// Arrival order: admission and preemption follow it.
     arrival: u64,
     /// Known tokens (prompt and generated).
-    tokens: usize,
+    tokens: Vec<u32>,
+    /// Content keys of the full blocks of `tokens` hashed so far.
+    hashes: Vec<BlockHash>,
+    /// Per group: the logical blocks below this are registered in the cache (or were reused from it).
+    registered: Vec<usize>,
+    /// Prompt positions reused from the cache at the first admission.
+    cached_tokens: usize,
+    /// Admitted at least once.
+    admitted: bool,
     /// Positions whose KV is in the pool.
     computed: usize,
     /// Block tables, one per group.
@@ -150,6 +181,19 @@ pub struct GroupUsage {
     pub total: usize,
     /// Blocks held by sequences.
     pub used: usize,
+    /// Blocks no sequence holds that keep cached content (reusable, and the first to be taken).
+    pub cached: usize,
+}
+
+/// The prefix cache's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    /// Admissions that reused at least one cached block.
+    pub hits: u64,
+    /// Admissions (with the cache on) that found nothing to reuse.
+    pub misses: u64,
+    /// Prompt positions not computed because they were reused.
+    pub tokens_saved: u64,
 }
 
 /// The scheduler of one model's sequences and KV blocks.
@@ -161,27 +205,35 @@ pub struct Scheduler {
     waiting: VecDeque<SeqId>,
     /// Running sequences in arrival order.
     running: Vec<SeqId>,
-    free: Vec<BTreeSet<BlockId>>,
+    pools: Vec<GroupBlocks>,
+    /// Blocks held until the step being planned has run (copy sources), per group.
+    held: Vec<(usize, BlockId)>,
+    /// The copies of the step being planned.
+    copies: Vec<BlockMove>,
     next_arrival: u64,
     preemptions: u64,
+    cache: CacheStats,
 }
 
 impl Scheduler {
     /// A scheduler with every block free.
     pub fn new(config: SchedulerConfig) -> Self {
-        let free = config
+        let pools = config
             .groups
             .iter()
-            .map(|g| (0..g.blocks as BlockId).collect())
+            .map(|g| GroupBlocks::new(g.blocks))
             .collect();
         Self {
             config,
             seqs: BTreeMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            free,
+            pools,
+            held: Vec::new(),
+            copies: Vec::new(),
             next_arrival: 0,
             preemptions: 0,
+            cache: CacheStats::default(),
         }
     }
 
@@ -207,8 +259,9 @@ impl Scheduler {
         self.config.context.min(pool).saturating_sub(1)
     }
 
-    /// Queues a new sequence with `prompt_tokens` known tokens.
-    pub fn add(&mut self, id: SeqId, prompt_tokens: usize) -> Result<(), Refusal> {
+    /// Queues a new sequence whose known tokens are `prompt`.
+    pub fn add(&mut self, id: SeqId, prompt: &[u32]) -> Result<(), Refusal> {
+        let prompt_tokens = prompt.len();
         if prompt_tokens == 0 {
             return Err(Refusal::EmptyPrompt);
         }
@@ -228,7 +281,11 @@ impl Scheduler {
             id,
             Seq {
                 arrival,
-                tokens: prompt_tokens,
+                tokens: prompt.to_vec(),
+                hashes: Vec::new(),
+                registered: vec![0; self.config.groups.len()],
+                cached_tokens: 0,
+                admitted: false,
                 computed: 0,
                 tables: vec![Vec::new(); self.config.groups.len()],
                 phase: Phase::Waiting,
@@ -239,33 +296,91 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Records a token sampled for `id` (it becomes known; the next step computes its KV). Returns false
+    /// Records `token` sampled for `id` (it becomes known; the next step computes its KV). Returns false
     /// for an unknown sequence.
-    pub fn push_token(&mut self, id: SeqId) -> bool {
+    pub fn push_token(&mut self, id: SeqId, token: u32) -> bool {
         match self.seqs.get_mut(&id) {
             Some(s) => {
-                s.tokens += 1;
+                s.tokens.push(token);
                 true
             }
             None => false,
         }
     }
 
-    /// Removes a sequence (finished or cancelled) and frees its blocks. Returns false if unknown.
+    /// Tells the scheduler the last planned step ran: the blocks it filled hold their content now and
+    /// join the prefix cache. (After a failed step, do not call it: the sequences in it are removed.)
+    pub fn step_done(&mut self) {
+        self.settle();
+        if !self.config.prefix_cache {
+            return;
+        }
+        let bt = self.config.block_tokens.max(1);
+        for id in &self.running {
+            let Some(seq) = self.seqs.get_mut(id) else {
+                continue;
+            };
+            let full = seq.computed / bt;
+            extend_hashes(seq, bt, full);
+            let last = seq.computed.saturating_sub(1) / bt;
+            for (g, group) in self.config.groups.iter().enumerate() {
+                for k in seq.registered[g]..full {
+                    let b = match group.ring {
+                        None => seq.tables[g][k],
+                        // Only blocks still in the ring hold their positions.
+                        Some(r) if k + r > last => seq.tables[g][k % r],
+                        Some(_) => continue,
+                    };
+                    self.pools[g].register(b, seq.hashes[k]);
+                }
+                seq.registered[g] = seq.registered[g].max(full);
+            }
+        }
+    }
+
+    /// Forgets every cached block no sequence holds (the governor takes that memory back first). Returns
+    /// the blocks dropped.
+    pub fn drop_cache(&mut self) -> usize {
+        self.settle();
+        self.pools.iter_mut().map(GroupBlocks::drop_cache).sum()
+    }
+
+    /// The prefix cache's counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache
+    }
+
+    /// Prompt positions sequence `id` reused from the cache when it was first admitted.
+    pub fn cached_tokens(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).map(|s| s.cached_tokens)
+    }
+
+    /// Removes a sequence (finished or cancelled) and lets go of its blocks. Returns false if unknown.
     pub fn remove(&mut self, id: SeqId) -> bool {
         let Some(seq) = self.seqs.remove(&id) else {
             return false;
         };
         for (g, table) in seq.tables.into_iter().enumerate() {
-            self.free[g].extend(table);
+            for b in table {
+                self.pools[g].release(b);
+            }
         }
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
         true
     }
 
+    /// Lets go of the blocks held for the last planned step (it has run, or failed).
+    fn settle(&mut self) {
+        for (g, b) in std::mem::take(&mut self.held) {
+            self.pools[g].release(b);
+        }
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> StepPlan {
+        self.settle();
+        self.copies.clear();
         let mut plan = StepPlan::default();
         let mut budget = self.config.step_tokens.max(1);
         // Decodes first (one position each), then prefill chunks, both oldest first.
@@ -280,7 +395,7 @@ impl Scheduler {
                 let Some(seq) = self.seqs.get(&id) else {
                     continue;
                 };
-                let want = seq.tokens - seq.computed;
+                let want = seq.tokens.len() - seq.computed;
                 if want == 0 || (want == 1) != decode || budget == 0 {
                     continue;
                 }
@@ -310,18 +425,35 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let reuse = self.lookup(id);
             let seq = &self.seqs[&id];
-            let want = seq.tokens - seq.computed;
+            let computed = reuse.as_ref().map_or(seq.computed, |r| r.positions);
+            let want = seq.tokens.len() - computed;
+            // A reused ring's blocks are copies into fresh blocks: it holds none yet.
+            let lens: Vec<usize> = match &reuse {
+                Some(r) => r
+                    .tables
+                    .iter()
+                    .zip(&self.config.groups)
+                    .map(|(t, g)| if g.ring.is_some() { 0 } else { t.len() })
+                    .collect(),
+                None => seq.tables.iter().map(Vec::len).collect(),
+            };
+            let taken = reuse.as_ref().map_or_else(
+                || vec![0; self.pools.len()],
+                |r| self.taken_from_cache(&r.tables),
+            );
             // One block per running sequence stays free for its growth, so that an admission is not
             // preempted again at the next block boundary of an older sequence.
             let reserve = self.running.len();
-            let take = self.fits(seq, want.min(budget), reserve);
+            let take = self.fits(computed, &lens, &taken, want.min(budget), reserve);
             if take == 0 {
                 break;
             }
             self.waiting.pop_front();
             self.running.push(id);
             self.running.sort_by_key(|r| self.seqs[r].arrival);
+            self.start(id, reuse);
             self.allocate(id, take);
             let seq = self.seqs.get_mut(&id).expect("an admitted sequence exists");
             seq.phase = Phase::Running;
@@ -329,18 +461,21 @@ impl Scheduler {
             plan.items.push(self.item(id, take));
         }
         plan.items.sort_by_key(|it| self.seqs[&it.seq].arrival);
+        plan.copies = std::mem::take(&mut self.copies);
         plan
     }
 
     /// Changes the pool sizes (one per group). Sequences are preempted newest first until what the rest
-    /// hold fits; blocks at or beyond the new sizes are moved below them.
+    /// hold fits; cached blocks go before any sequence does; blocks held at or beyond the new sizes are
+    /// moved below them.
     pub fn resize(&mut self, blocks: &[usize]) -> Resize {
+        self.settle();
         let mut out = Resize::default();
         let fits = |s: &Self| {
-            s.config.groups.iter().enumerate().all(|(g, _)| {
-                let used: usize = s.seqs.values().map(|q| q.tables[g].len()).sum();
-                used <= blocks.get(g).copied().unwrap_or(0)
-            })
+            s.pools
+                .iter()
+                .enumerate()
+                .all(|(g, p)| p.referenced() <= blocks.get(g).copied().unwrap_or(0))
         };
         while !fits(self) {
             let Some(&victim) = self.running.last() else {
@@ -349,33 +484,34 @@ impl Scheduler {
             self.preempt(victim);
             out.preempted.push(victim);
         }
-        for (g, group) in self.config.groups.iter_mut().enumerate() {
+        for g in 0..self.config.groups.len() {
             let new = blocks.get(g).copied().unwrap_or(0);
-            let mut targets: BTreeSet<BlockId> = (0..new.min(group.blocks) as BlockId)
-                .filter(|b| self.free[g].contains(b))
+            // Every distinct held block at or beyond the new size moves to a free (or cached) one below.
+            let mut movers: Vec<BlockId> = self
+                .seqs
+                .values()
+                .flat_map(|s| s.tables[g].iter().copied())
+                .filter(|&b| b as usize >= new)
                 .collect();
+            movers.sort_unstable();
+            movers.dedup();
+            let targets = self.pools[g].targets_below(new, movers.len());
+            let map: BTreeMap<BlockId, BlockId> = movers.iter().copied().zip(targets).collect();
             for seq in self.seqs.values_mut() {
                 for b in seq.tables[g].iter_mut() {
-                    if (*b as usize) >= new {
-                        let to = targets
-                            .pop_first()
-                            .expect("the preemptions above made room below the new size");
-                        out.moves.push(BlockMove {
-                            group: g,
-                            from: *b,
-                            to,
-                        });
+                    if let Some(&to) = map.get(b) {
                         *b = to;
                     }
                 }
             }
-            let held: BTreeSet<BlockId> = self
-                .seqs
-                .values()
-                .flat_map(|s| s.tables[g].iter().copied())
-                .collect();
-            self.free[g] = (0..new as BlockId).filter(|b| !held.contains(b)).collect();
-            group.blocks = new;
+            let moves: Vec<(BlockId, BlockId)> = map.into_iter().collect();
+            out.moves.extend(
+                moves
+                    .iter()
+                    .map(|&(from, to)| BlockMove { group: g, from, to }),
+            );
+            self.pools[g].resize(new, &moves);
+            self.config.groups[g].blocks = new;
         }
         out
     }
@@ -402,7 +538,7 @@ impl Scheduler {
 
     /// Known tokens of sequence `id`.
     pub fn tokens(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.tokens)
+        self.seqs.get(&id).map(|s| s.tokens.len())
     }
 
     /// Times sequence `id` was preempted.
@@ -417,13 +553,12 @@ impl Scheduler {
 
     /// Block usage per group.
     pub fn usage(&self) -> Vec<GroupUsage> {
-        self.config
-            .groups
+        self.pools
             .iter()
-            .enumerate()
-            .map(|(g, c)| GroupUsage {
-                total: c.blocks,
-                used: c.blocks - self.free[g].len(),
+            .map(|p| GroupUsage {
+                total: p.total(),
+                used: p.referenced(),
+                cached: p.cached(),
             })
             .collect()
     }
@@ -433,9 +568,19 @@ impl Scheduler {
         self.seqs.iter().map(|(id, s)| (*id, s.tables.as_slice()))
     }
 
-    /// The free blocks of group `g`.
+    /// The free blocks (no content) of group `g`.
     pub fn free_blocks(&self, g: usize) -> impl Iterator<Item = BlockId> + '_ {
-        self.free[g].iter().copied()
+        self.pools[g].free()
+    }
+
+    /// The cached blocks of group `g` that no sequence holds.
+    pub fn cached_blocks(&self, g: usize) -> impl Iterator<Item = BlockId> + '_ {
+        self.pools[g].unreferenced_cached()
+    }
+
+    /// References to block `b` of group `g`.
+    pub fn refs(&self, g: usize, b: BlockId) -> u32 {
+        self.pools[g].refs(b)
     }
 
     /// The step item of sequence `id`, which has just been given its last `n` computed positions.
@@ -445,12 +590,144 @@ impl Scheduler {
             seq: id,
             start: seq.computed - n,
             len: n,
-            sample: seq.computed == seq.tokens,
+            sample: seq.computed == seq.tokens.len(),
             tables: seq.tables.clone(),
         }
     }
 
-    /// Blocks sequence `seq` must hold in each group to have `positions` computed.
+    /// The longest cached prefix of waiting sequence `id`'s tokens (whole blocks, leaving at least the
+    /// last two tokens to compute: the last for its logits, and two so that the prompt's last step has
+    /// several rows, as a cold prefill's has — Candle's CPU Q6_K kernel for one row rounds differently),
+    /// when the cache is on and it has computed nothing.
+    fn lookup(&mut self, id: SeqId) -> Option<Reuse> {
+        let bt = self.config.block_tokens.max(1);
+        let seq = self.seqs.get_mut(&id)?;
+        if !self.config.prefix_cache || seq.computed > 0 {
+            return None;
+        }
+        let most = seq.tokens.len().saturating_sub(2) / bt;
+        extend_hashes(seq, bt, most);
+        let seq = &self.seqs[&id];
+        let hashes = &seq.hashes[..most.min(seq.hashes.len())];
+        // Plain groups: the leading blocks cached in every one.
+        let mut n = hashes.len();
+        for (g, group) in self.config.groups.iter().enumerate() {
+            if group.ring.is_none() {
+                n = n.min(
+                    hashes
+                        .iter()
+                        .take_while(|h| self.pools[g].lookup(**h).is_some())
+                        .count(),
+                );
+            }
+        }
+        // Rings: the last `ring` blocks before the reuse point must be cached.
+        let ring_ok = |n: usize| {
+            self.config.groups.iter().enumerate().all(|(g, group)| {
+                group.ring.is_none_or(|r| {
+                    (n.saturating_sub(r)..n).all(|k| self.pools[g].lookup(hashes[k]).is_some())
+                })
+            })
+        };
+        while n > 0 && !ring_ok(n) {
+            n -= 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        let tables = self
+            .config
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(g, group)| {
+                let block = |k: usize| {
+                    self.pools[g]
+                        .lookup(hashes[k])
+                        .expect("the lookup above found it")
+                };
+                match group.ring {
+                    None => (0..n).map(block).collect(),
+                    Some(r) => {
+                        let held = n.min(r);
+                        let mut table = vec![0; held];
+                        for k in n - held..n {
+                            table[k % r] = block(k);
+                        }
+                        table
+                    }
+                }
+            })
+            .collect();
+        Some(Reuse {
+            positions: n * bt,
+            tables,
+        })
+    }
+
+    /// Per group, the blocks of `tables` that reusing them takes out of the available count.
+    fn taken_from_cache(&self, tables: &[Vec<BlockId>]) -> Vec<usize> {
+        tables
+            .iter()
+            .enumerate()
+            .map(|(g, t)| {
+                t.iter()
+                    .filter(|&&b| self.pools[g].is_unreferenced(b))
+                    .count()
+            })
+            .collect()
+    }
+
+    /// Puts an admitted sequence at its reuse point (holding the reused blocks) and counts the lookup.
+    fn start(&mut self, id: SeqId, reuse: Option<Reuse>) {
+        let cache_on = self.config.prefix_cache;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let first = !seq.admitted;
+        seq.admitted = true;
+        match reuse {
+            Some(r) => {
+                for (g, table) in r.tables.iter().enumerate() {
+                    for &b in table {
+                        self.pools[g].retain(b);
+                    }
+                }
+                let mut tables = r.tables;
+                for (g, group) in self.config.groups.iter().enumerate() {
+                    if group.ring.is_none() {
+                        continue;
+                    }
+                    // The cached ring blocks stay held (as copy sources) until the step has run.
+                    for b in tables[g].iter_mut() {
+                        let fresh = self.pools[g]
+                            .alloc()
+                            .expect("the admission checked the blocks are available");
+                        self.held.push((g, *b));
+                        self.copies.push(BlockMove {
+                            group: g,
+                            from: *b,
+                            to: fresh,
+                        });
+                        *b = fresh;
+                    }
+                }
+                let blocks = r.positions / self.config.block_tokens.max(1);
+                seq.tables = tables;
+                seq.computed = r.positions;
+                seq.registered = vec![blocks; seq.registered.len()];
+                if first {
+                    seq.cached_tokens = r.positions;
+                }
+                self.cache.hits += 1;
+                self.cache.tokens_saved += r.positions as u64;
+            }
+            None if cache_on && seq.computed == 0 => self.cache.misses += 1,
+            None => {}
+        }
+    }
+
+    /// Blocks a sequence must hold in each group to have `positions` computed.
     fn needed(&self, positions: usize) -> impl Iterator<Item = usize> + '_ {
         let bt = self.config.block_tokens.max(1);
         let n = positions.div_ceil(bt);
@@ -460,26 +737,32 @@ impl Scheduler {
             .map(move |g| g.ring.map_or(n, |r| n.min(r)))
     }
 
-    /// Extra blocks per group for `seq` to compute `take` more positions.
-    fn extra(&self, seq: &Seq, take: usize) -> Vec<usize> {
-        self.needed(seq.computed + take)
-            .zip(&seq.tables)
-            .map(|(n, t)| n.saturating_sub(t.len()))
-            .collect()
-    }
-
-    /// The most of `take` positions (all, or whole blocks fewer) that `seq` can compute with the free
-    /// blocks, keeping `reserve` blocks free in every plain group (rings stop growing, so they need none).
-    fn fits(&self, seq: &Seq, take: usize, reserve: usize) -> usize {
+    /// The most of `take` positions (all, or whole blocks fewer) that a sequence with `computed`
+    /// positions and tables of `lens` blocks can compute with the available blocks (less `taken` per
+    /// group), keeping `reserve` blocks available in every plain group (rings stop growing, so they
+    /// need none).
+    fn fits(
+        &self,
+        computed: usize,
+        lens: &[usize],
+        taken: &[usize],
+        take: usize,
+        reserve: usize,
+    ) -> usize {
         let ok = |t: usize| {
-            self.extra(seq, t).iter().enumerate().all(|(g, &need)| {
-                let keep = if self.config.groups[g].ring.is_some() {
-                    0
-                } else {
-                    reserve
-                };
-                need == 0 || need + keep <= self.free[g].len()
-            })
+            self.needed(computed + t)
+                .zip(lens)
+                .enumerate()
+                .all(|(g, (n, &len))| {
+                    let need = n.saturating_sub(len);
+                    let keep = if self.config.groups[g].ring.is_some() {
+                        0
+                    } else {
+                        reserve
+                    };
+                    let available = self.pools[g].available().saturating_sub(taken[g]);
+                    need == 0 || need + keep <= available
+                })
         };
         if ok(take) {
             return take;
@@ -488,9 +771,9 @@ impl Scheduler {
         let bt = self.config.block_tokens.max(1);
         let mut t = take;
         while t > 0 {
-            let end = seq.computed + t;
+            let end = computed + t;
             let aligned = (end - 1) / bt * bt;
-            t = aligned.saturating_sub(seq.computed);
+            t = aligned.saturating_sub(computed);
             if t > 0 && ok(t) {
                 return t;
             }
@@ -498,36 +781,63 @@ impl Scheduler {
         0
     }
 
-    /// Takes the blocks for `take` more positions of `id` (they must be free) and advances it.
+    /// The most of `take` positions running sequence `id` can compute now.
+    fn fits_seq(&self, id: SeqId, take: usize, reserve: usize) -> usize {
+        let seq = &self.seqs[&id];
+        let lens: Vec<usize> = seq.tables.iter().map(Vec::len).collect();
+        self.fits(seq.computed, &lens, &vec![0; lens.len()], take, reserve)
+    }
+
+    /// Takes the blocks for `take` more positions of `id` (they must be available) and advances it. A
+    /// ring slot about to be overwritten that holds cached content has it copied elsewhere first.
     fn allocate(&mut self, id: SeqId, take: usize) {
-        let extra = self.extra(&self.seqs[&id], take);
+        let bt = self.config.block_tokens.max(1);
         let seq = self
             .seqs
             .get_mut(&id)
             .expect("allocating for a known sequence");
-        for (g, n) in extra.into_iter().enumerate() {
-            for _ in 0..n {
-                let b = self.free[g]
-                    .pop_first()
-                    .expect("the caller checked the blocks are free");
-                seq.tables[g].push(b);
+        let end = seq.computed + take;
+        let first_new = seq.computed.div_ceil(bt);
+        let last = (end - 1) / bt;
+        for (g, group) in self.config.groups.iter().enumerate() {
+            let pool = &mut self.pools[g];
+            let table = &mut seq.tables[g];
+            let held = group.ring.map_or(last + 1, |r| (last + 1).min(r));
+            while table.len() < held {
+                table.push(
+                    pool.alloc()
+                        .expect("the caller checked the blocks are available"),
+                );
+            }
+            if let Some(r) = group.ring {
+                for j in first_new.max(r)..=last {
+                    let b = table[j % r];
+                    if pool.is_cached(b)
+                        && let Some(to) = pool.preserve(b)
+                    {
+                        self.copies.push(BlockMove {
+                            group: g,
+                            from: b,
+                            to,
+                        });
+                    }
+                }
             }
         }
-        seq.computed += take;
+        seq.computed = end;
     }
 
     /// Gives running sequence `id` up to `take` more positions, preempting newer sequences when a decode
     /// needs a block.
     fn grow_running(&mut self, id: SeqId, take: usize, plan: &mut StepPlan) -> Grow {
         loop {
-            let seq = &self.seqs[&id];
-            let fit = self.fits(seq, take, 0);
+            let fit = self.fits_seq(id, take, 0);
             // A decode needs its one position; a prefill chunk takes what fits when it can progress.
             if fit == take || (fit > 0 && take > 1) {
                 self.allocate(id, fit);
                 return Grow::Took(fit);
             }
-            let arrival = seq.arrival;
+            let arrival = self.seqs[&id].arrival;
             match self.running.last().copied() {
                 Some(victim) if victim != id && self.seqs[&victim].arrival > arrival => {
                     self.preempt(victim);
@@ -546,15 +856,19 @@ impl Scheduler {
         }
     }
 
-    /// Frees a running sequence's blocks and puts it back among the waiting, in arrival order.
+    /// Lets go of a running sequence's blocks (cached ones keep their content, so its recomputation may
+    /// reuse them) and puts it back among the waiting, in arrival order.
     fn preempt(&mut self, id: SeqId) {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
         for (g, table) in seq.tables.iter_mut().enumerate() {
-            self.free[g].extend(table.drain(..));
+            for b in table.drain(..) {
+                self.pools[g].release(b);
+            }
         }
         seq.computed = 0;
+        seq.registered = vec![0; seq.registered.len()];
         seq.phase = Phase::Waiting;
         seq.preemptions += 1;
         let arrival = seq.arrival;
@@ -567,6 +881,39 @@ impl Scheduler {
             .unwrap_or(self.waiting.len());
         self.waiting.insert(at, id);
     }
+}
+
+/// A cached prefix a waiting sequence can start from.
+#[derive(Debug)]
+struct Reuse {
+    /// Positions reused (whole blocks).
+    positions: usize,
+    /// The block tables holding them, per group.
+    tables: Vec<Vec<BlockId>>,
+}
+
+/// Hashes `seq`'s full blocks up to `blocks` (as far as its known tokens go).
+fn extend_hashes(seq: &mut Seq, bt: usize, blocks: usize) {
+    while seq.hashes.len() < blocks && (seq.hashes.len() + 1) * bt <= seq.tokens.len() {
+        let k = seq.hashes.len();
+        let prev = k.checked_sub(1).map_or(0, |p| seq.hashes[p]);
+        seq.hashes
+            .push(chain(prev, &seq.tokens[k * bt..(k + 1) * bt]));
+    }
+}
+
+/// The content key of a block of `tokens` after a prefix keyed `prev`: two independent 64-bit SipHash
+/// digests, so a collision needs both to collide.
+fn chain(prev: BlockHash, tokens: &[u32]) -> BlockHash {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let digest = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        prev.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
+    };
+    (u128::from(digest(0)) << 64) | u128::from(digest(1))
 }
 
 enum Grow {

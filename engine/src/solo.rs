@@ -22,6 +22,7 @@ impl<'a> Solo<'a> {
             block_tokens: layout.block_tokens,
             context: model.decoder.context(),
             groups: layout.group_configs(model.pool.blocks()),
+            prefix_cache: false,
         };
         Self {
             model,
@@ -63,7 +64,7 @@ impl<'a> Solo<'a> {
     fn begin_output(&mut self, prompt: &[u32]) -> Result<StepOutput, EngineError> {
         self.sched.remove(0);
         self.tokens = prompt.to_vec();
-        self.sched.add(0, prompt.len()).map_err(|e| match e {
+        self.sched.add(0, prompt).map_err(|e| match e {
             crate::sched::Refusal::TooLong {
                 prompt_tokens,
                 limit,
@@ -78,7 +79,7 @@ impl<'a> Solo<'a> {
 
     fn step_output(&mut self, token: u32) -> Result<StepOutput, EngineError> {
         self.tokens.push(token);
-        self.sched.push_token(0);
+        self.sched.push_token(0, token);
         self.run()
     }
 
@@ -95,6 +96,7 @@ impl<'a> Solo<'a> {
             let tokens = &self.tokens;
             let input = StepInput::from_plan(&plan, |_| tokens.as_slice());
             let out = self.model.decoder.forward(&input, &mut self.model.pool)?;
+            self.sched.step_done();
             if !out.rows.is_empty() {
                 return Ok(out);
             }

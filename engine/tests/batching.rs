@@ -1,8 +1,8 @@
 //! Batched = alone, on the real models: many sequences driven through the step scheduler and one forward
 //! pass per step give, greedily, the tokens each gives alone — with staggered arrivals, mixed lengths, a
 //! cancellation, prompts longer than a block, Gemma 3's 512-token sliding window crossed, and a pool too
-//! small for everyone (preemption and recompute). Also: the CPU's host-memory block loops against the
-//! portable attention ops that serving (and Metal) run.
+//! small for everyone (preemption and recompute). Also: the CPU's host-memory block loops batched
+//! against alone, and a prefix served from the cache against a cold cache.
 //!
 //! Tolerance: none. Every row of a step is computed on its own (per-row activation quantization, per-row
 //! attention over its own blocks), so a sequence's logits do not depend on what else runs — with one
@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use ult_engine::decoder::{LoadedDecoder, StepInput};
-use ult_engine::sched::{Scheduler, SchedulerConfig};
+use ult_engine::sched::{CacheStats, Scheduler, SchedulerConfig};
 use ult_engine::{CandleEngine, Engine, Inspection, ModelKind, ModelSource};
 
 fn models() -> PathBuf {
@@ -81,9 +81,10 @@ fn alone(model: &mut LoadedDecoder, prompt: &[u32], n: usize) -> Vec<u32> {
         cancel: None,
         new_tokens: n,
         companion: false,
+        prefix_cache: false,
     };
     let ps = [prompt.to_vec(), prompt.to_vec()];
-    let (got, _) = batched(model, &ps, &plan);
+    let (got, _, _) = batched(model, &ps, &plan);
     assert_eq!(got[0], got[1], "twins diverged");
     got[0].clone()
 }
@@ -95,11 +96,17 @@ struct Plan {
     new_tokens: usize,
     /// Keep a companion sequence running until every other one is done (no step of one row).
     companion: bool,
+    /// Reuse cached prefixes.
+    prefix_cache: bool,
 }
 
 /// Drives every prompt through one scheduler and the decoder, as the worker does; returns each
-/// sequence's greedy tokens, and the number of preemptions.
-fn batched(model: &mut LoadedDecoder, prompts: &[Vec<u32>], plan: &Plan) -> (Vec<Vec<u32>>, u64) {
+/// sequence's greedy tokens, the number of preemptions, and the prefix cache's counters.
+fn batched(
+    model: &mut LoadedDecoder,
+    prompts: &[Vec<u32>],
+    plan: &Plan,
+) -> (Vec<Vec<u32>>, u64, CacheStats) {
     let layout = model.pool.layout().clone();
     let mut sched = Scheduler::new(SchedulerConfig {
         max_running: model.max_sequences + usize::from(plan.companion),
@@ -107,12 +114,14 @@ fn batched(model: &mut LoadedDecoder, prompts: &[Vec<u32>], plan: &Plan) -> (Vec
         block_tokens: layout.block_tokens,
         context: model.decoder.context(),
         groups: layout.group_configs(model.pool.blocks()),
+        prefix_cache: plan.prefix_cache,
     });
     let companion = prompts.len() as u64;
     let mut tokens: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     if plan.companion {
-        sched.add(companion, 4).unwrap();
-        tokens.insert(companion, vec![2, 100, 200, 300]);
+        let t = vec![2, 100, 200, 300];
+        sched.add(companion, &t).unwrap();
+        tokens.insert(companion, t);
     }
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
     let mut done = vec![false; prompts.len()];
@@ -120,7 +129,7 @@ fn batched(model: &mut LoadedDecoder, prompts: &[Vec<u32>], plan: &Plan) -> (Vec
     while done.iter().any(|d| !d) {
         for (i, &at) in plan.arrivals.iter().enumerate() {
             if at == step {
-                sched.add(i as u64, prompts[i].len()).unwrap();
+                sched.add(i as u64, &prompts[i]).unwrap();
                 tokens.insert(i as u64, prompts[i].clone());
             }
         }
@@ -138,13 +147,15 @@ fn batched(model: &mut LoadedDecoder, prompts: &[Vec<u32>], plan: &Plan) -> (Vec
         if p.items.is_empty() {
             continue;
         }
+        model.pool.copy_blocks(&p.copies).unwrap();
         let input = StepInput::from_plan(&p, |id| tokens[&id].as_slice());
         let out = model.decoder.forward(&input, &mut model.pool).unwrap();
+        sched.step_done();
         let next = out.argmax().unwrap();
         for (row, id) in out.rows.iter().enumerate() {
             tokens.get_mut(id).unwrap().push(next[row]);
             if *id == companion {
-                sched.push_token(*id);
+                sched.push_token(*id, next[row]);
                 continue;
             }
             let i = *id as usize;
@@ -153,11 +164,11 @@ fn batched(model: &mut LoadedDecoder, prompts: &[Vec<u32>], plan: &Plan) -> (Vec
                 sched.remove(*id);
                 done[i] = true;
             } else {
-                sched.push_token(*id);
+                sched.push_token(*id, next[row]);
             }
         }
     }
-    (generated, sched.preemptions())
+    (generated, sched.preemptions(), sched.cache_stats())
 }
 
 /// Batched tokens must equal alone (a cancelled sequence: its prefix).
@@ -190,8 +201,9 @@ fn batched_equals_alone(name: &str) {
         cancel: Some((2, 4)),
         new_tokens: n,
         companion: true,
+        prefix_cache: false,
     };
-    let (got, _) = batched(&mut model, &ps, &plan);
+    let (got, _, _) = batched(&mut model, &ps, &plan);
     check(name, &solo, &got, Some(2));
 }
 
@@ -220,8 +232,9 @@ fn gemma3_crosses_its_sliding_window_in_a_batch() {
         cancel: None,
         new_tokens: n,
         companion: true,
+        prefix_cache: false,
     };
-    let (got, _) = batched(&mut model, &ps, &plan);
+    let (got, _, _) = batched(&mut model, &ps, &plan);
     check("gemma3 window", &solo, &got, None);
 }
 
@@ -240,8 +253,9 @@ fn sequences_that_outgrow_the_pool_are_preempted_and_complete() {
         cancel: None,
         new_tokens: n,
         companion: false,
+        prefix_cache: false,
     };
-    let (got, preemptions) = batched(&mut model, &ps, &plan);
+    let (got, preemptions, _) = batched(&mut model, &ps, &plan);
     assert!(
         preemptions > 0,
         "the pool was large enough: nothing was preempted"
@@ -250,23 +264,69 @@ fn sequences_that_outgrow_the_pool_are_preempted_and_complete() {
 }
 
 #[test]
-fn the_cpu_block_loops_match_the_portable_ops() {
-    // The CPU's host-memory block loops, batched, against the portable ops (what serving and Metal run)
-    // alone, on Gemma 3 (global and ring groups): the same tokens.
+fn the_cpu_block_loops_batched_equal_alone() {
+    // The CPU's host-memory block loops on Gemma 3 (global and ring groups), batched against alone: the
+    // same tokens. (They are a different implementation from the portable ops, so the two agree to float
+    // rounding, not bit for bit: `attention::tests::host_and_portable_agree` checks that.)
     let host = CandleEngine::host_loops("cpu").unwrap();
-    let portable = CandleEngine::new("cpu").unwrap();
     let src = source("gemma3", 4);
-    let (mut p, inspection) = load(&portable, &src, 1024);
-    let (mut h, _) = load(&host, &src, 1024);
+    let (mut h, inspection) = load(&host, &src, 1024);
     let ps = prompts(&inspection, &[9, 520, 40, 3]);
     let n = 8;
-    let solo: Vec<_> = ps.iter().map(|q| alone(&mut p, q, n)).collect();
+    let solo: Vec<_> = ps.iter().map(|q| alone(&mut h, q, n)).collect();
     let plan = Plan {
         arrivals: vec![0, 0, 1, 2],
         cancel: None,
         new_tokens: n,
         companion: true,
+        prefix_cache: false,
     };
-    let (got, _) = batched(&mut h, &ps, &plan);
+    let (got, _, _) = batched(&mut h, &ps, &plan);
     check("gemma3 host loops", &solo, &got, None);
+}
+
+/// Two prompts sharing a long prefix, the second arriving after the first is done: served from the
+/// prefix cache, the second gives the tokens it gives on a cold cache, bit for bit.
+///
+/// On the CPU's host-memory block loops, which compute every query row alone over its keys in position
+/// order, so a row's result does not depend on which rows share its step. Candle's portable ops (what
+/// serving runs by default) are not that strict beyond 512 keys: its f32 row sums (`vec_sum`) and its
+/// matmul's depth blocking (`kc`) group terms by the row's length and offset, so the same position
+/// computed in a different chunk can differ in the last bits — from cached blocks as from a different
+/// chunking of a cold prompt. The daemon's end-to-end test checks the served text on that path.
+fn a_cached_prefix_gives_the_cold_tokens(name: &str, prefix: usize) {
+    let engine = CandleEngine::host_loops("cpu").unwrap();
+    let src = source(name, 4);
+    let (mut model, inspection) = load(&engine, &src, 1024);
+    let shared = &prompts(&inspection, &[prefix])[0];
+    let ps: Vec<Vec<u32>> = ["What did the keeper ration?", "Who could not land?"]
+        .iter()
+        .map(|q| [shared.clone(), inspection.tokenizer.encode(q, false)].concat())
+        .collect();
+    let n = 8;
+    let cold: Vec<_> = ps.iter().map(|p| alone(&mut model, p, n)).collect();
+    let plan = Plan {
+        arrivals: vec![0, 40],
+        cancel: None,
+        new_tokens: n,
+        companion: true,
+        prefix_cache: true,
+    };
+    let (got, _, cache) = batched(&mut model, &ps, &plan);
+    check(name, &cold, &got, None);
+    // The second reused every whole block of the shared prefix (the companion missed, the first too).
+    let blocks = prefix / 16;
+    assert_eq!(cache.hits, 1, "{cache:?}");
+    assert_eq!(cache.tokens_saved, (blocks * 16) as u64, "{cache:?}");
+}
+
+#[test]
+fn smollm2_cached_prefix_gives_the_cold_tokens() {
+    a_cached_prefix_gives_the_cold_tokens("smollm2", 600);
+}
+
+#[test]
+fn gemma3_cached_prefix_beyond_the_window_gives_the_cold_tokens() {
+    // 600 > the 512-token window at a 1024 context: the ring lapped, and its window comes from copies.
+    a_cached_prefix_gives_the_cold_tokens("gemma3", 600);
 }

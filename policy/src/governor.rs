@@ -166,6 +166,8 @@ pub struct ModelView {
     pub kv_tokens: u32,
     /// True when its idle KV caches were dropped under pressure.
     pub kv_dropped: bool,
+    /// The share of its KV budget its prefix cache holds (as last reported).
+    pub cache_bytes: u64,
     /// Requests running.
     pub in_flight: u32,
     /// Requests waiting for it to load or for memory.
@@ -246,6 +248,7 @@ struct Entry {
     measured_total: Option<u64>,
     kv_tokens: u32,
     kv_dropped: bool,
+    cache_bytes: u64,
     in_flight: u32,
     leases: BTreeMap<LeaseId, u64>,
     last_used_ms: Option<u64>,
@@ -270,6 +273,7 @@ impl Entry {
             measured_static: None,
             measured_total: None,
             kv_dropped: false,
+            cache_bytes: 0,
             in_flight: 0,
             leases: BTreeMap::new(),
             last_used_ms: None,
@@ -403,6 +407,16 @@ impl Governor {
             }
             Event::UnloadFinished { model } => self.on_unload_finished(&model, now, &mut plan),
             Event::Lost { model, reason } => self.on_lost(&model, reason, now, &mut plan),
+            Event::KvCache {
+                model,
+                cached_bytes,
+            } => {
+                if let Some(e) = self.models.get_mut(&model)
+                    && e.residency == Residency::Resident
+                {
+                    e.cache_bytes = cached_bytes;
+                }
+            }
             Event::Snapshot(snapshot) => self.on_snapshot(snapshot, now, &mut plan),
             Event::Tick => self.on_tick(now, &mut plan),
         }
@@ -821,6 +835,7 @@ impl Governor {
         let attempts = entry.failure.as_ref().map_or(0, |f| f.attempts) + 1;
         entry.residency = Residency::Failed;
         entry.kv_dropped = false;
+        entry.cache_bytes = 0;
         entry.failure = Some(Failure {
             reason: reason.clone(),
             attempts,
@@ -919,6 +934,7 @@ impl Governor {
         };
         let bytes = entry.charged();
         entry.residency = Residency::Unloading;
+        entry.cache_bytes = 0;
         plan.actions.push(Action::Unload {
             model: model.to_string(),
             reason,
@@ -1172,8 +1188,8 @@ impl Governor {
             .collect()
     }
 
-    /// Sheds in steps under pressure: idle KV caches, then KV budgets, then (Critical, or inside the
-    /// headroom) idle models by score.
+    /// Sheds in steps under pressure: prefix caches (every resident model's, busy or not), then idle KV
+    /// caches, then KV budgets, then (Critical, or inside the headroom) idle models by score.
     fn shed(&mut self, now: u64, plan: &mut Plan) {
         let level = self.verdict.level;
         let quantum = match level {
@@ -1185,6 +1201,19 @@ impl Governor {
         let may_evict = level == PressureLevel::Critical || self.verdict.deficit_bytes > 0;
         let mut freed = 0u64;
         let mut acted = false;
+        // Step 1: prefix caches. They are blocks no sequence holds, so dropping them costs no request
+        // anything but a recomputation later. (The memory comes back with the pool: for idle models in
+        // the next step, for busy ones when their budget shrinks, which then preempts no one for them.)
+        for e in self.models.values_mut() {
+            if e.residency == Residency::Resident && e.cache_bytes > 0 {
+                plan.actions.push(Action::DropCache {
+                    model: e.spec.name.clone(),
+                    bytes: e.cache_bytes,
+                });
+                e.cache_bytes = 0;
+                acted = true;
+            }
+        }
         let idle: Vec<String> = self
             .models
             .values()
@@ -1380,6 +1409,7 @@ impl Governor {
             },
             kv_tokens: e.kv_tokens,
             kv_dropped: e.kv_dropped,
+            cache_bytes: e.cache_bytes,
             in_flight: e.in_flight,
             queued: u32::try_from(queued).unwrap_or(u32::MAX),
             leases: u32::try_from(e.active_leases(now)).unwrap_or(u32::MAX),

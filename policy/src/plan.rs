@@ -59,6 +59,14 @@ pub enum Event {
         /// Why, in words.
         reason: String,
     },
+    /// What a resident model's prefix cache holds now: KV blocks no sequence references, kept for
+    /// later requests with the same prompt prefix (a share of its KV budget, the first thing shed).
+    KvCache {
+        /// The model.
+        model: String,
+        /// Bytes of those blocks.
+        cached_bytes: u64,
+    },
     /// A new memory sample.
     Snapshot(MemorySnapshot),
     /// Time passed: keep-alive expiries, lease expiries.
@@ -82,6 +90,13 @@ pub enum Action {
         /// Why it goes.
         reason: EvictReason,
         /// The bytes the ledger stops charging for it.
+        bytes: u64,
+    },
+    /// Forget the prefix cache's unreferenced blocks (busy or idle: no sequence loses anything).
+    DropCache {
+        /// The model.
+        model: String,
+        /// The bytes its cache held, as last reported.
         bytes: u64,
     },
     /// Free the KV caches an idle model keeps between requests (they are re-allocated on demand).

@@ -540,6 +540,67 @@ fn pressure_sheds_in_documented_order() {
 }
 
 #[test]
+fn prefix_caches_are_shed_first_even_on_busy_models() {
+    let mut config = GovernorConfig::new(40 * GIB, 8 * GIB);
+    config.shed_cooldown_ms = 1000;
+    let mut h = Harness::with_config(config, vec![spec_kv("a", 2, 4), spec_kv("b", 2, 4)]);
+    h.event(Event::Snapshot(snapshot(40, 1)));
+    h.use_and_finish("a");
+    h.use_and_finish("b");
+    // b is busy now; both report a cache.
+    let (_, _) = h.request("b", RequestKind::Use);
+    for m in ["a", "b"] {
+        h.event(Event::KvCache {
+            model: m.into(),
+            cached_bytes: GIB,
+        });
+    }
+    assert_eq!(h.gov.model("b", h.now).unwrap().cache_bytes, GIB);
+    h.now += 10;
+    let warn = MemorySnapshot {
+        psi_some_avg10: Some(50.0),
+        ..snapshot(30, 18)
+    };
+    let actions = h.event(Event::Snapshot(warn));
+    let first_other = actions
+        .iter()
+        .position(|a| {
+            matches!(
+                a,
+                Action::DropIdleKv { .. } | Action::SetKvBudget { .. } | Action::Unload { .. }
+            )
+        })
+        .expect("the other steps follow");
+    let dropped: Vec<(usize, &str)> = actions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| match a {
+            Action::DropCache { model, bytes } => {
+                assert_eq!(*bytes, GIB);
+                Some((i, model.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        dropped.iter().map(|d| d.1).collect::<Vec<_>>(),
+        vec!["a", "b"],
+        "{actions:?}"
+    );
+    assert!(dropped.iter().all(|d| d.0 < first_other), "{actions:?}");
+    assert_eq!(h.gov.model("a", h.now).unwrap().cache_bytes, 0);
+    // An empty cache is not dropped again.
+    h.now += 2000;
+    let actions = h.event(Event::Snapshot(warn));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::DropCache { .. })),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn os_ceiling_limits_loads_when_other_apps_use_memory() {
     // The configured ceiling is generous but the OS has only 6 GiB available beyond the 8 GiB headroom.
     let mut h = Harness::with_config(

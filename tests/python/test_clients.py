@@ -76,6 +76,22 @@ def test_chat_completion_streamed_through_a_route(oa):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_multi_turn_chat_reuses_the_previous_turns_blocks(oa):
+    # The client resends the whole conversation each turn, as chat clients do. Turn N+1's rendered prompt
+    # starts with turn N's, so every whole 16-token block of turn N's prompt comes from the prefix cache.
+    messages = [{"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."}]
+    previous = None
+    for question in ["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Japan?"]:
+        messages.append({"role": "user", "content": question})
+        r = oa.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        if previous is not None:
+            assert cached >= previous // 16 * 16, (cached, previous)
+            assert cached < r.usage.prompt_tokens
+        previous = r.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+
+
 def test_completion_and_its_stream(oa):
     r = oa.completions.create(model="gemma3", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert r.choices[0].text.strip() != ""

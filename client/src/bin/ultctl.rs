@@ -293,9 +293,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         } else {
                             writeln!(out)?;
                             eprintln!(
-                                "[{}] {} prompt + {} generated tokens, finish {}; prompt {:.1} tok/s, decode {:.1} tok/s, first token {} ms{}",
+                                "[{}] {} prompt ({} cached) + {} generated tokens, finish {}; prompt {:.1} tok/s, decode {:.1} tok/s, first token {} ms{}",
                                 stats.model,
                                 stats.prompt_tokens,
+                                stats.cached_tokens,
                                 stats.completion_tokens,
                                 stats.finish_reason,
                                 stats.prompt_tokens_per_s,
@@ -576,6 +577,17 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
                     "".into()
                 },
                 format!("{}", m.preemptions),
+                if m.prefix_cache && m.kv_blocks_total > 0 {
+                    format!(
+                        "{} · {}/{} · {}",
+                        m.kv_cached_blocks,
+                        m.prefix_cache_hits,
+                        m.prefix_cache_hits + m.prefix_cache_misses,
+                        m.prefix_cached_tokens
+                    )
+                } else {
+                    "".into()
+                },
                 format!("{:.2}", m.score),
             ]
         })
@@ -596,6 +608,7 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
             "BATCH",
             "KV BLOCKS",
             "PREEMPT",
+            "CACHE BLK · HITS · SAVED",
             "SCORE",
         ],
         &rows,
