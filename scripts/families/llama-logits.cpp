@@ -6,7 +6,7 @@
 // logits at every position, then continues greedily for N_GREEDY tokens (one token per decode). KV cache
 // in F32 and flash attention off, so an F32 file is compared at float rounding. Prints one JSON object:
 // the prompt tokens, per position the argmax, the TOPK largest logits (id, value) and the L2 norm of the
-// remaining logits, and the greedy continuation (ids and text). Built by scripts/families/make-fixtures.sh.
+// remaining logits, and the greedy continuation (ids, and its text's bytes in hex). Built by scripts/families/make-fixtures.sh.
 #include "llama.h"
 
 #include <algorithm>
@@ -174,7 +174,14 @@ int main(int argc, char ** argv) {
         summary(llama_get_logits_ith(ctx, 0), n_vocab, 1, am);
         next = am;
     }
-    out << "],\"greedy_text\":" << json_string(text) << "}\n";
+    // The continuation's bytes in hex: a token may end inside a UTF-8 character.
+    out << "],\"greedy_hex\":\"";
+    for (unsigned char c : text) {
+        char buf[3];
+        snprintf(buf, sizeof buf, "%02x", c);
+        out << buf;
+    }
+    out << "\"}\n";
     fputs(out.str().c_str(), stdout);
     llama_batch_free(batch);
     llama_free(ctx);

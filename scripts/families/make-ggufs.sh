@@ -24,7 +24,7 @@ if [ "${1:-}" = "--update" ]; then
   echo "families: wrote $(wc -l <"$list") sha256 sums to $list"
   exit 0
 fi
-if (cd "$out" && sha256sum --quiet --check "$list") 2>/dev/null; then
+if (cd "$out" && sha256sum --quiet --check "$list") >/dev/null 2>&1; then
   echo "families: all $(wc -l <"$list") files present and verified in $out"
   exit 0
 fi
