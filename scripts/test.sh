@@ -12,6 +12,8 @@ step() { printf '\n== %s (%ss)\n' "$1" "$SECONDS"; }
 
 step "models"
 scripts/fetch-models.sh
+# The tiny random-weight GGUFs the family tests compare against llama.cpp's fixtures (regenerated, checked).
+scripts/families/make-ggufs.sh
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

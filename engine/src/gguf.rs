@@ -16,20 +16,94 @@ use super::tokenizer::GgufVocab;
 /// Model families ult runs from GGUF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama and its kin (SmolLM2): RMSNorm, SwiGLU, interleaved rope.
+    /// Llama and its kin (Llama 3, Mistral, SmolLM2): RMSNorm, SwiGLU, interleaved rope.
     Llama,
     /// Gemma 3: sandwich norms, QK-norm, GELU-tanh, local/global attention.
     Gemma3,
+    /// Qwen2 / Qwen2.5: Llama's shape with Q/K/V biases and NeoX rope.
+    Qwen2,
+    /// Qwen3: per-head Q/K RMSNorm, no biases, NeoX rope.
+    Qwen3,
+    /// Qwen3-MoE: Qwen3's attention with top-k routed experts and normalised gates.
+    Qwen3Moe,
+    /// Phi-3: fused QKV and gate-up matrices, NeoX rope.
+    Phi3,
 }
 
 impl Arch {
+    /// Every family, in the order errors list them.
+    pub const ALL: [Arch; 6] = [
+        Self::Llama,
+        Self::Gemma3,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Qwen3Moe,
+        Self::Phi3,
+    ];
+
     /// The GGUF `general.architecture` string.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Gemma3 => "gemma3",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
+            Self::Phi3 => "phi3",
         }
     }
+
+    /// The family named `name` in `general.architecture`, if ult runs it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+
+    /// Whether rope rotates the two halves of each head (GPT-NeoX style) rather than adjacent pairs
+    /// (llama.cpp's `LLAMA_ROPE_TYPE_NEOX` against `LLAMA_ROPE_TYPE_NORM`).
+    pub fn neox_rope(&self) -> bool {
+        !matches!(self, Self::Llama)
+    }
+}
+
+/// How rope positions are scaled beyond the trained context (`{arch}.rope.scaling.*`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// Plain rope.
+    None,
+    /// Positions divided by `factor` (`linear`).
+    Linear {
+        /// The scaling factor.
+        factor: f32,
+    },
+    /// YaRN: frequencies interpolated by `factor` outside a band of dimensions set by the original
+    /// context, with magnitudes scaled by `1 + 0.1·ln(factor)` (as llama.cpp's `ggml_rope_ext`).
+    Yarn {
+        /// The scaling factor.
+        factor: f32,
+        /// The context the model was first trained for.
+        original_context: usize,
+        /// YaRN's fast boundary (rotations per original context).
+        beta_fast: f32,
+        /// YaRN's slow boundary.
+        beta_slow: f32,
+        /// An extra magnitude factor (`rope.scaling.attn_factor`, default 1).
+        attn_factor: f32,
+    },
+}
+
+/// Mixture-of-experts shape (Qwen3-MoE).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeParams {
+    /// Routed experts per layer.
+    pub n_expert: usize,
+    /// Experts each token routes to.
+    pub n_expert_used: usize,
+    /// Each expert's feed-forward size.
+    pub n_ff_exp: usize,
+    /// Whether the chosen experts' gates are renormalised to sum to one.
+    pub norm_weights: bool,
+    /// A factor on the gates (1 when the file sets none).
+    pub weights_scale: f32,
 }
 
 /// Transformer hyper-parameters from GGUF metadata.
@@ -53,10 +127,12 @@ pub struct HParams {
     pub rms_eps: f64,
     /// Rope base frequency (global layers).
     pub rope_base: f32,
-    /// Rope base for local (sliding-window) layers.
+    /// Rope base for local (sliding-window) layers (`gemma3.rope.freq_base_swa`, else 10000).
     pub rope_local_base: f32,
-    /// Linear rope scaling factor for global layers (positions are divided by it).
-    pub rope_scale: f32,
+    /// Rope scaling of global layers.
+    pub rope_scaling: RopeScaling,
+    /// Whether the file carries per-dimension rope frequency divisors (`rope_freqs.weight`, Llama 3.1+).
+    pub rope_freqs: bool,
     /// The context the model was trained for.
     pub trained_context: usize,
     /// The sliding window of local layers, if any.
@@ -67,6 +143,8 @@ pub struct HParams {
     pub vocab_size: usize,
     /// The attention scale (1/sqrt of the query pre-attention scalar).
     pub attn_scale: f64,
+    /// Routed experts, for mixture-of-experts families.
+    pub moe: Option<MoeParams>,
 }
 
 impl HParams {
@@ -138,16 +216,11 @@ impl GgufHeader {
         let md = &content.metadata;
         let arch_name = get_string(md, "general.architecture")
             .ok_or_else(|| corrupt("no general.architecture".into()))?;
-        let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
-            "gemma3" => Arch::Gemma3,
-            other => {
-                return Err(EngineError::UnsupportedArchitecture {
-                    path: path.display().to_string(),
-                    arch: other.to_string(),
-                });
-            }
-        };
+        let arch =
+            Arch::from_name(&arch_name).ok_or_else(|| EngineError::UnsupportedArchitecture {
+                path: path.display().to_string(),
+                arch: arch_name.clone(),
+            })?;
         let mut tensors = BTreeMap::new();
         for (name, info) in &content.tensor_infos {
             // Checked: a hostile file can name dimensions whose product overflows.
@@ -189,7 +262,13 @@ impl GgufHeader {
             );
         }
         let vocab = read_vocab(md).map_err(corrupt)?;
-        let hparams = read_hparams(arch, md, &vocab, &tensors).map_err(corrupt)?;
+        let hparams = read_hparams(arch, md, &vocab, &tensors).map_err(|e| match e {
+            HParamsError::Corrupt(reason) => corrupt(reason),
+            HParamsError::Unsupported(what) => EngineError::UnsupportedFeature {
+                path: path.display().to_string(),
+                what,
+            },
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             file_len,
@@ -241,7 +320,7 @@ impl GgufHeader {
         let layout = crate::kv::KvLayout::new(hp, context, dtype, crate::kv::BLOCK_TOKENS);
         let rope_tables = match hp.arch {
             Arch::Gemma3 => 2,
-            Arch::Llama => 1,
+            _ => 1,
         };
         let rope = rope_tables * 2 * context * (hp.head_dim / 2) * 4;
         let level = if cpu {
@@ -259,13 +338,23 @@ impl GgufHeader {
                     .get_key_value("token_embd.weight")
                     .filter(|_| !self.tensors.contains_key("output.weight")),
             )
-            .filter(|(_, t)| t.dims.len() == 2)
-            .map(|(_, t)| super::repack::extra_bytes(level, t.dtype, t.dims[0], t.dims[1]))
+            .map(|(_, t)| match *t.dims.as_slice() {
+                [n, k] => super::repack::extra_bytes(level, t.dtype, n, k),
+                // Stacked experts are loaded as one matrix per expert, each repacked on its own.
+                [e, n, k] => e as u64 * super::repack::extra_bytes(level, t.dtype, n, k),
+                _ => 0,
+            })
             .sum();
         let chunk = super::PREFILL_CHUNK.min(context);
         let keys = context;
         let scores = 2 * hp.n_head * chunk * keys * 4;
-        let activations = chunk * (4 * hp.n_embd + 3 * hp.n_head * hp.head_dim + 3 * hp.n_ff) * 4;
+        // The widest feed-forward a token computes: the dense one, or its chosen experts side by side.
+        let ff = hp
+            .moe
+            .map_or(hp.n_ff, |m| hp.n_ff.max(m.n_expert_used * m.n_ff_exp));
+        let routing = hp.moe.map_or(0, |m| 2 * m.n_expert);
+        let activations =
+            chunk * (4 * hp.n_embd + 3 * hp.n_head * hp.head_dim + 3 * ff + routing) * 4;
         let logits = 2 * hp.vocab_size * 4;
         Footprint {
             weights_bytes: self.weights_bytes(),
@@ -365,23 +454,37 @@ fn read_vocab(md: &std::collections::HashMap<String, Value>) -> Result<GgufVocab
     })
 }
 
+/// Why hyper-parameters could not be read.
+enum HParamsError {
+    /// The metadata is missing or inconsistent.
+    Corrupt(String),
+    /// The metadata is valid but asks for something ult does not implement.
+    Unsupported(String),
+}
+
+impl From<String> for HParamsError {
+    fn from(s: String) -> Self {
+        Self::Corrupt(s)
+    }
+}
+
 fn read_hparams(
     arch: Arch,
     md: &std::collections::HashMap<String, Value>,
     vocab: &GgufVocab,
     tensors: &BTreeMap<String, TensorMeta>,
-) -> Result<HParams, String> {
+) -> Result<HParams, HParamsError> {
     let a = arch.as_str();
+    let key = |k: &str| format!("{a}.{k}");
     let req = |k: &str| {
-        get_u64(md, &format!("{a}.{k}"))
+        get_u64(md, &key(k))
             .map(|v| v as usize)
             .ok_or_else(|| format!("missing {a}.{k}"))
     };
     let n_layer = req("block_count")?;
     let n_embd = req("embedding_length")?;
     let n_head = req("attention.head_count")?;
-    let n_head_kv =
-        get_u64(md, &format!("{a}.attention.head_count_kv")).map_or(n_head, |v| v as usize);
+    let n_head_kv = get_u64(md, &key("attention.head_count_kv")).map_or(n_head, |v| v as usize);
     let n_ff = req("feed_forward_length")?;
     if n_layer == 0
         || n_embd == 0
@@ -392,28 +495,95 @@ fn read_hparams(
     {
         return Err(format!(
             "implausible shape: {n_layer} layers, {n_embd} hidden, {n_head} heads"
-        ));
+        )
+        .into());
     }
     if n_head % n_head_kv != 0 {
-        return Err(format!(
-            "{n_head} query heads is not a multiple of {n_head_kv} KV heads"
-        ));
+        return Err(
+            format!("{n_head} query heads is not a multiple of {n_head_kv} KV heads").into(),
+        );
     }
     let head_dim =
-        get_u64(md, &format!("{a}.attention.key_length")).map_or(n_embd / n_head, |v| v as usize);
-    let rms_eps = get_f64(md, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6);
-    let rope_base = get_f64(md, &format!("{a}.rope.freq_base")).unwrap_or(10_000.0) as f32;
-    let trained_context = get_u64(md, &format!("{a}.context_length")).map_or(2048, |v| v as usize);
+        get_u64(md, &key("attention.key_length")).map_or(n_embd / n_head, |v| v as usize);
+    let value_dim = get_u64(md, &key("attention.value_length")).map_or(head_dim, |v| v as usize);
+    if value_dim != head_dim {
+        return Err(HParamsError::Unsupported(format!(
+            "value heads of {value_dim} beside key heads of {head_dim}"
+        )));
+    }
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > 4096 {
+        return Err(format!("implausible head size {head_dim}").into());
+    }
+    let rope_dim = get_u64(md, &key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
+    if rope_dim != head_dim {
+        return Err(HParamsError::Unsupported(format!(
+            "rope over {rope_dim} of {head_dim} head dimensions (partial rotary)"
+        )));
+    }
+    let rms_eps = get_f64(md, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6);
+    let rope_base = get_f64(md, &key("rope.freq_base")).unwrap_or(10_000.0) as f32;
+    let trained_context = get_u64(md, &key("context_length")).map_or(2048, |v| v as usize);
     let vocab_size = tensors
         .get("token_embd.weight")
         .and_then(|t| t.dims.first().copied())
         .unwrap_or(vocab.tokens.len());
-    let rope_scale = match get_string(md, &format!("{a}.rope.scaling.type")).as_deref() {
-        Some("linear") => get_f64(md, &format!("{a}.rope.scaling.factor")).unwrap_or(1.0) as f32,
-        _ => 1.0,
+    let rope_freqs = tensors.contains_key("rope_freqs.weight");
+    if tensors.contains_key("rope_factors_long.weight") {
+        return Err(HParamsError::Unsupported(
+            "LongRoPE (rope_factors_long/short, Phi-3 128k)".into(),
+        ));
+    }
+    let factor = get_f64(md, &key("rope.scaling.factor"))
+        .or_else(|| get_f64(md, &key("rope.scale_linear")))
+        .map_or(1.0, |f| f as f32);
+    let rope_scaling = match get_string(md, &key("rope.scaling.type")).as_deref() {
+        // llama.cpp reads a missing type as linear: a factor alone scales linearly.
+        None | Some("linear") if factor != 1.0 && factor > 0.0 => RopeScaling::Linear { factor },
+        None | Some("linear") | Some("none") => RopeScaling::None,
+        // Llama 3.1's scaling is carried by rope_freqs.weight; the type alone says nothing more.
+        Some("llama3") if rope_freqs => RopeScaling::None,
+        Some("yarn") => RopeScaling::Yarn {
+            factor: if factor > 0.0 { factor } else { 1.0 },
+            original_context: get_u64(md, &key("rope.scaling.original_context_length"))
+                .map_or(trained_context, |v| v as usize),
+            beta_fast: get_f64(md, &key("rope.scaling.yarn_beta_fast")).map_or(32.0, |v| v as f32),
+            beta_slow: get_f64(md, &key("rope.scaling.yarn_beta_slow")).map_or(1.0, |v| v as f32),
+            attn_factor: get_f64(md, &key("rope.scaling.attn_factor")).map_or(1.0, |v| v as f32),
+        },
+        Some(other) => {
+            return Err(HParamsError::Unsupported(format!(
+                "rope scaling {other:?} (ult runs linear, yarn, and llama3 through rope_freqs.weight)"
+            )));
+        }
+    };
+    let moe = match arch {
+        Arch::Qwen3Moe => {
+            let n_expert = req("expert_count")?;
+            let n_expert_used = req("expert_used_count")?;
+            if n_expert == 0 || n_expert_used == 0 || n_expert_used > n_expert || n_expert > 4096 {
+                return Err(format!(
+                    "implausible experts: {n_expert_used} of {n_expert} per token"
+                )
+                .into());
+            }
+            let n_ff_exp = get_u64(md, &key("expert_feed_forward_length"))
+                .map_or(n_ff / n_expert_used, |v| v as usize);
+            Some(MoeParams {
+                n_expert,
+                n_expert_used,
+                n_ff_exp,
+                // llama.cpp's qwen3moe graph always renormalises the chosen gates.
+                norm_weights: true,
+                // llama.cpp reads 0 (or no key) as no scaling.
+                weights_scale: get_f64(md, &key("expert_weights_scale"))
+                    .map(|v| v as f32)
+                    .filter(|&v| v != 0.0)
+                    .unwrap_or(1.0),
+            })
+        }
+        _ => None,
     };
     let (sliding_window, swa_pattern, rope_local_base, attn_scale) = match arch {
-        Arch::Llama => (None, 0, rope_base, 1.0 / (head_dim as f64).sqrt()),
         Arch::Gemma3 => {
             // Gemma 3 scales queries by 1/sqrt(query_pre_attn_scalar): the head size, except for the 27B
             // model where it is hidden / heads (llama.cpp does the same; GGUF does not store it).
@@ -425,10 +595,11 @@ fn read_hparams(
             (
                 get_u64(md, "gemma3.attention.sliding_window").map(|v| v as usize),
                 6,
-                10_000.0,
+                get_f64(md, "gemma3.rope.freq_base_swa").map_or(10_000.0, |v| v as f32),
                 1.0 / (scalar as f64).sqrt(),
             )
         }
+        _ => (None, 0, rope_base, 1.0 / (head_dim as f64).sqrt()),
     };
     Ok(HParams {
         arch,
@@ -441,11 +612,13 @@ fn read_hparams(
         rms_eps,
         rope_base,
         rope_local_base,
-        rope_scale,
+        rope_scaling,
+        rope_freqs,
         trained_context,
         sliding_window,
         swa_pattern,
         vocab_size,
         attn_scale,
+        moe,
     })
 }

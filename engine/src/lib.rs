@@ -66,12 +66,23 @@ pub enum EngineError {
         reason: String,
     },
     /// The file is valid but ult cannot run its architecture.
-    #[error("unsupported architecture {arch:?} in {path} (ult runs llama, gemma3 and bert)")]
+    #[error(
+        "unsupported architecture {arch:?} in {path} (ult runs llama, gemma3, qwen2, qwen3, qwen3moe \
+         and phi3 from GGUF, and bert from safetensors)"
+    )]
     UnsupportedArchitecture {
         /// The file.
         path: String,
         /// The architecture.
         arch: String,
+    },
+    /// The architecture is supported but the file asks for a variant ult does not implement.
+    #[error("{path} needs {what}, which ult does not implement")]
+    UnsupportedFeature {
+        /// The file.
+        path: String,
+        /// What it needs.
+        what: String,
     },
     /// A tensor the architecture needs is missing.
     #[error("{path} lacks tensor {name}")]

@@ -63,6 +63,17 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with `tools` (OpenAI-style function definitions, as templates receive them
+    /// from transformers' `apply_chat_template(tools=...)`); None leaves `tools` undefined.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let template = self
             .env
             .get_template("chat")
@@ -72,6 +83,7 @@ impl ChatTemplate {
         template
             .render(context! {
                 messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                tools => tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token.as_str(),
                 eos_token => self.eos_token.as_str(),

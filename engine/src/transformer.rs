@@ -1,4 +1,6 @@
-//! ult's own decoder forward pass for quantized GGUF models: Llama (SmolLM2) and Gemma 3.
+//! ult's own decoder forward pass for quantized GGUF models: Llama (Llama 3, Mistral, SmolLM2), Gemma 3,
+//! Qwen2, Qwen3, Qwen3-MoE and Phi-3 — one code path, with the families' differences as data (fused or
+//! split projections, biases, QK-norms, rope style and scaling, dense or routed feed-forward).
 //!
 //! Owning it lets ult size everything to the configured context (rope tables, KV caches with rings for
 //! sliding-window layers), compute logits for the last position only, embed straight from the quantized
@@ -16,7 +18,7 @@ use candle_nn::rotary_emb::{rope, rope_i};
 use crate::EngineError;
 use crate::attention::{self, AttnSeq, AttnShape};
 use crate::decoder::{Decoder, StepInput, StepOutput};
-use crate::gguf::{Arch, GgufHeader, HParams};
+use crate::gguf::{Arch, GgufHeader, HParams, MoeParams, RopeScaling};
 use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
 
 /// Reads tensors out of a mapped GGUF file onto a device, counting bytes for progress reports.
@@ -76,6 +78,44 @@ impl WeightSource<'_> {
         }
     }
 
+    /// The `n_expert` matrices stacked in the 3-D tensor `name` (`(experts, rows, cols)`), one
+    /// [`QMatMul`] each: every expert's rows are contiguous in the file, so each is a slice of it.
+    fn expert_matmuls(
+        &self,
+        name: &str,
+        n_expert: usize,
+    ) -> std::result::Result<Vec<QMatMul>, EngineError> {
+        let meta = self.header.tensor(name)?;
+        let corrupt = |reason: String| EngineError::CorruptModel {
+            path: self.header.path.display().to_string(),
+            reason,
+        };
+        let &[e, rows, cols] = meta.dims.as_slice() else {
+            return Err(corrupt(format!("{name} is not a stack of expert matrices")));
+        };
+        if e != n_expert || !(rows * cols).is_multiple_of(meta.dtype.block_size()) {
+            return Err(corrupt(format!(
+                "{name} holds {e} experts of {rows}×{cols}, not {n_expert}"
+            )));
+        }
+        let bytes = self.bytes_of(name, meta)?;
+        let per = bytes.len() / e;
+        let out = (0..e)
+            .map(|i| {
+                let q = qtensor_from_ggml(
+                    meta.dtype,
+                    &bytes[i * per..(i + 1) * per],
+                    vec![rows, cols],
+                    self.device,
+                )
+                .map_err(|err| EngineError::candle(format!("reading expert {i} of {name}"), err))?;
+                self.matmul_of(Arc::new(q), name)
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        (self.progress)(meta.bytes);
+        Ok(out)
+    }
+
     fn vector(&self, name: &str) -> std::result::Result<Tensor, EngineError> {
         self.qtensor(name)?
             .dequantize(self.device)
@@ -91,19 +131,51 @@ impl WeightSource<'_> {
     }
 }
 
+/// The query, key and value projections: three matrices, or one fused `attn_qkv` (Phi-3).
+enum Qkv {
+    Split { q: QMatMul, k: QMatMul, v: QMatMul },
+    Fused(QMatMul),
+}
+
+/// A layer's feed-forward.
+enum Ffn {
+    /// `down(act(gate(x)) · up(x))`.
+    Gated {
+        gate: QMatMul,
+        up: QMatMul,
+        down: QMatMul,
+    },
+    /// Phi-3: one `ffn_up` whose first half is the gate, second half the up projection.
+    FusedGateUp { gate_up: QMatMul, down: QMatMul },
+    /// Routed experts (Qwen3-MoE).
+    Moe(Moe),
+}
+
+/// Routed experts: a router and each expert's own matrices, so a step runs only the experts its tokens
+/// chose (every expert is resident; none is touched unless routed to).
+struct Moe {
+    router: QMatMul,
+    experts: Vec<Expert>,
+    params: MoeParams,
+}
+
+struct Expert {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
 struct Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    qkv: Qkv,
+    /// Q, K and V biases (Qwen2).
+    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
     wo: QMatMul,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    ffn: Ffn,
     post_ffn_norm: Option<Tensor>,
 }
 
@@ -130,19 +202,62 @@ impl Transformer {
         let mut blocks = Vec::with_capacity(hp.n_layer);
         for il in 0..hp.n_layer {
             let p = |t: &str| format!("blk.{il}.{t}.weight");
+            let has = |t: &str| src.header.tensors.contains_key(&p(t));
+            let qkv = if has("attn_qkv") {
+                Qkv::Fused(src.qmatmul(&p("attn_qkv"))?)
+            } else {
+                Qkv::Split {
+                    q: src.qmatmul(&p("attn_q"))?,
+                    k: src.qmatmul(&p("attn_k"))?,
+                    v: src.qmatmul(&p("attn_v"))?,
+                }
+            };
+            let bias = |t: &str| src.optional_vector(&format!("blk.{il}.{t}.bias"));
+            let qkv_bias = match (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?) {
+                (Some(q), Some(k), Some(v)) => Some((q, k, v)),
+                (None, None, None) => None,
+                _ => {
+                    return Err(EngineError::CorruptModel {
+                        path: src.header.path.display().to_string(),
+                        reason: format!("layer {il} has some but not all of the Q/K/V biases"),
+                    });
+                }
+            };
+            let ffn = match hp.moe {
+                Some(params) => Ffn::Moe(Moe {
+                    router: src.qmatmul(&p("ffn_gate_inp"))?,
+                    experts: {
+                        let gate = src.expert_matmuls(&p("ffn_gate_exps"), params.n_expert)?;
+                        let up = src.expert_matmuls(&p("ffn_up_exps"), params.n_expert)?;
+                        let down = src.expert_matmuls(&p("ffn_down_exps"), params.n_expert)?;
+                        gate.into_iter()
+                            .zip(up)
+                            .zip(down)
+                            .map(|((gate, up), down)| Expert { gate, up, down })
+                            .collect()
+                    },
+                    params,
+                }),
+                None if !has("ffn_gate") && hp.arch == Arch::Phi3 => Ffn::FusedGateUp {
+                    gate_up: src.qmatmul(&p("ffn_up"))?,
+                    down: src.qmatmul(&p("ffn_down"))?,
+                },
+                None => Ffn::Gated {
+                    gate: src.qmatmul(&p("ffn_gate"))?,
+                    up: src.qmatmul(&p("ffn_up"))?,
+                    down: src.qmatmul(&p("ffn_down"))?,
+                },
+            };
             blocks.push(Block {
                 attn_norm: src.vector(&p("attn_norm"))?,
-                wq: src.qmatmul(&p("attn_q"))?,
-                wk: src.qmatmul(&p("attn_k"))?,
-                wv: src.qmatmul(&p("attn_v"))?,
+                qkv,
+                qkv_bias,
                 wo: src.qmatmul(&p("attn_output"))?,
                 q_norm: src.optional_vector(&p("attn_q_norm"))?,
                 k_norm: src.optional_vector(&p("attn_k_norm"))?,
                 post_attn_norm: src.optional_vector(&p("post_attention_norm"))?,
                 ffn_norm: src.vector(&p("ffn_norm"))?,
-                gate: src.qmatmul(&p("ffn_gate"))?,
-                up: src.qmatmul(&p("ffn_up"))?,
-                down: src.qmatmul(&p("ffn_down"))?,
+                ffn,
                 post_ffn_norm: src.optional_vector(&p("post_ffw_norm"))?,
             });
         }
@@ -153,13 +268,34 @@ impl Transformer {
         } else {
             src.matmul_of(embed.clone(), "the tied output head")?
         };
-        let tables = |base: f32, scale: f32| {
-            rope_tables(hp.head_dim, context, base, scale, src.device)
+        // Llama 3.1+: per-dimension divisors of the rope frequencies.
+        let freq_factors = if hp.rope_freqs {
+            let f = src.vector("rope_freqs.weight")?;
+            let f = f
+                .flatten_all()
+                .and_then(|f| f.to_vec1::<f32>())
+                .map_err(|e| EngineError::candle("reading rope_freqs.weight".into(), e))?;
+            if f.len() != hp.head_dim / 2 {
+                return Err(EngineError::CorruptModel {
+                    path: src.header.path.display().to_string(),
+                    reason: format!(
+                        "rope_freqs.weight has {} values for a head of {}",
+                        f.len(),
+                        hp.head_dim
+                    ),
+                });
+            }
+            Some(f)
+        } else {
+            None
+        };
+        let tables = |base: f32, scaling: RopeScaling, factors: Option<&[f32]>| {
+            rope_tables(hp.head_dim, context, base, scaling, factors, src.device)
                 .map_err(|e| EngineError::candle("building rope tables".into(), e))
         };
-        let rope_global = tables(hp.rope_base, hp.rope_scale)?;
+        let rope_global = tables(hp.rope_base, hp.rope_scaling, freq_factors.as_deref())?;
         let rope_local = if gemma {
-            Some(tables(hp.rope_local_base, 1.0)?)
+            Some(tables(hp.rope_local_base, RopeScaling::None, None)?)
         } else {
             None
         };
@@ -301,12 +437,7 @@ impl Transformer {
             }
             x = (x + a)?;
             let h = rms_norm(&x, &b.ffn_norm, eps)?;
-            let gate = b.gate.forward(&h)?;
-            let act = match hp.arch {
-                Arch::Gemma3 => gate.gelu()?,
-                Arch::Llama => gate.silu()?,
-            };
-            let mut m = b.down.forward(&(act * b.up.forward(&h)?)?)?;
+            let mut m = self.feed_forward(&b.ffn, &h)?;
             if let Some(n) = &b.post_ffn_norm {
                 m = rms_norm(&m, n, eps)?;
             }
@@ -337,6 +468,29 @@ impl Transformer {
         })
     }
 
+    /// A layer's feed-forward of `h` `(1, rows, hidden)`.
+    fn feed_forward(&self, ffn: &Ffn, h: &Tensor) -> Result<Tensor> {
+        let act = |gate: Tensor| match self.hp.arch {
+            Arch::Gemma3 => gate.gelu(),
+            _ => gate.silu(),
+        };
+        match ffn {
+            Ffn::Gated { gate, up, down } => {
+                down.forward(&(act(gate.forward(h)?)? * up.forward(h)?)?)
+            }
+            Ffn::FusedGateUp { gate_up, down } => {
+                let gu = gate_up.forward(h)?;
+                let half = gu.dim(D::Minus1)? / 2;
+                let (g, u) = (
+                    gu.narrow(D::Minus1, 0, half)?,
+                    gu.narrow(D::Minus1, half, half)?,
+                );
+                down.forward(&(act(g.contiguous()?)? * u)?)
+            }
+            Ffn::Moe(moe) => moe.forward(h),
+        }
+    }
+
     fn attention(
         &self,
         il: usize,
@@ -348,9 +502,25 @@ impl Transformer {
         let hp = &self.hp;
         let (_, n, _) = h.dims3()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_head_kv, hp.head_dim);
-        let mut q = b.wq.forward(h)?.reshape((n, nh, 1, hd))?;
-        let mut k = b.wk.forward(h)?.reshape((n, nkv, 1, hd))?;
-        let v = b.wv.forward(h)?.reshape((n, nkv, hd))?;
+        let (mut q, mut k, mut v) = match &b.qkv {
+            Qkv::Split { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            Qkv::Fused(w) => {
+                let qkv = w.forward(h)?;
+                (
+                    qkv.narrow(D::Minus1, 0, nh * hd)?,
+                    qkv.narrow(D::Minus1, nh * hd, nkv * hd)?,
+                    qkv.narrow(D::Minus1, (nh + nkv) * hd, nkv * hd)?,
+                )
+            }
+        };
+        if let Some((bq, bk, bv)) = &b.qkv_bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let mut q = q.contiguous()?.reshape((n, nh, 1, hd))?;
+        let mut k = k.contiguous()?.reshape((n, nkv, 1, hd))?;
+        let v = v.contiguous()?.reshape((n, nkv, hd))?;
         let eps = hp.rms_eps as f32;
         if let Some(w) = &b.q_norm {
             q = rms_norm(&q.contiguous()?, w, eps)?;
@@ -359,15 +529,16 @@ impl Transformer {
             k = rms_norm(&k.contiguous()?, w, eps)?;
         }
         let (cos, sin) = ctx.rope;
-        let (q, k) = match hp.arch {
-            Arch::Llama => (
-                rope_i(&q.contiguous()?, cos, sin)?,
-                rope_i(&k.contiguous()?, cos, sin)?,
-            ),
-            Arch::Gemma3 => (
+        let (q, k) = if hp.arch.neox_rope() {
+            (
                 rope(&q.contiguous()?, cos, sin)?,
                 rope(&k.contiguous()?, cos, sin)?,
-            ),
+            )
+        } else {
+            (
+                rope_i(&q.contiguous()?, cos, sin)?,
+                rope_i(&k.contiguous()?, cos, sin)?,
+            )
         };
         let q = q.reshape((n, nh, hd))?;
         let k = k.reshape((n, nkv, hd))?;
@@ -457,23 +628,122 @@ impl Decoder for Transformer {
     }
 }
 
-/// `cos` and `sin` tables `(context, head_dim/2)` for rope with `base`, positions divided by `scale`.
+/// `cos` and `sin` tables `(context, head_dim/2)` for rope with `base`, scaled as `scaling` says, each
+/// frequency divided by its `factors` entry (Llama 3.1's `rope_freqs.weight`). Computed in f32 as
+/// llama.cpp's `ggml_rope_cache_init` does (the angle of dimension pair `i` is the position times
+/// `base^(-2/head_dim)` multiplied up `i` times), so the tables agree with it to float rounding.
 fn rope_tables(
     head_dim: usize,
     context: usize,
     base: f32,
-    scale: f32,
+    scaling: RopeScaling,
+    factors: Option<&[f32]>,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1f32 / base.powf(2.0 * i as f32 / head_dim as f32))
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions: Vec<f32> = (0..context).map(|p| p as f32 / scale).collect();
-    let positions = Tensor::from_vec(positions, (context, 1), device)?;
-    let freqs = positions.broadcast_mul(&inv_freq)?;
-    Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?))
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    // (frequency scale, YaRN's ramp band and extrapolation mix, magnitude).
+    let (freq_scale, yarn, mscale) = match scaling {
+        RopeScaling::None => (1.0f32, None, 1.0f32),
+        RopeScaling::Linear { factor } => (1.0 / factor, None, 1.0),
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attn_factor,
+        } => {
+            let corr_dim = |rot: f32| {
+                head_dim as f32
+                    * (original_context as f32 / (rot * 2.0 * std::f32::consts::PI)).ln()
+                    / (2.0 * base.ln())
+            };
+            let low = corr_dim(beta_fast).floor().max(0.0);
+            let high = corr_dim(beta_slow).ceil().min(head_dim as f32 - 1.0);
+            // llama.cpp cancels its own attention factor against the one rope applies, so what remains
+            // is rope's 1 + 0.1·ln(factor), times the file's attn_factor.
+            (
+                1.0 / factor,
+                Some((low, high)),
+                attn_factor * (1.0 + 0.1 * factor.ln()),
+            )
+        }
+    };
+    let mut cos = Vec::with_capacity(context * half);
+    let mut sin = Vec::with_capacity(context * half);
+    for p in 0..context {
+        let mut theta = p as f32;
+        for i in 0..half {
+            let extrap = theta / factors.map_or(1.0, |f| f[i]);
+            let interp = freq_scale * extrap;
+            let angle = match yarn {
+                None => interp,
+                Some((low, high)) => {
+                    let y = (i as f32 - low) / (high - low).max(0.001);
+                    let mix = 1.0 - y.clamp(0.0, 1.0);
+                    interp * (1.0 - mix) + extrap * mix
+                }
+            };
+            cos.push(angle.cos() * mscale);
+            sin.push(angle.sin() * mscale);
+            theta *= theta_scale;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (context, half), device)?,
+        Tensor::from_vec(sin, (context, half), device)?,
+    ))
+}
+
+impl Moe {
+    /// Routes every row of `h` `(1, rows, hidden)` to its top experts and runs each chosen expert once
+    /// over the rows that chose it; experts nobody chose are not touched.
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let (_, n, d) = h.dims3()?;
+        let x = h.squeeze(0)?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&self.router.forward(&x)?.to_dtype(DType::F32)?)?;
+        let probs = probs.to_vec2::<f32>()?;
+        let k = self.params.n_expert_used;
+        // Per expert: the rows that chose it and their gates.
+        let mut chosen: Vec<(Vec<u32>, Vec<f32>)> =
+            vec![(Vec::new(), Vec::new()); self.experts.len()];
+        let mut order: Vec<usize> = Vec::with_capacity(self.experts.len());
+        for (row, p) in probs.iter().enumerate() {
+            order.clear();
+            order.extend(0..p.len());
+            // Highest probability first; ties to the lower expert.
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let top = &order[..k.min(order.len())];
+            let sum: f32 = top.iter().map(|&e| p[e]).sum();
+            for &e in top {
+                let mut w = p[e];
+                if self.params.norm_weights {
+                    w /= sum;
+                }
+                w *= self.params.weights_scale;
+                chosen[e].0.push(row as u32);
+                chosen[e].1.push(w);
+            }
+        }
+        let mut out = Tensor::zeros((n, d), DType::F32, h.device())?;
+        for (expert, (rows, gates)) in self.experts.iter().zip(chosen) {
+            if rows.is_empty() {
+                continue;
+            }
+            let m = rows.len();
+            let idx = Tensor::from_vec(rows, m, h.device())?;
+            let xs = x.index_select(&idx, 0)?.unsqueeze(0)?;
+            let y = expert
+                .down
+                .forward(&(expert.gate.forward(&xs)?.silu()? * expert.up.forward(&xs)?)?)?
+                .squeeze(0)?
+                .to_dtype(DType::F32)?;
+            let g = Tensor::from_vec(gates, (m, 1), h.device())?;
+            out = out.index_add(&idx, &y.broadcast_mul(&g)?, 0)?;
+        }
+        out.to_dtype(h.dtype())?.unsqueeze(0)
+    }
 }
 
 /// The index of the largest logit.

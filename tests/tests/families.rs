@@ -1,0 +1,112 @@
+//! Every model family end to end through a real ultd (what `ultctl generate` does, over gRPC): the tiny
+//! random-weight GGUF of each family (scripts/families/make-ggufs.sh) loads with its footprint predicted
+//! from the header within ±5% of what the load measured, and a greedy completion of the fixture's prompt
+//! returns exactly llama.cpp's greedy continuation (engine/tests/fixtures/families/*.json).
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::path::PathBuf;
+
+use ult_client::GenerateRequest;
+use ult_tests::start;
+
+ult_tests::install_allocator!();
+
+/// The family's first file (F32, F16, Q8_0, Q4_K) whose llama.cpp continuation is whole UTF-8 text (a
+/// random model may stop inside a character, which no text API can return), with its prompt, its
+/// continuation's token count and text.
+fn pick(family: &str) -> (PathBuf, String, u32, String) {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../engine/tests/fixtures/families"
+    );
+    for ty in ["F32", "F16", "Q8_0", "Q4_K"] {
+        let name = format!("{family}.{ty}");
+        let text = std::fs::read_to_string(format!("{fixtures}/{name}.json")).unwrap();
+        let fx: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let hex = fx["greedy_hex"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        if let Ok(greedy) = String::from_utf8(bytes) {
+            let path = ult_tests::models_dir().join(format!("families/{name}.gguf"));
+            assert!(
+                path.exists(),
+                "{} is missing: run scripts/families/make-ggufs.sh",
+                path.display()
+            );
+            let n = fx["greedy"].as_array().unwrap().len() as u32;
+            return (path, fx["prompt"].as_str().unwrap().to_string(), n, greedy);
+        }
+    }
+    panic!("no {family} fixture has a whole-text continuation");
+}
+
+async fn check(family: &str) {
+    let (path, prompt, n, want) = pick(family);
+    let d = start(
+        "",
+        &format!(
+            "[models.fam]\npath = \"{}\"\nkind = \"completion\"\ncontext = 256\nmax_sequences = 2\n",
+            path.display()
+        ),
+    )
+    .await;
+    let mut c = d.client().await;
+    let loaded = c.load("fam", |_, _| {}).await.unwrap();
+    let (measured, predicted) = (loaded.measured_bytes as f64, loaded.predicted_bytes as f64);
+    assert!(
+        (measured - predicted).abs() / predicted <= 0.05,
+        "{family}: measured {measured} vs predicted {predicted}"
+    );
+    let req = GenerateRequest {
+        model: "fam".into(),
+        prompt,
+        max_tokens: Some(n),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let (text, stats) = c.generate_text(req).await.unwrap();
+    assert_eq!(stats.completion_tokens, n);
+    assert_eq!(text, want, "{family}: ultd's greedy text = llama.cpp's");
+    eprintln!(
+        "{family}: {} predicted {predicted} measured {measured} ({:+.2}%)",
+        path.display(),
+        (measured - predicted) / predicted * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama3_generates_as_llama_cpp() {
+    check("llama3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistral_generates_as_llama_cpp() {
+    check("mistral").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen2_generates_as_llama_cpp() {
+    check("qwen2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen3_generates_as_llama_cpp() {
+    check("qwen3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen3moe_generates_as_llama_cpp() {
+    check("qwen3moe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phi3_generates_as_llama_cpp() {
+    check("phi3").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_generates_as_llama_cpp() {
+    check("gemma3").await;
+}
