@@ -9,7 +9,8 @@ per repetition and a summary line with the medians:
 
   {"label", "rep", "first_ttft_ms", "second_ttft_ms", "speedup", "prompt_tokens", "cached_tokens"}
 
-Greedy, 4 tokens per request. Python standard library only; it talks only to the loopback URL it is given.
+Greedy, 4 tokens per request, end-of-sequence ignored (a small model may otherwise answer with it first and
+stream no text). Python standard library only; it talks only to the loopback URL it is given.
   python3 bench/prefix_cache.py --url http://127.0.0.1:8080 --model smollm2 --prefix-words 1500 --label ult
 """
 
@@ -41,7 +42,8 @@ def ttft(url, model, prompt, max_tokens):
         sys.exit(f"refusing non-loopback URL {url}")
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": True})
+                       "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": True,
+                       "ignore_eos": True})
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     r = conn.getresponse()

@@ -127,34 +127,9 @@ pub fn host(
     out
 }
 
-/// Key positions the portable attention lays out per row: aligned to this many, so that Candle's f32 row
-/// sums (`vec_sum`, 32 lanes then a scalar tail) group a row's terms by absolute position, whatever the
-/// step's other rows.
-const KEY_ALIGN: usize = 32;
-
-/// The most keys one matmul of probabilities by values sums: Candle's matmul (the `gemm` crate) splits
-/// longer sums into blocks whose bounds depend on the length, so longer ones are cut at absolute
-/// multiples of this and the blocks added in order.
-const KEY_BLOCK: usize = 512;
-
-/// The fewest key positions a span lays out (see [`key_span`]): above 64, a multiple of [`KEY_ALIGN`].
-const MIN_KEYS: usize = 96;
-
-/// The key positions `lo..hi` a sequence's portable attention lays out: its window's first key rounded
-/// down to [`KEY_ALIGN`], its last rounded up; positions outside what it may see are masked.
-fn key_span(s: &AttnSeq<'_>, shape: &AttnShape) -> (usize, usize) {
-    let lo = shape.lo(s.start) / KEY_ALIGN * KEY_ALIGN;
-    let hi = (s.start + s.len).div_ceil(KEY_ALIGN) * KEY_ALIGN;
-    // At least MIN_KEYS: `gemm` multiplies matrices of at most 64 by 64 with another kernel, which
-    // rounds the score dot products differently from the one a longer step's rows take.
-    (lo, hi.max(lo + MIN_KEYS))
-}
-
-/// The pool slots each sequence's portable attention gathers: keys from its aligned span's start to
-/// `start` (or to the span's end with `in_pool`, when the step's own rows were written first), as an
-/// index tensor, None when there are none. Positions the sequence may not see (padding, keys a ring has
-/// passed, positions not written yet) take any slot of its table: they are masked. The same for every
-/// layer of a group, so a step computes it once per group, not once per layer.
+/// The pool slots each sequence's portable attention gathers: keys `lo..start` (or `lo..start + len`
+/// with `in_pool`, when the step's own rows were written first), as an index tensor, None when there are
+/// none. The same for every layer of a group, so a step computes it once per group, not once per layer.
 pub fn gather_indices(
     seqs: &[AttnSeq<'_>],
     shape: &AttnShape,
@@ -163,21 +138,14 @@ pub fn gather_indices(
 ) -> Result<Vec<Option<Tensor>>> {
     seqs.iter()
         .map(|s| {
-            let (lo, hi) = key_span(s, shape);
-            let end = if in_pool { hi } else { s.start };
+            let lo = shape.lo(s.start);
+            let end = if in_pool { s.start + s.len } else { s.start };
             if end <= lo {
                 return Ok(None);
             }
-            let visible = shape.lo(s.start)..s.start + s.len;
-            let any = slot_of(visible.start, s.table, shape.ring, shape.block_tokens);
             let slots: Vec<u32> = (lo..end)
                 .map(|kp| {
-                    let slot = if visible.contains(&kp) {
-                        slot_of(kp, s.table, shape.ring, shape.block_tokens)
-                    } else {
-                        any
-                    };
-                    slot.ok_or_else(|| {
+                    slot_of(kp, s.table, shape.ring, shape.block_tokens).ok_or_else(|| {
                         candle_core::Error::Msg(format!("position {kp} is not in the block table"))
                     })
                 })
@@ -210,38 +178,19 @@ pub fn portable(
     let device = q.device();
     let mut outs = Vec::with_capacity(seqs.len());
     for (s, gather) in seqs.iter().zip(gathers) {
-        // Every row's keys are laid out over the same aligned span of absolute positions, and every sum
-        // over keys runs in a fixed order of absolute positions, so a row's result does not depend on
-        // which rows share its step (a prefix served from the cache gives what a cold prefill gives).
-        let (lo, hi) = key_span(s, shape);
+        let lo = shape.lo(s.start);
         let fresh_k = k.narrow(0, s.row, s.len)?;
         let fresh_v = v.narrow(0, s.row, s.len)?;
         let pooled = |t: &Tensor, idx: &Tensor| t.index_select(idx, 0)?.to_dtype(DType::F32);
-        let (keys, values) = if in_pool {
-            let idx = gather
-                .as_ref()
-                .ok_or_else(|| candle_core::Error::Msg("no keys gathered".into()))?;
-            (pooled(pool_k, idx)?, pooled(pool_v, idx)?)
-        } else {
-            // Cached keys, the step's own, and masked zeros up to the span's end.
-            let pad = hi - (s.start + s.len);
-            let zeros = Tensor::zeros((pad, nkv, hd), DType::F32, device)?;
-            let mut ks = Vec::with_capacity(3);
-            let mut vs = Vec::with_capacity(3);
-            if let Some(idx) = gather {
-                ks.push(pooled(pool_k, idx)?);
-                vs.push(pooled(pool_v, idx)?);
-            }
-            ks.push(fresh_k.to_dtype(DType::F32)?);
-            vs.push(fresh_v.to_dtype(DType::F32)?);
-            if pad > 0 {
-                ks.push(zeros.clone());
-                vs.push(zeros);
-            }
-            (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)
+        let (keys, values) = match (gather, in_pool) {
+            (Some(idx), true) => (pooled(pool_k, idx)?, pooled(pool_v, idx)?),
+            (Some(idx), false) => (
+                Tensor::cat(&[&pooled(pool_k, idx)?, &fresh_k.to_dtype(DType::F32)?], 0)?,
+                Tensor::cat(&[&pooled(pool_v, idx)?, &fresh_v.to_dtype(DType::F32)?], 0)?,
+            ),
+            (None, _) => (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?),
         };
         let n_keys = keys.dim(0)?;
-        debug_assert_eq!(n_keys, hi - lo);
         // (len, nh, hd) → (nkv, n_rep·len, hd): the query heads of one KV head stacked on rows.
         let q1 = q.narrow(0, s.row, s.len)?.to_dtype(DType::F32)?;
         let qs = if s.len == 1 {
@@ -256,45 +205,28 @@ pub fn portable(
         let kt = keys.transpose(0, 1)?.contiguous()?; // (nkv, n_keys, hd)
         let vt = values.transpose(0, 1)?.contiguous()?;
         let mut scores = (qs.matmul(&kt.t()?)? * f64::from(shape.scale))?;
-        let mut m = Vec::with_capacity(s.len * n_keys);
-        for i in 0..s.len {
-            let p = s.start + i;
-            let lo_p = shape.lo(p);
-            m.extend((lo..hi).map(|kp| {
-                if kp <= p && kp >= lo_p {
-                    0f32
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
+        // A mask is needed for several rows, or when the window cuts keys the first row still sees.
+        if s.len > 1 || shape.lo(s.start + s.len - 1) > lo {
+            let mut m = Vec::with_capacity(s.len * n_keys);
+            for i in 0..s.len {
+                let p = s.start + i;
+                let lo_p = shape.lo(p);
+                m.extend((lo..lo + n_keys).map(|kp| {
+                    if kp <= p && kp >= lo_p {
+                        0f32
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+            let mask = Tensor::from_vec(m, (s.len, n_keys), device)?;
+            scores = scores
+                .reshape((nkv, n_rep, s.len, n_keys))?
+                .broadcast_add(&mask)?
+                .reshape((nkv, n_rep * s.len, n_keys))?;
         }
-        let mask = Tensor::from_vec(m, (s.len, n_keys), device)?;
-        scores = scores
-            .reshape((nkv, n_rep, s.len, n_keys))?
-            .broadcast_add(&mask)?
-            .reshape((nkv, n_rep * s.len, n_keys))?;
         let probs = softmax_last_dim(&scores)?;
-        // Probabilities by values, in blocks cut at absolute multiples of KEY_BLOCK, added in order.
-        let mut o: Option<Tensor> = None;
-        let mut at = lo;
-        while at < hi {
-            let end = ((at / KEY_BLOCK + 1) * KEY_BLOCK).min(hi);
-            let (a, len) = (at - lo, end - at);
-            let part = if a == 0 && len == n_keys {
-                probs.matmul(&vt)?
-            } else {
-                probs
-                    .narrow(2, a, len)?
-                    .contiguous()?
-                    .matmul(&vt.narrow(1, a, len)?.contiguous()?)?
-            };
-            o = Some(match o {
-                None => part,
-                Some(sum) => (sum + part)?,
-            });
-            at = end;
-        }
-        let o = o.ok_or_else(|| candle_core::Error::Msg("no keys".into()))?; // (nkv, n_rep·len, hd)
+        let o = probs.matmul(&vt)?; // (nkv, n_rep·len, hd)
         if s.len == 1 {
             outs.push(o.reshape((1, nh, hd))?);
             continue;
@@ -412,88 +344,6 @@ mod tests {
             host_pool.write(0, &k, &v, &m).unwrap();
             let m = SlotMap::new(&layout, &spans_ref, Some(&dev)).unwrap();
             port.write(0, &k, &v, &m).unwrap();
-        }
-    }
-
-    /// Runs `chunks` of one sequence through the portable attention of a global layer (write, then
-    /// attend) and a ring layer (attend, then write), as the transformer does; returns each position's
-    /// output rows, global then ring.
-    fn run_chunks(chunks: &[(usize, usize)], q: &Tensor, k: &Tensor, v: &Tensor) -> Vec<Vec<f32>> {
-        let dev = Device::Cpu;
-        let (nh, nkv, hd, bt) = (4, 1, 8, 4);
-        // Layer 0 global, layer 1 a window of 40 (a ring of 11 blocks).
-        let layout = KvLayout::from_windows([None, Some(40)], nkv, hd, KvDType::F32, bt);
-        let ring = layout.groups[1].ring;
-        let total = chunks.iter().map(|c| c.0 + c.1).max().unwrap();
-        let plain: Vec<u32> = (0..total.div_ceil(bt) as u32).collect();
-        let rings: Vec<u32> = (0..ring.unwrap() as u32).collect();
-        let tables = vec![plain, rings];
-        let blocks = vec![tables[0].len(), tables[1].len()];
-        let mut pool = KvPool::new(layout.clone(), blocks, &dev, true).unwrap();
-        let mut out = vec![Vec::new(); total];
-        for &(start, len) in chunks {
-            let (qc, kc, vc) = (
-                q.narrow(0, start, len).unwrap(),
-                k.narrow(0, start, len).unwrap(),
-                v.narrow(0, start, len).unwrap(),
-            );
-            let spans = [(start, len, tables.as_slice())];
-            let slots = SlotMap::new(&layout, &spans, Some(&dev)).unwrap();
-            let mut rows = Vec::new();
-            for (il, g) in [(0usize, 0usize), (1, 1)] {
-                let group = &layout.groups[g];
-                let shape = AttnShape {
-                    n_head: nh,
-                    n_kv: nkv,
-                    head_dim: hd,
-                    scale: 0.35,
-                    window: group.window,
-                    ring: group.ring,
-                    block_tokens: bt,
-                };
-                let seqs = [AttnSeq {
-                    row: 0,
-                    start,
-                    len,
-                    table: &tables[g],
-                }];
-                let in_pool = group.ring.is_none();
-                if in_pool {
-                    pool.write(il, &kc, &vc, &slots).unwrap();
-                }
-                let gathers = gather_indices(&seqs, &shape, in_pool, &dev).unwrap();
-                let (pk, pv) = pool.device_layer(il).unwrap();
-                let o = portable(pk, pv, &qc, &kc, &vc, &seqs, &gathers, &shape, in_pool).unwrap();
-                if !in_pool {
-                    pool.write(il, &kc, &vc, &slots).unwrap();
-                }
-                rows.push(o.to_vec3::<f32>().unwrap());
-            }
-            for i in 0..len {
-                out[start + i] = rows
-                    .iter()
-                    .flat_map(|r| r[i].iter().flatten().copied())
-                    .collect();
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn portable_rows_do_not_depend_on_the_chunking() {
-        // 700 positions (beyond the 512 keys where Candle's own sums would regroup), in two chunkings
-        // and one token at a time at the end: every position's output is bit-identical.
-        let dev = Device::Cpu;
-        let n = 700;
-        let q = Tensor::randn(0f32, 2.0, (n, 4, 8), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (n, 1, 8), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (n, 1, 8), &dev).unwrap();
-        let a = run_chunks(&[(0, 512), (512, 188)], &q, &k, &v);
-        let mut steps = vec![(0, 300), (300, 350), (650, 40)];
-        steps.extend((690..700).map(|p| (p, 1)));
-        let b = run_chunks(&steps, &q, &k, &v);
-        for p in 0..n {
-            assert_eq!(a[p], b[p], "position {p}");
         }
     }
 }

@@ -345,6 +345,29 @@ impl GgufHeader {
                 _ => 0,
             })
             .sum();
+        // Candle multiplies by float matrices (F32, F16, BF16) as f32 tensors made at load: a 16-bit
+        // matrix takes twice its file bytes, and a tied output head over a float embedding table is a
+        // second, f32 copy of the table (the embedding keeps the file's).
+        let is_float =
+            |t: &TensorMeta| matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let f32_bytes = |t: &TensorMeta| t.dims.iter().product::<usize>() as u64 * 4;
+        let tied = !self.tensors.contains_key("output.weight");
+        let dequantized: u64 = self
+            .tensors
+            .iter()
+            .filter(|(name, t)| {
+                (name.starts_with("blk.") || name.as_str() == "output.weight")
+                    && t.dims.len() >= 2
+                    && is_float(t)
+            })
+            .map(|(_, t)| f32_bytes(t).saturating_sub(t.bytes))
+            .chain(
+                self.tensors
+                    .get("token_embd.weight")
+                    .filter(|t| tied && is_float(t))
+                    .map(f32_bytes),
+            )
+            .sum();
         let chunk = super::PREFILL_CHUNK.min(context);
         let keys = context;
         let scores = 2 * hp.n_head * chunk * keys * 4;
@@ -358,7 +381,7 @@ impl GgufHeader {
         let logits = 2 * hp.vocab_size * 4;
         Footprint {
             weights_bytes: self.weights_bytes(),
-            overhead_bytes: rope as u64 + repacked,
+            overhead_bytes: rope as u64 + repacked + dequantized,
             scratch_bytes: (scores + activations + logits) as u64,
             kv_bytes_per_token: layout.bytes_per_token(),
             kv_fixed_bytes_per_sequence: layout.ring_bytes_per_sequence(),

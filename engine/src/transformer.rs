@@ -669,6 +669,19 @@ fn rope_tables(
             )
         }
     };
+    if matches!(scaling, RopeScaling::None) && factors.is_none() {
+        // Plain rope: the angle of pair `i` is the position times base^(−2i/d), as ult has always
+        // computed it. It differs from llama.cpp's running product (below) in the last bits, and the
+        // real models' pinned greedy texts (tests/tests/models.rs) sit on near-ties that notice.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1f32 / base.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions: Vec<f32> = (0..context).map(|p| p as f32).collect();
+        let positions = Tensor::from_vec(positions, (context, 1), device)?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        return Ok((freqs.cos()?.contiguous()?, freqs.sin()?.contiguous()?));
+    }
     let mut cos = Vec::with_capacity(context * half);
     let mut sin = Vec::with_capacity(context * half);
     for p in 0..context {

@@ -94,10 +94,16 @@ pub async fn start(daemon_extra: &str, more: &str) -> TestDaemon {
 
 /// Starts ultd on a models.toml with exactly `text`, written into `dir`.
 pub async fn start_in(dir: tempfile::TempDir, text: &str) -> TestDaemon {
+    let engine = CandleEngine::new("cpu").expect("cpu engine");
+    start_with(dir, text, engine).await
+}
+
+/// Starts ultd on a models.toml with exactly `text`, written into `dir`, serving with `engine`.
+pub async fn start_with(dir: tempfile::TempDir, text: &str, engine: CandleEngine) -> TestDaemon {
     let path = dir.path().join("models.toml");
     std::fs::write(&path, text).expect("write models.toml");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let engine = Arc::new(CandleEngine::new("cpu").expect("cpu engine"));
+    let engine = Arc::new(engine);
     let running = ultd::server::spawn(config, engine)
         .await
         .expect("ultd starts");

@@ -1,14 +1,21 @@
 //! The prefix cache through ultd's gRPC front door on the real SmolLM2: two requests with the same long
 //! system prompt (the second computes only its own tokens, and its greedy text equals a cold cache's),
-//! status and metrics report the cache, and memory pressure drops every cache before any KV budget
-//! shrinks while requests keep being served.
+//! status reports the cache, and memory pressure drops every cache before any KV budget shrinks while
+//! requests keep being served.
+//!
+//! The exactness check serves with the CPU's block loops (`CandleEngine::host_loops`), which compute
+//! every query row alone over its keys in position order: a row's result cannot depend on which rows
+//! shared its step, so cached and cold must agree bit for bit. The portable Candle ops that serve by
+//! default group their sums by the row's length and the step's shape (see engine/tests/batching.rs), so
+//! there a cached prefix agrees with a cold one to float rounding, which can flip a greedy near-tie.
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use ult_client::{Client, GenerateRequest, WatchItem};
-use ult_tests::{daemon_table, model_tables, models_dir, start_in};
+use ult_engine::CandleEngine;
+use ult_tests::{daemon_table, model_tables, models_dir, start_in, start_with};
 
 ult_tests::install_allocator!();
 
@@ -55,7 +62,7 @@ async fn a_shared_system_prompt_is_computed_once_and_gives_the_cold_text() {
         model_tables(),
         cold_twin()
     );
-    let d = start_in(dir, &text).await;
+    let d = start_with(dir, &text, CandleEngine::host_loops("cpu").unwrap()).await;
     let mut c = d.client().await;
     let (_, first) = generate(&mut c, ask("smollm2", "What is a lighthouse?")).await;
     assert!(first.prompt_tokens > 1400, "{first:?}");
