@@ -498,6 +498,8 @@ impl<'a> StepLoop<'a> {
                 };
                 self.finish(id, None, Some(error));
             }
+            // The cache's content goes with the storage.
+            self.sched.drop_cache();
             self.pool.release();
         }
         if !resize.preempted.is_empty() {
@@ -575,6 +577,8 @@ impl<'a> StepLoop<'a> {
             Ok(Err(e)) => {
                 // The step failed as a whole: every sequence in it fails; the others go on.
                 tracing::warn!(error = %e, sequences = plan.items.len(), "forward step failed");
+                // The plan's block copies may not have happened: trust no cached block.
+                self.sched.drop_cache();
                 for it in &plan.items {
                     self.finish(it.seq, None, Some(clone_error(&e)));
                 }
