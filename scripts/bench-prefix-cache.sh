@@ -51,7 +51,7 @@ if [ "${ULT_BENCH_SKIP_ULT:-0}" != 1 ]; then
   fi
 fi
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "prefix: $words words (~$((words * 4 / 3)) tokens); reps $reps"
+echo "prefix: $words words; reps $reps (the clients print the prompt tokens)"
 for m in $models; do
   file=$(model_file "$m")
   if [ "${ULT_BENCH_SKIP_LLAMA:-0}" != 1 ]; then
