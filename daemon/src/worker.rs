@@ -370,9 +370,7 @@ impl<'a> StepLoop<'a> {
         loop {
             if self.sched.is_idle() {
                 if self.release_when_idle {
-                    // The cache lives in the pool: it goes with it.
-                    self.sched.drop_cache();
-                    self.pool.release();
+                    self.release_pool();
                     self.release_when_idle = false;
                     self.publish();
                 }
@@ -498,9 +496,7 @@ impl<'a> StepLoop<'a> {
                 };
                 self.finish(id, None, Some(error));
             }
-            // The cache's content goes with the storage.
-            self.sched.drop_cache();
-            self.pool.release();
+            self.release_pool();
         }
         if !resize.preempted.is_empty() {
             tracing::info!(
@@ -510,6 +506,12 @@ impl<'a> StepLoop<'a> {
             );
         }
         self.publish();
+    }
+
+    /// Frees the pool's storage; the prefix cache, whose content lived there, goes with it.
+    fn release_pool(&mut self) {
+        self.sched.drop_cache();
+        self.pool.release();
     }
 
     /// Removes sequences whose client went away, freeing their blocks before the next step.

@@ -61,6 +61,25 @@ context = 256
     )
 }
 
+/// A memory sample for the file probe: 64 GiB in all, `available_gib` available, and the kernel's
+/// `psi_some_avg10` stall figure.
+pub fn probe_snapshot(available_gib: f64, psi_some_avg10: f64) -> String {
+    format!(
+        r#"{{"total_bytes": {}, "available_bytes": {}, "process_bytes": 0, "psi_some_avg10": {psi_some_avg10}}}"#,
+        64u64 << 30,
+        (available_gib * (1u64 << 30) as f64) as u64
+    )
+}
+
+/// `[daemon]` settings under an 8 GiB ceiling with 4 GiB of headroom, whose memory probe reads
+/// [`probe_snapshot`]s a test writes to `probe` (sampled every 50 ms).
+pub fn file_probe_daemon(probe: &std::path::Path) -> String {
+    format!(
+        "memory_ceiling = \"8GiB\"\nheadroom = \"4GiB\"\nprobe_interval = \"50ms\"\n[daemon.probe]\nsource = \"file\"\npath = \"{}\"\n",
+        probe.display()
+    )
+}
+
 /// A daemon running in this process, with its temporary directory.
 pub struct TestDaemon {
     /// The running server.

@@ -294,18 +294,9 @@ async fn pins_and_explicit_loads_survive_a_restart() {
 async fn pressure_sheds_caches_then_budgets_then_models_by_score() {
     let dir = tempfile::tempdir().unwrap();
     let probe = dir.path().join("snapshot.json");
-    let snapshot = |available_gib: f64| {
-        format!(
-            r#"{{"total_bytes": {}, "available_bytes": {}, "process_bytes": 0}}"#,
-            64u64 << 30,
-            (available_gib * (1u64 << 30) as f64) as u64
-        )
-    };
+    let snapshot = |available_gib: f64| ult_tests::probe_snapshot(available_gib, 0.0);
     std::fs::write(&probe, snapshot(32.0)).unwrap();
-    let daemon = format!(
-        "memory_ceiling = \"8GiB\"\nheadroom = \"4GiB\"\nprobe_interval = \"50ms\"\n[daemon.probe]\nsource = \"file\"\npath = \"{}\"\n",
-        probe.display()
-    );
+    let daemon = ult_tests::file_probe_daemon(&probe);
     let text = format!("{}{}", daemon_table(dir.path(), &daemon), model_tables());
     let d = start_in(dir, &text).await;
     let mut c = d.client().await;

@@ -121,18 +121,9 @@ async fn pressure_empties_the_cache_before_any_budget_shrinks_and_requests_go_on
     let probe = dir.path().join("snapshot.json");
     // Plenty of bytes available; pressure comes from the kernel's stall figure (PSI), so the governor
     // sheds without a byte deficit: no model needs to go.
-    let snapshot = |psi: f64| {
-        format!(
-            r#"{{"total_bytes": {}, "available_bytes": {}, "process_bytes": 0, "psi_some_avg10": {psi}}}"#,
-            64u64 << 30,
-            32u64 << 30
-        )
-    };
+    let snapshot = |psi: f64| ult_tests::probe_snapshot(32.0, psi);
     std::fs::write(&probe, snapshot(0.0)).unwrap();
-    let daemon = format!(
-        "memory_ceiling = \"8GiB\"\nheadroom = \"4GiB\"\nprobe_interval = \"50ms\"\n[daemon.probe]\nsource = \"file\"\npath = \"{}\"\n",
-        probe.display()
-    );
+    let daemon = ult_tests::file_probe_daemon(&probe);
     let text = format!("{}{}", daemon_table(dir.path(), &daemon), model_tables());
     let d = start_in(dir, &text).await;
     let mut c = d.client().await;
