@@ -88,6 +88,29 @@ pub struct DaemonConfig {
     pub max_requests_per_client: usize,
     /// Directories every model path must lie in (empty: anywhere the operator configures).
     pub model_roots: Vec<PathBuf>,
+    /// Limits that keep one client's requests and connections from hurting the others.
+    pub guard: Guard,
+}
+
+/// Limits on request memory, slow readers and connections (`[daemon]` keys of the same names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guard {
+    /// Transient memory all requests being prepared (templated, tokenized) may hold at once, in bytes.
+    pub request_memory: u64,
+    /// Threads that template and tokenize requests (off the async runtime).
+    pub request_threads: usize,
+    /// How long a stream may wait for a client that does not read before it is cancelled.
+    pub write_timeout_ms: u64,
+    /// Connections each TCP front door holds at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Connections one client address may hold on a TCP front door.
+    pub max_connections_per_client: usize,
+    /// How long an HTTP connection may take to send a request's headers (idle keep-alive included).
+    pub header_timeout_ms: u64,
+    /// A connection that sends nothing (not even an HTTP/2 ping's answer) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// How often HTTP/2 connections are pinged.
+    pub keepalive_interval_ms: u64,
 }
 
 /// `[models.NAME]`.
@@ -154,6 +177,14 @@ struct RawDaemon {
     max_requests_per_client: Option<u32>,
     #[serde(default)]
     model_roots: Vec<String>,
+    request_memory: Option<SizeValue>,
+    request_threads: Option<u32>,
+    write_timeout: Option<SizeValue>,
+    max_connections: Option<u32>,
+    max_connections_per_client: Option<u32>,
+    header_timeout: Option<SizeValue>,
+    idle_timeout: Option<SizeValue>,
+    keepalive_interval: Option<SizeValue>,
 }
 
 #[derive(Deserialize)]
@@ -445,6 +476,62 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
             "a token needs at least 16 characters and no spaces",
         ));
     }
+    let positive = |key: &str, ms: u64| {
+        if ms == 0 {
+            Err(l.error(&["daemon", key], "must be greater than 0"))
+        } else {
+            Ok(ms)
+        }
+    };
+    let count = |key: &str, v: Option<u32>, default: usize| match v {
+        Some(0) => Err(l.error(&["daemon", key], "must be at least 1")),
+        Some(n) => Ok(n as usize),
+        None => Ok(default),
+    };
+    let request_memory = match &d.request_memory {
+        None => 256 << 20,
+        Some(v) => ult_policy::parse_size(&v.text())
+            .map_err(|e| l.error(&["daemon", "request_memory"], &e.to_string()))?,
+    };
+    if request_memory < (max_request_bytes as u64) * 2 {
+        return Err(l.error(
+            &["daemon", "request_memory"],
+            &format!(
+                "must hold at least two of the largest requests (2 × max_request_bytes = {} bytes)",
+                max_request_bytes * 2
+            ),
+        ));
+    }
+    let guard = Guard {
+        request_memory,
+        request_threads: count(
+            "request_threads",
+            d.request_threads,
+            std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+        )?,
+        write_timeout_ms: positive(
+            "write_timeout",
+            duration("write_timeout", &d.write_timeout, 30_000)?,
+        )?,
+        max_connections: count("max_connections", d.max_connections, 1024)?,
+        max_connections_per_client: count(
+            "max_connections_per_client",
+            d.max_connections_per_client,
+            256,
+        )?,
+        header_timeout_ms: positive(
+            "header_timeout",
+            duration("header_timeout", &d.header_timeout, 10_000)?,
+        )?,
+        idle_timeout_ms: positive(
+            "idle_timeout",
+            duration("idle_timeout", &d.idle_timeout, 300_000)?,
+        )?,
+        keepalive_interval_ms: positive(
+            "keepalive_interval",
+            duration("keepalive_interval", &d.keepalive_interval, 30_000)?,
+        )?,
+    };
     Ok(DaemonConfig {
         listen,
         socket,
@@ -471,6 +558,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
             .iter()
             .map(|r| normalize(&resolve(base, r)))
             .collect(),
+        guard,
     })
 }
 

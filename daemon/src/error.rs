@@ -42,18 +42,37 @@ pub enum ServiceError {
         /// Why.
         reason: String,
     },
-    /// The prompt does not fit the model's context.
+    /// The prompt is longer than the model's context could hold; tokenizing stopped early.
     #[error(
-        "the prompt has {prompt_tokens} tokens but model {model} holds {context_tokens} (prompt plus at least one generated token must fit)"
+        "the prompt ({bytes} bytes) has more than {limit} tokens (at least {at_least}) but model {model} holds {context_tokens} (prompt plus at least one generated token must fit)"
     )]
-    ContextTooLong {
+    PromptTooLong {
         /// The model.
         model: String,
-        /// Prompt tokens.
-        prompt_tokens: usize,
+        /// The prompt's size in bytes.
+        bytes: usize,
+        /// The most prompt tokens the model accepts.
+        limit: usize,
+        /// Tokens counted before stopping (a lower bound).
+        at_least: usize,
         /// The context.
         context_tokens: usize,
     },
+    /// Requests being prepared hold the whole request-memory budget; this one must wait and retry.
+    #[error(
+        "requests being prepared hold {in_flight} of the {budget}-byte request memory budget; this one needs {needed} (retry shortly, or raise [daemon] request_memory)"
+    )]
+    RequestMemory {
+        /// What this request needs.
+        needed: u64,
+        /// What is reserved now.
+        in_flight: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// A bug in ultd (the detail is in its log).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The engine failed while running the request.
     #[error("{0}")]
     Engine(#[from] EngineError),
@@ -137,10 +156,12 @@ impl ServiceError {
             Self::Unavailable { .. } | Self::ShuttingDown | Self::EndedByShutdown { .. } => {
                 Code::Unavailable
             }
-            Self::TooManyRequests { .. } => Code::ResourceExhausted,
+            Self::TooManyRequests { .. } | Self::RequestMemory { .. } => Code::ResourceExhausted,
+            Self::PromptTooLong { .. } => Code::InvalidArgument,
+            Self::Internal(_) => Code::Internal,
             Self::PathNotAllowed { .. } => Code::PermissionDenied,
             Self::WrongKind { .. } | Self::NoChatTemplate { .. } => Code::FailedPrecondition,
-            Self::InvalidArgument { .. } | Self::ContextTooLong { .. } => Code::InvalidArgument,
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::WaitTimeout { .. } => Code::ResourceExhausted,
             Self::Engine(e) => match e {
                 EngineError::ContextTooLong { .. }

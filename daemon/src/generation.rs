@@ -10,8 +10,9 @@ use ult_policy::RequestKind;
 use crate::error::ServiceError;
 use crate::limits::ClientSlot;
 use crate::registry::RegisteredModel;
+use crate::requests::RequestWork;
 use crate::supervisor::{Grant, Handle, check_kind};
-use crate::worker::{EmbedJob, GenEvent, GenerateJob, Job};
+use crate::worker::{Backlog, EmbedJob, GenEvent, GenerateJob, Job};
 use ult_engine::sampler::SamplingParams;
 use ult_engine::template::ChatMessage;
 use ult_engine::{EngineError, Inspection, ModelKind};
@@ -44,6 +45,16 @@ pub enum Input {
     Messages(Vec<ChatMessage>),
 }
 
+impl Input {
+    /// The bytes of text it carries (a lower bound of the rendered prompt's).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Prompt(p) => p.len(),
+            Self::Messages(ms) => ms.iter().map(|m| m.content.len() + m.role.len()).sum(),
+        }
+    }
+}
+
 /// Checks a generation request against the model and tokenizes it.
 pub fn prepare_generation(
     model: &RegisteredModel,
@@ -61,6 +72,22 @@ pub fn prepare_generation(
                 model: name.clone(),
                 reason: r.clone(),
             })?;
+    let context = inspection.context;
+    let tokenizer = &inspection.tokenizer;
+    // The prompt must leave room for one generated token; a text longer than that many of the
+    // vocabulary's longest pieces cannot fit, so it is refused before any templating or tokenizing.
+    let limit = context.saturating_sub(1);
+    let too_long = |bytes: usize, at_least: usize| ServiceError::PromptTooLong {
+        model: name.clone(),
+        bytes,
+        limit,
+        at_least,
+        context_tokens: context,
+    };
+    let bytes = input.bytes();
+    if bytes > tokenizer.max_bytes_for(limit) {
+        return Err(too_long(bytes, bytes.div_ceil(tokenizer.max_bytes_for(1))));
+    }
     let text = match input {
         Input::Prompt(p) => {
             check_kind(model, ModelKind::Completion)?;
@@ -94,7 +121,6 @@ pub fn prepare_generation(
         return Err(ServiceError::Engine(EngineError::EmptyPrompt));
     }
     sampling.validate()?;
-    let context = inspection.context;
     let max_tokens = match max_tokens {
         Some(0) => return Err(ServiceError::invalid("max_tokens", "must be at least 1")),
         Some(n) if n as usize > context => {
@@ -121,26 +147,45 @@ pub fn prepare_generation(
             format!("stop sequence {s:?} must have 1 to {MAX_STOP_BYTES} bytes"),
         ));
     }
-    let tokenizer = &inspection.tokenizer;
     let bos_text = tokenizer
         .bos()
         .map(|b| tokenizer.piece_text(b))
         .unwrap_or_default();
     let add_bos = bos_text.is_empty() || !text.starts_with(&bos_text);
-    let prompt = tokenizer.encode(&text, add_bos);
-    if prompt.len() >= context {
-        return Err(ServiceError::ContextTooLong {
-            model: name.clone(),
-            prompt_tokens: prompt.len(),
-            context_tokens: context,
-        });
-    }
+    let prompt = tokenizer
+        .encode_limited(&text, add_bos, limit)
+        .map_err(|e| too_long(text.len(), e.at_least))?;
     Ok(GenerateParams {
         prompt,
         max_tokens,
         sampling,
         stop,
     })
+}
+
+/// Runs [`prepare_generation`] on a preparation thread, holding its memory estimate from the request
+/// budget while it runs (a prompt too long for the model is refused before either).
+async fn prepare(
+    handle: &Handle,
+    m: &Arc<RegisteredModel>,
+    input: Input,
+    max_tokens: Option<u32>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+) -> Result<GenerateParams, ServiceError> {
+    let bytes = input.bytes();
+    let tokenized = match &m.inspection {
+        Ok(i) => bytes.min(i.tokenizer.max_bytes_for(i.context)),
+        Err(_) => 0,
+    };
+    let _reservation = handle
+        .work()
+        .reserve(RequestWork::estimate(bytes, tokenized))?;
+    let m = m.clone();
+    handle
+        .work()
+        .run(move || prepare_generation(&m, input, max_tokens, sampling, stop))
+        .await?
 }
 
 /// A generation in flight. Holding it keeps the request in flight for the policy; dropping it ends the
@@ -153,6 +198,7 @@ pub struct Generation {
     model: String,
     load_ms: Option<u64>,
     events: mpsc::UnboundedReceiver<GenEvent>,
+    backlog: Backlog,
     end: tokio::sync::watch::Receiver<bool>,
     grace_ms: u64,
     /// Held, never read: dropping it tells the state owner the request is done.
@@ -183,13 +229,17 @@ impl Generation {
         if *self.end.borrow() {
             return Err(ended);
         }
-        tokio::select! {
-            event = self.events.recv() => Ok(event),
+        let event = tokio::select! {
+            event = self.events.recv() => event,
             changed = self.end.changed() => match changed {
-                Ok(()) if *self.end.borrow() => Err(ended),
-                _ => Ok(self.events.recv().await),
+                Ok(()) if *self.end.borrow() => return Err(ended),
+                _ => self.events.recv().await,
             },
+        };
+        if matches!(event, Some(GenEvent::Delta(_))) {
+            self.backlog.taken();
         }
+        Ok(event)
     }
 }
 
@@ -209,14 +259,16 @@ pub async fn start_generation(
     let submitted = Instant::now();
     let slot = handle.limits().acquire(client)?;
     let m = handle.resolve(name).await?;
-    let params = prepare_generation(&m, input, max_tokens, sampling, stop)?;
+    let params = prepare(handle, &m, input, max_tokens, sampling, stop).await?;
     let grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
     let jobs = grant
         .jobs
         .clone()
         .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
     let (events_tx, events) = mpsc::unbounded_channel();
+    let backlog = Backlog::default();
     jobs.submit(Job::Generate(GenerateJob {
+        backlog: backlog.clone(),
         prompt: params.prompt,
         max_tokens: params.max_tokens,
         sampling: params.sampling,
@@ -229,6 +281,7 @@ pub async fn start_generation(
         model: m.config.name.clone(),
         load_ms: grant.load_ms,
         events,
+        backlog,
         end: handle.streams_end(),
         grace_ms: handle.grace_ms(),
         grant,
@@ -276,21 +329,45 @@ pub async fn embed(
             format!("{} inputs; at most {MAX_EMBED_INPUTS}", inputs.len()),
         ));
     }
-    let mut tokenized = Vec::with_capacity(inputs.len());
+    let limit = insp.context;
+    let max_bytes = insp.tokenizer.max_bytes_for(limit);
+    let too_long = |bytes: usize, at_least: usize| ServiceError::PromptTooLong {
+        model: m.config.name.clone(),
+        bytes,
+        limit,
+        at_least,
+        context_tokens: insp.context,
+    };
     for text in inputs {
         if text.is_empty() {
             return Err(ServiceError::invalid("input", "an input is empty"));
         }
-        let ids = insp.tokenizer.encode(text, true);
-        if ids.len() > insp.context {
-            return Err(ServiceError::ContextTooLong {
-                model: m.config.name.clone(),
-                prompt_tokens: ids.len(),
-                context_tokens: insp.context,
-            });
+        if text.len() > max_bytes {
+            return Err(too_long(
+                text.len(),
+                text.len().div_ceil(insp.tokenizer.max_bytes_for(1)),
+            ));
         }
-        tokenized.push(ids);
     }
+    let bytes: usize = inputs.iter().map(String::len).sum();
+    let _reservation = handle.work().reserve(RequestWork::estimate(bytes, bytes))?;
+    let texts = inputs.to_vec();
+    let tokenizer_of = insp.clone();
+    let encoded = handle
+        .work()
+        .run(move || {
+            texts
+                .iter()
+                .map(|t| {
+                    tokenizer_of
+                        .tokenizer
+                        .encode_limited(t, true, limit)
+                        .map_err(|e| (t.len(), e.at_least))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let tokenized = encoded.map_err(|(bytes, at_least)| too_long(bytes, at_least))?;
     let prompt_tokens = tokenized.iter().map(Vec::len).sum();
     let grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
     let jobs = grant

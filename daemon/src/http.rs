@@ -177,7 +177,15 @@ impl From<ServiceError> for ApiError {
                 param: Some("model"),
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             },
-            ServiceError::ContextTooLong { .. }
+            ServiceError::RequestMemory { .. } => Self {
+                code: Some("insufficient_memory"),
+                retry_after_s: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            ServiceError::Internal(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            }
+            ServiceError::PromptTooLong { .. }
             | ServiceError::Engine(EngineError::ContextTooLong { .. }) => Self {
                 code: Some("context_length_exceeded"),
                 param: Some("messages"),
@@ -491,6 +499,7 @@ async fn generate(
     }
     // Streaming: one chunk per delta, a final chunk with the finish reason, usage if asked, then [DONE].
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let write_timeout = state.handle.write_timeout();
     tokio::spawn(async move {
         let object = if shape == Shape::Chat {
             "chat.completion.chunk"
@@ -523,8 +532,15 @@ async fn generate(
             tokio::select! {
                 event = g.next() => match event {
                     Ok(Some(GenEvent::Delta(t))) => {
-                        if tx.send(Ok(chunk(json!({ "content": t }), None))).await.is_err() {
-                            break;
+                        match tx.send_timeout(Ok(chunk(json!({ "content": t }), None)), write_timeout).await {
+                            Ok(()) => {}
+                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                                // The client stopped reading: dropping the generation cancels it.
+                                tracing::info!(model = %served, timeout_ms = write_timeout.as_millis() as u64, "stream cancelled: the client did not read");
+                                state.metrics.request(&served, "generate", "stalled");
+                                break;
+                            }
+                            Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
                         }
                     }
                     Ok(Some(GenEvent::Done(s))) => {
@@ -789,9 +805,11 @@ mod tests {
         }));
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(e.code, Some("model_not_found"));
-        let e = ApiError::from(ServiceError::ContextTooLong {
+        let e = ApiError::from(ServiceError::PromptTooLong {
             model: "m".into(),
-            prompt_tokens: 9,
+            bytes: 90,
+            limit: 3,
+            at_least: 9,
             context_tokens: 4,
         });
         assert_eq!(

@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fuzzing;
 pub mod generation;
@@ -13,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod probe;
 pub mod registry;
+pub mod requests;
 pub mod server;
 pub mod service;
 pub mod state_file;

@@ -116,9 +116,13 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         .build_v1alpha()
         .context("building the reflection service")?;
     let max = config.daemon.max_request_bytes;
+    let guard = config.daemon.guard.clone();
+    let keepalive = std::time::Duration::from_millis(guard.keepalive_interval_ms);
     let router = || {
         let ult = UltServer::new(service.clone()).max_decoding_message_size(max);
         Server::builder()
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 ult,
                 auth.clone(),
@@ -136,17 +140,30 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
     let mut stop = Vec::new();
     let mut tasks = Vec::new();
     let mut tcp = None;
+    // Each TCP door is capped below the descriptor limit, so the Unix socket always has room.
+    let doors =
+        usize::from(config.daemon.listen.is_some()) + usize::from(config.daemon.http.is_some());
+    let fd_limit = crate::conn::raise_fd_limit();
+    let cap = crate::conn::connection_cap(guard.max_connections, doors, fd_limit);
+    if cap < guard.max_connections {
+        tracing::warn!(
+            configured = guard.max_connections,
+            cap,
+            fd_limit,
+            "max_connections lowered to fit the open-file limit"
+        );
+    }
     if let Some(addr) = config.daemon.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let bound = listener.local_addr().context("reading the bound address")?;
         let (tx, rx) = oneshot::channel::<()>();
-        // TCP_NODELAY: gRPC writes a response as several small frames; with Nagle on, the later ones wait
-        // for the client's delayed ACK, which added 40 ms to every unary call (measured: a Status poll
-        // took 44 ms; see BENCHMARKS.md, cancellation).
+        // TCP_NODELAY (set on accept): gRPC writes a response as several small frames; with Nagle on, the
+        // later ones wait for the client's delayed ACK, which added 40 ms to every unary call (measured: a
+        // Status poll took 44 ms; see BENCHMARKS.md, cancellation).
         let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            crate::conn::incoming(listener, crate::conn::ConnLimits::new("grpc", &guard, cap));
         let server = router().serve_with_incoming_shutdown(incoming, async {
             let _ = rx.await;
         });
@@ -195,22 +212,16 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
             max,
         );
         let (tx, rx) = oneshot::channel::<()>();
-        http_task = Some(tokio::spawn(async move {
-            // TCP_NODELAY for the same reason as gRPC: streamed chunks must not wait for delayed ACKs.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "TCP_NODELAY not set");
-                }
-            });
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-        }));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let limits = crate::conn::ConnLimits::new("http", &guard, cap);
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            let _ = rx.await;
+            let _ = stop_tx.send(true);
+        });
+        http_task = Some(tokio::spawn(crate::conn::serve_http(
+            listener, limits, guard, app, stop_rx,
+        )));
         stop.push(tx);
     }
     Ok(Running {

@@ -400,6 +400,7 @@ impl pb::ult_server::Ult for UltService {
         };
         let (tx, rx) = mpsc::channel(64);
         let metrics = self.metrics.clone();
+        let write_timeout = self.handle.write_timeout();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -437,8 +438,16 @@ impl pb::ult_server::Ult for UltService {
                             }
                         };
                         let last = !matches!(&msg, Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(_)) }));
-                        if tx.send(msg).await.is_err() || last {
-                            break;
+                        match tx.send_timeout(msg, write_timeout).await {
+                            Ok(()) if !last => {}
+                            Ok(()) => break,
+                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                                // The client stopped reading: dropping the generation cancels it.
+                                tracing::info!(model = g.model(), timeout_ms = write_timeout.as_millis() as u64, "stream cancelled: the client did not read");
+                                metrics.request(g.model(), "generate", "stalled");
+                                break;
+                            }
+                            Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
                         }
                     }
                     // The client went away: dropping the generation cancels the job at its next decode step.

@@ -384,6 +384,8 @@ pub struct Handle {
     next_id: Arc<AtomicU64>,
     load_wait: Duration,
     limits: Arc<crate::limits::ClientLimits>,
+    work: Arc<crate::requests::RequestWork>,
+    write_timeout: Duration,
     draining: Arc<std::sync::atomic::AtomicBool>,
     end_streams: Arc<tokio::sync::watch::Sender<bool>>,
     grace_ms: u64,
@@ -407,6 +409,16 @@ impl Handle {
     /// The per-client limits.
     pub fn limits(&self) -> &Arc<crate::limits::ClientLimits> {
         &self.limits
+    }
+
+    /// Request preparation: its threads and its memory budget.
+    pub fn work(&self) -> &Arc<crate::requests::RequestWork> {
+        &self.work
+    }
+
+    /// How long a stream waits for a client that does not read before it is cancelled.
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
     }
 
     /// From now on, new requests are refused with `ShuttingDown`.
@@ -729,6 +741,8 @@ pub fn start(
         next_id: Arc::new(AtomicU64::new(1)),
         load_wait: Duration::from_millis(d.load_wait_ms),
         limits: crate::limits::ClientLimits::new(d.max_requests_per_client),
+        work: crate::requests::RequestWork::new(d.guard.request_threads, d.guard.request_memory),
+        write_timeout: Duration::from_millis(d.guard.write_timeout_ms),
         draining: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         end_streams: Arc::new(tokio::sync::watch::channel(false).0),
         grace_ms: d.shutdown_grace_ms,

@@ -95,8 +95,39 @@ pub struct GenerateJob {
     pub ignore_eos: bool,
     /// Where deltas go; dropping the receiver cancels.
     pub events: tmpsc::UnboundedSender<GenEvent>,
+    /// Deltas sent but not yet taken by the client's side ([`Backlog`]).
+    pub backlog: Backlog,
     /// When the job was submitted.
     pub submitted: Instant,
+}
+
+/// Deltas a sequence has sent that its client's side has not taken yet. At [`Backlog::PAUSE_AT`] the
+/// sequence leaves the batch (its blocks go back to the pool, or to the prefix cache) so a client that does
+/// not read costs nothing; once the client has taken half of them it rejoins, recomputing what it held
+/// (from the prefix cache where it can). A client that never reads is cancelled by its front door after
+/// `[daemon] write_timeout`.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Backlog {
+    /// Unread deltas at which a sequence pauses.
+    pub const PAUSE_AT: usize = 64;
+
+    /// The client's side took one delta.
+    pub fn taken(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    fn sent(&self) -> usize {
+        self.0.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Deltas not yet taken.
+    pub fn pending(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// An embedding job.
@@ -135,6 +166,10 @@ pub struct WorkerStats {
     pub completed: AtomicU64,
     /// Generations cancelled because the client went away.
     pub cancelled: AtomicU64,
+    /// Sequences paused now because their client stopped reading.
+    pub paused: AtomicU64,
+    /// Times a sequence was paused for a client that stopped reading.
+    pub pauses: AtomicU64,
     /// Generations or embeddings that failed.
     pub failed: AtomicU64,
     /// Inputs embedded.
@@ -315,6 +350,9 @@ fn crashed(context: &'static str) -> EngineError {
 struct Active {
     seq: Sequence,
     events: tmpsc::UnboundedSender<GenEvent>,
+    backlog: Backlog,
+    /// Out of the batch (and of the scheduler) until its client catches up.
+    paused: bool,
     submitted: Instant,
     admitted: Option<Instant>,
     first_token: Option<Instant>,
@@ -374,12 +412,21 @@ impl<'a> StepLoop<'a> {
                     self.release_when_idle = false;
                     self.publish();
                 }
-                if !open {
+                if !open && !self.any_paused() {
                     return None;
                 }
-                match rx.recv() {
-                    Ok(job) => self.handle(job),
-                    Err(_) => return None,
+                if self.any_paused() {
+                    // Paused sequences rejoin when their clients read: look again shortly.
+                    match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                        Ok(job) => self.handle(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+                    }
+                } else {
+                    match rx.recv() {
+                        Ok(job) => self.handle(job),
+                        Err(_) => return None,
+                    }
                 }
             }
             // Everything that arrived meanwhile joins at this step boundary.
@@ -394,6 +441,7 @@ impl<'a> StepLoop<'a> {
                 }
             }
             self.drop_cancelled();
+            self.resume_readers();
             if self.sched.is_idle() {
                 continue;
             }
@@ -473,6 +521,8 @@ impl<'a> StepLoop<'a> {
             Active {
                 seq: Sequence::new(job.prompt, params, limit),
                 events: job.events,
+                backlog: job.backlog,
+                paused: false,
                 submitted: job.submitted,
                 admitted: None,
                 first_token: None,
@@ -525,6 +575,32 @@ impl<'a> StepLoop<'a> {
         for id in gone {
             self.finish(id, Some(FinishReason::Cancelled), None);
         }
+    }
+
+    fn any_paused(&self) -> bool {
+        self.active.values().any(|a| a.paused)
+    }
+
+    /// Paused sequences whose clients have read half their backlog rejoin the scheduler with everything
+    /// they hold so far as their prompt.
+    fn resume_readers(&mut self) {
+        let ready: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.paused && a.backlog.pending() <= Backlog::PAUSE_AT / 2)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let Some(a) = self.active.get_mut(&id) else {
+                continue;
+            };
+            a.paused = false;
+            self.counters.paused.fetch_sub(1, Ordering::Relaxed);
+            if self.sched.add(id, a.seq.tokens()).is_err() {
+                self.finish(id, Some(FinishReason::Context), None);
+            }
+        }
+        self.publish();
     }
 
     /// Plans and runs one step. Returns an error only when model code panicked (the worker ends).
@@ -609,13 +685,23 @@ impl<'a> StepLoop<'a> {
             let accepted = a.seq.accept(token, self.tokenizer);
             a.first_token.get_or_insert(now);
             let mut finish = accepted.finish;
-            if let Some(text) = accepted.delta
-                && a.events.send(GenEvent::Delta(text)).is_err()
-            {
-                finish = Some(FinishReason::Cancelled);
+            let mut unread = 0;
+            if let Some(text) = accepted.delta {
+                if a.events.send(GenEvent::Delta(text)).is_err() {
+                    finish = Some(FinishReason::Cancelled);
+                } else {
+                    unread = a.backlog.sent();
+                }
             }
             match finish {
                 Some(f) => self.finish(*id, Some(f), None),
+                None if unread >= Backlog::PAUSE_AT => {
+                    // The client is not reading: leave the batch until it does.
+                    a.paused = true;
+                    self.sched.remove(*id);
+                    self.counters.paused.fetch_add(1, Ordering::Relaxed);
+                    self.counters.pauses.fetch_add(1, Ordering::Relaxed);
+                }
                 None => {
                     self.sched.push_token(*id, token);
                 }
@@ -633,6 +719,9 @@ impl<'a> StepLoop<'a> {
         let Some(mut a) = self.active.remove(&id) else {
             return;
         };
+        if a.paused {
+            self.counters.paused.fetch_sub(1, Ordering::Relaxed);
+        }
         let c = self.counters;
         c.prompt_tokens
             .fetch_add(a.seq.prompt_tokens() as u64, Ordering::Relaxed);

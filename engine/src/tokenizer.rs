@@ -159,6 +159,31 @@ pub struct Tokenizer {
     bert_wrap: Option<(u32, u32)>,
     stop_ids: Vec<u32>,
     kind: &'static str,
+    /// The most input bytes one token covers (the longest piece or special token): a text of `n` bytes
+    /// has at least `n / max_piece_bytes` tokens, so a text too long for any context is refused unread.
+    max_piece_bytes: usize,
+}
+
+/// A text has more tokens than the limit it was encoded against; encoding stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the text has more than {limit} tokens (at least {at_least})")]
+pub struct TooManyTokens {
+    /// The limit.
+    pub limit: usize,
+    /// Tokens known so far (a lower bound of the whole text's count).
+    pub at_least: usize,
+}
+
+fn max_piece_bytes(decoded: &[Vec<u8>], specials: &Specials) -> usize {
+    let pieces = decoded.iter().map(Vec::len).max().unwrap_or(1);
+    let special = specials
+        .by_first
+        .values()
+        .flatten()
+        .map(|(s, _)| s.len())
+        .max()
+        .unwrap_or(1);
+    pieces.max(special).max(1)
 }
 
 impl Tokenizer {
@@ -196,7 +221,7 @@ impl Tokenizer {
             }
         }
         specials.finish();
-        let (model, kind, decoded) = match v.model.as_str() {
+        let (model, kind, decoded): (Model, &str, Vec<Vec<u8>>) = match v.model.as_str() {
             "gpt2" => {
                 let pre_name = v.pre.as_deref().unwrap_or("default");
                 let pre = PreTokenizer::for_name(pre_name).or_else(|| {
@@ -274,8 +299,6 @@ impl Tokenizer {
         }
         Ok(Self {
             model,
-            specials,
-            decoded,
             unk: v.unk,
             bos: v.bos,
             eos: v.eos,
@@ -283,6 +306,9 @@ impl Tokenizer {
             bert_wrap: None,
             stop_ids,
             kind,
+            max_piece_bytes: max_piece_bytes(&decoded, &specials),
+            specials,
+            decoded,
         })
     }
 
@@ -344,6 +370,7 @@ impl Tokenizer {
         }
         Ok(Self {
             model: Model::WordPiece(WordPiece::new(vocab, options)),
+            max_piece_bytes: max_piece_bytes(&decoded, &specials),
             specials,
             decoded,
             unk: Some(unk),
@@ -359,7 +386,39 @@ impl Tokenizer {
     /// Encodes `text`. Special tokens written in the text become their ids. With `add_special`, a BOS is
     /// prepended where the model wants one (BERT gets [CLS] … [SEP]).
     pub fn encode(&self, text: &str, add_special: bool) -> Vec<u32> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        self.encode_into(text, add_special, usize::MAX).0
+    }
+
+    /// Encodes `text` like [`encode`](Self::encode), but stops as soon as it has more than `limit`
+    /// tokens, so a text far beyond a model's context costs neither the time nor the memory of its whole
+    /// encoding. A text longer than `limit` × the longest piece is refused before any work.
+    pub fn encode_limited(
+        &self,
+        text: &str,
+        add_special: bool,
+        limit: usize,
+    ) -> Result<Vec<u32>, TooManyTokens> {
+        let at_least = text.len().div_ceil(self.max_piece_bytes);
+        if at_least > limit {
+            return Err(TooManyTokens { limit, at_least });
+        }
+        match self.encode_into(text, add_special, limit) {
+            (ids, false) => Ok(ids),
+            (ids, true) => Err(TooManyTokens {
+                limit,
+                at_least: ids.len(),
+            }),
+        }
+    }
+
+    /// The longest text, in bytes, that can fit in `tokens` tokens.
+    pub fn max_bytes_for(&self, tokens: usize) -> usize {
+        tokens.saturating_mul(self.max_piece_bytes)
+    }
+
+    /// Encodes until done or past `limit` tokens; true when it stopped early.
+    fn encode_into(&self, text: &str, add_special: bool, limit: usize) -> (Vec<u32>, bool) {
+        let mut out = Vec::with_capacity((text.len() / 3 + 2).min(limit.saturating_add(2)));
         if add_special {
             if let Some((cls, _)) = self.bert_wrap {
                 out.push(cls);
@@ -374,17 +433,21 @@ impl Tokenizer {
             match fragment {
                 Fragment::Special(id) => out.push(id),
                 Fragment::Text(t) => match &self.model {
-                    Model::ByteLevel(m) => m.encode(t, self.unk, &mut out),
+                    Model::ByteLevel(m) => m.encode(t, self.unk, limit, &mut out),
                     Model::SentencePiece(m) => m.encode(t, first, self.unk, &mut out),
-                    Model::WordPiece(m) => m.encode(t, &mut out),
+                    Model::WordPiece(m) => m.encode(t, limit, &mut out),
                 },
             }
             first = false;
+            if out.len() > limit {
+                return (out, true);
+            }
         }
         if add_special && let Some((_, sep)) = self.bert_wrap {
             out.push(sep);
         }
-        out
+        let over = out.len() > limit;
+        (out, over)
     }
 
     /// The bytes `id` decodes to (empty for control tokens and unknown ids).

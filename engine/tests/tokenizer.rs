@@ -81,3 +81,28 @@ fn minilm_wordpiece_matches_tokenizers() {
     let t = Tokenizer::from_bert_json(&models().join("minilm/tokenizer.json")).unwrap();
     check(&t, "minilm.json");
 }
+
+/// Bounded encoding gives exactly the full encoding when it fits, and otherwise stops past the limit
+/// (or refuses unread a text too long for any count of tokens under it), on all three real vocabularies.
+#[test]
+fn bounded_encoding_stops_past_the_limit() {
+    let tokenizers = [
+        gguf_tokenizer("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        gguf_tokenizer("gemma3/gemma-3-270m-q4_k_m.gguf"),
+        Tokenizer::from_bert_json(&models().join("minilm/tokenizer.json")).unwrap(),
+    ];
+    let text = "The quick brown fox jumps over the lazy dog; 12345 <b>émoji 🦊</b>\n".repeat(40);
+    for t in &tokenizers {
+        let full = t.encode(&text, true);
+        assert_eq!(t.encode_limited(&text, true, full.len()).unwrap(), full);
+        let limit = full.len() / 2;
+        let e = t.encode_limited(&text, true, limit).unwrap_err();
+        assert_eq!(e.limit, limit);
+        assert!(e.at_least > limit, "{e:?}");
+        // A 3 MB text against an 8k context is refused from its length alone.
+        let huge = "a".repeat(3 << 20);
+        let e = t.encode_limited(&huge, true, 8192).unwrap_err();
+        assert!(e.at_least > 8192);
+        assert!(t.max_bytes_for(8192) < huge.len(), "{}", t.kind());
+    }
+}

@@ -72,7 +72,9 @@ fn reason(e: &ult_client::ClientError) -> Option<String> {
     let text = e.to_string();
     let kind = [
         ("unknown model", "unknown model"),
+        ("generated token must fit", "prompt longer than the context"),
         ("the prompt has", "prompt longer than the context"),
+        ("request memory budget", "request memory budget"),
         ("not enough memory", "not enough memory"),
         ("memory ceiling", "larger than the ceiling"),
         ("timed out", "load wait timed out"),

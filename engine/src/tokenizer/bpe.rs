@@ -163,9 +163,12 @@ impl ByteLevelBpe {
         })
     }
 
-    /// Encodes text that contains no special tokens.
-    pub(super) fn encode(&self, text: &str, unk: Option<u32>, out: &mut Vec<u32>) {
+    /// Encodes text that contains no special tokens, stopping once `out` holds more than `limit` ids.
+    pub(super) fn encode(&self, text: &str, unk: Option<u32>, limit: usize, out: &mut Vec<u32>) {
         for piece in self.pretokenizer.split(text) {
+            if out.len() > limit {
+                return;
+            }
             // Each byte becomes one symbol; the word's "text" is only used for ranges here.
             let initial: Vec<(usize, usize, Option<u32>)> = piece
                 .bytes()

@@ -47,10 +47,13 @@ impl WordPiece {
         }
     }
 
-    /// Encodes text (without [CLS]/[SEP]).
-    pub(super) fn encode(&self, text: &str, out: &mut Vec<u32>) {
+    /// Encodes text (without [CLS]/[SEP]), stopping once `out` holds more than `limit` ids.
+    pub(super) fn encode(&self, text: &str, limit: usize, out: &mut Vec<u32>) {
         let normalized = self.normalize(text);
         for word in split_words(&normalized) {
+            if out.len() > limit {
+                return;
+            }
             self.word_pieces(word, out);
         }
     }
