@@ -161,6 +161,10 @@ pub struct ModelInfo {
     pub running_sequences: u32,
     /// Sequences waiting for admission now.
     pub waiting_sequences: u32,
+    /// Sequences paused now because their client stopped reading.
+    pub paused_sequences: u32,
+    /// Times a sequence paused for its client, so far.
+    pub pauses: u64,
     /// The most sequences running at once.
     pub max_sequences: u32,
     /// KV blocks held by sequences.
@@ -811,6 +815,8 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 embedded: m.embedded,
                 running_sequences: m.running_sequences,
                 waiting_sequences: m.waiting_sequences,
+                paused_sequences: m.paused_sequences,
+                pauses: m.pauses,
                 max_sequences: m.max_sequences,
                 kv_blocks_used: m.kv_blocks_used,
                 kv_blocks_total: m.kv_blocks_total,

@@ -185,7 +185,7 @@ impl Metrics {
         let sequences = Family::<StateLabels, Gauge>::default();
         registry.register(
             "model_sequences",
-            "Sequences of a resident decoder by state (running in the batch, waiting for admission)",
+            "Sequences of a resident decoder by state (running in the batch, waiting for admission, paused for a client that stopped reading)",
             sequences.clone(),
         );
         let kv_blocks = Family::<StateLabels, Gauge>::default();
@@ -452,6 +452,9 @@ impl Metrics {
             self.sequences
                 .get_or_create(&labelled("waiting"))
                 .set(clamp(b.waiting));
+            self.sequences
+                .get_or_create(&labelled("paused"))
+                .set(clamp(b.paused));
             self.kv_blocks
                 .get_or_create(&labelled("used"))
                 .set(clamp(b.kv_blocks_used));

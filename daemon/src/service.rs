@@ -161,6 +161,8 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         let small = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         out.running_sequences = small(b.running);
         out.waiting_sequences = small(b.waiting);
+        out.paused_sequences = small(b.paused);
+        out.pauses = b.pauses;
         out.kv_blocks_used = b.kv_blocks_used;
         out.kv_blocks_total = b.kv_blocks_total;
         out.kv_pool_bytes = b.kv_pool_bytes;

@@ -214,6 +214,10 @@ pub struct BatchView {
     pub kv_cached_blocks: u64,
     /// Bytes of those blocks (the cache's share of the pool).
     pub kv_cached_bytes: u64,
+    /// Sequences out of the batch because their client stopped reading.
+    pub paused: u64,
+    /// Times a sequence paused for its client, so far.
+    pub pauses: u64,
 }
 
 impl BatchView {
@@ -227,6 +231,8 @@ impl BatchView {
             kv_pool_bytes: r(&s.kv_bytes),
             kv_cached_blocks: r(&s.cached_blocks),
             kv_cached_bytes: r(&s.cached_bytes),
+            paused: r(&s.paused),
+            pauses: r(&s.pauses),
         }
     }
 }

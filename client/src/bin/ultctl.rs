@@ -564,8 +564,13 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
                 m.keep_alive_ms.map_or_else(|| "never".into(), duration),
                 format!("{}/{}", m.in_flight, m.queued),
                 if m.kv_blocks_total > 0 {
+                    let paused = if m.paused_sequences > 0 {
+                        format!(" ‖{}", m.paused_sequences)
+                    } else {
+                        String::new()
+                    };
                     format!(
-                        "{}/{} +{}",
+                        "{}/{} +{}{paused}",
                         m.running_sequences, m.max_sequences, m.waiting_sequences
                     )
                 } else {
