@@ -18,13 +18,13 @@ pub enum ClientError {
     #[error("invalid address {0:?}: expected host:port, http://host:port or unix:///path")]
     InvalidAddress(String),
     /// ultd could not be reached.
-    #[error("cannot connect to ultd at {addr}: {source}")]
+    #[error("cannot connect to ultd at {addr}: {reason} (is ultd running there?)")]
     Connect {
         /// The address.
         addr: String,
-        /// The transport error.
-        #[source]
-        source: tonic::transport::Error,
+        /// The innermost cause ("Connection refused (os error 111)"): the transport's own layers repeat
+        /// "transport error" around it.
+        reason: String,
     },
     /// ultd answered with an error.
     #[error("{}: {message}", code_name(*.code))]
@@ -67,6 +67,17 @@ impl From<tonic::Status> for ClientError {
 }
 
 impl ClientError {
+    fn connect(addr: &str, e: &tonic::transport::Error) -> Self {
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        Self::Connect {
+            addr: addr.to_string(),
+            reason: cause.to_string(),
+        }
+    }
+
     /// The gRPC code, when ultd answered.
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
@@ -468,10 +479,7 @@ impl Client {
                     }
                 }))
                 .await
-                .map_err(|source| ClientError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })?
+                .map_err(|source| ClientError::connect(addr, &source))?
         } else {
             let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
                 addr.to_string()
@@ -483,10 +491,7 @@ impl Client {
                 .connect_timeout(Duration::from_secs(5))
                 .connect()
                 .await
-                .map_err(|source| ClientError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })?
+                .map_err(|source| ClientError::connect(addr, &source))?
         };
         Ok(Self {
             inner: UltClient::with_interceptor(channel, TokenInterceptor { header })
@@ -669,7 +674,7 @@ impl Client {
         model: &str,
         ttl: Option<Duration>,
     ) -> Result<LeaseInfo, ClientError> {
-        let ttl_ms = ttl.map_or(0, |d| d.as_millis() as u64);
+        let ttl_ms = ttl.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let r = self
             .inner
             .lease(pb::LeaseRequest {

@@ -90,6 +90,41 @@ pub struct DaemonConfig {
     pub model_roots: Vec<PathBuf>,
     /// Limits that keep one client's requests and connections from hurting the others.
     pub guard: Guard,
+    /// Where `headroom` is written (for errors found once the pool's size is known).
+    pub headroom_line: usize,
+}
+
+impl Config {
+    /// Checks the ceiling and the headroom against the governed pool's size (known only at run time, or
+    /// from the machine for `--check`): a headroom the pool cannot leave free, or one at least as large as
+    /// the ceiling, would refuse every load, so ultd refuses to start with it.
+    pub fn check_memory(&self, pool_bytes: u64) -> Result<(u64, u64), ConfigError> {
+        let d = &self.daemon;
+        let ceiling = d.memory_ceiling.resolve(pool_bytes);
+        let headroom = d.headroom.resolve(pool_bytes);
+        let error = |message: String| ConfigError {
+            file: self.file.clone(),
+            line: d.headroom_line,
+            key: "daemon.headroom".into(),
+            message,
+        };
+        let b = ult_policy::format_bytes;
+        if pool_bytes > 0 && headroom >= pool_bytes {
+            return Err(error(format!(
+                "headroom {} is not less than the whole governed pool ({}): every load would be refused",
+                b(headroom),
+                b(pool_bytes)
+            )));
+        }
+        if headroom > 0 && headroom >= ceiling {
+            return Err(error(format!(
+                "headroom {} is not less than the memory ceiling {}: lower it (or raise memory_ceiling)",
+                b(headroom),
+                b(ceiling)
+            )));
+        }
+        Ok((ceiling, headroom))
+    }
 }
 
 /// Limits on request memory, slow readers and connections (`[daemon]` keys of the same names).
@@ -300,6 +335,7 @@ impl Config {
         config.router().map_err(|e| {
             let key = match &e {
                 ult_policy::RouterError::UnknownTarget { name, .. }
+                | ult_policy::RouterError::RepeatedTarget { name, .. }
                 | ult_policy::RouterError::EmptyRoute(name) => {
                     if raw.routes.contains_key(name) {
                         vec!["routes".to_string(), name.clone(), "models".to_string()]
@@ -559,6 +595,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
             .map(|r| normalize(&resolve(base, r)))
             .collect(),
         guard,
+        headroom_line: l.error(&["daemon", "headroom"], "").line,
     })
 }
 

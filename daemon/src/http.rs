@@ -204,9 +204,55 @@ impl From<ServiceError> for ApiError {
 }
 
 impl From<JsonRejection> for ApiError {
+    /// Every malformed body is a 400 (as OpenAI answers), naming the field and the JSON type it wants
+    /// rather than the Rust type it is parsed into.
     fn from(r: JsonRejection) -> Self {
-        Self::new(r.status(), "invalid_request_error", r.body_text())
+        let (status, message) = match &r {
+            JsonRejection::MissingJsonContentType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as JSON with `content-type: application/json`".to_string(),
+            ),
+            JsonRejection::BytesRejection(_) => (StatusCode::PAYLOAD_TOO_LARGE, r.body_text()),
+            _ => (StatusCode::BAD_REQUEST, json_error_message(&r.body_text())),
+        };
+        Self::new(status, "invalid_request_error", message)
     }
+}
+
+/// serde's message for a body that does not parse, in JSON's words: "max_tokens: invalid type: string
+/// \"x\", expected u32 at line 1 column 40" becomes "invalid body: max_tokens: expected an integer, got
+/// a string (line 1, column 40)".
+fn json_error_message(text: &str) -> String {
+    let text = text
+        .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+        .trim_start_matches("Failed to parse the request body as JSON: ");
+    let mut out = text.to_string();
+    for (rust, json) in [
+        ("expected u8", "expected an integer"),
+        ("expected u16", "expected an integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected i32", "expected an integer"),
+        ("expected i64", "expected an integer"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a sequence", "expected an array"),
+        ("expected a borrowed string", "expected a string"),
+        ("expected struct ", "expected an object "),
+        ("expected a map", "expected an object"),
+        ("invalid type: ", ""),
+    ] {
+        out = out.replace(rust, json);
+    }
+    // "… at line 1 column 40" reads as a position, not part of the sentence.
+    if let Some(i) = out.rfind(" at line ") {
+        let (head, tail) = out.split_at(i);
+        let tail = tail.trim_start_matches(" at ").replacen(" column", ", column", 1);
+        out = format!("{head} ({tail})");
+    }
+    format!("invalid body: {out}")
 }
 
 impl IntoResponse for ApiError {
@@ -805,6 +851,12 @@ mod tests {
         }));
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(e.code, Some("model_not_found"));
+        assert_eq!(
+            json_error_message(
+                "Failed to deserialize the JSON body into the target type: max_tokens: invalid type: string \"x\", expected u32 at line 1 column 40"
+            ),
+            "invalid body: max_tokens: string \"x\", expected a non-negative integer (line 1, column 40)"
+        );
         let e = ApiError::from(ServiceError::PromptTooLong {
             model: "m".into(),
             bytes: 90,

@@ -66,6 +66,17 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        // The pool is the machine's memory here (a GPU's is known once the device is open, at start).
+        let mut prober = ultd::probe::Prober::new(
+            config.daemon.probe.clone(),
+            &candle_core::Device::Cpu,
+        );
+        if let Ok(pool) = prober.pool_total()
+            && let Err(e) = config.check_memory(pool)
+        {
+            eprintln!("ultd: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         println!(
             "{}: ok ({} models, {} routes)",
             config.file.display(),
@@ -91,30 +102,23 @@ fn load_config(args: &Args) -> Result<Config, ultd::config::ConfigError> {
         message: format!("cannot read: {e}"),
     })?;
     // Command-line overrides are applied to the document so they are validated like the file itself.
-    let mut doc: toml_edit::DocumentMut =
-        text.parse()
-            .map_err(|e: toml_edit::TomlError| ultd::config::ConfigError {
-                file: args.config.clone(),
-                line: e
-                    .span()
-                    .map_or(0, |s| text[..s.start].matches('\n').count() + 1),
-                key: String::new(),
-                message: e.message().to_string(),
-            })?;
-    for (key, value) in [
+    // A file that is not valid TOML gets the configuration parser's located error (file, line, key).
+    let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+        return Config::parse(&args.config, &text);
+    };
+    let overrides = [
         ("listen", &args.listen),
         ("socket", &args.socket),
         ("device", &args.device),
         ("state_file", &args.state_file),
-    ] {
+        ("http", &args.http),
+    ];
+    for (key, value) in overrides {
         if let Some(v) = value {
             doc["daemon"][key] = toml_edit::value(v.as_str());
         }
     }
-    let text = if [&args.listen, &args.socket, &args.device, &args.state_file]
-        .iter()
-        .any(|v| v.is_some())
-    {
+    let text = if overrides.iter().any(|(_, v)| v.is_some()) {
         doc.to_string()
     } else {
         text

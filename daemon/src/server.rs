@@ -91,7 +91,10 @@ pub async fn spawn(config: Config, engine: Arc<dyn Engine>) -> anyhow::Result<Ru
     })
     .await
     .context("inspecting models")?;
-    let prober = Prober::new(config.daemon.probe.clone(), &engine.device());
+    let mut prober = Prober::new(config.daemon.probe.clone(), &engine.device());
+    if let Ok(pool) = prober.pool_total() {
+        config.check_memory(pool)?;
+    }
     let handle = supervisor::start(&config, Arc::new(registry), engine, prober);
     serve(&config, handle).await
 }

@@ -25,6 +25,8 @@ type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 
 /// The default lease length.
 pub const DEFAULT_LEASE_MS: u64 = 5 * 60 * 1000;
+/// The longest lease a client may ask for (longer holds are what pins are for).
+pub const MAX_LEASE_MS: u64 = 30 * 24 * 3_600_000;
 
 /// The service implementation.
 #[derive(Debug, Clone)]
@@ -520,10 +522,16 @@ impl pb::ult_server::Ult for UltService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let req = request.into_inner();
-        let ttl = if req.ttl_ms == 0 {
-            DEFAULT_LEASE_MS
-        } else {
-            req.ttl_ms
+        let ttl = match req.ttl_ms {
+            0 => DEFAULT_LEASE_MS,
+            t if t > MAX_LEASE_MS => {
+                return Err(ServiceError::invalid(
+                    "ttl_ms",
+                    format!("{t} ms is longer than the longest lease, {MAX_LEASE_MS} ms (30 days); pin the model instead"),
+                )
+                .into());
+            }
+            t => t,
         };
         let (model, lease, expires) = self.handle.lease(&req.model, ttl).await?;
         Ok(Response::new(pb::LeaseResponse {

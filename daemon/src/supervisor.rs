@@ -650,10 +650,11 @@ pub fn start(
         .state_file
         .as_ref()
         .map(|p| {
-            DesiredState::load(p).unwrap_or_else(|e| {
-                tracing::error!(error = %e, "ignoring the state file");
-                DesiredState::default()
-            })
+            let (state, problems) = DesiredState::load_or_recover(p);
+            for problem in problems {
+                tracing::error!(problem, "state file");
+            }
+            state
         })
         .unwrap_or_default();
     let probe_source = match &d.probe {
@@ -976,7 +977,7 @@ impl Supervisor {
                     self.background.insert(id, model.clone());
                     let (lease, until, plan) = self.governor.lease(id, &model, ttl_ms, now)?;
                     self.execute(plan);
-                    Ok((model, lease, self.started_unix_ms + until))
+                    Ok((model, lease, self.started_unix_ms.saturating_add(until)))
                 });
                 let _ = reply.send(result);
             }

@@ -60,6 +60,13 @@ pub enum RouterError {
     DuplicateName(String),
     /// A route without candidates.
     EmptyRoute(String),
+    /// A route lists the same model twice.
+    RepeatedTarget {
+        /// The route.
+        name: String,
+        /// The model listed more than once.
+        target: String,
+    },
 }
 
 impl fmt::Display for RouterError {
@@ -70,6 +77,9 @@ impl fmt::Display for RouterError {
             }
             Self::DuplicateName(n) => write!(f, "the name {n:?} is used more than once"),
             Self::EmptyRoute(n) => write!(f, "route {n:?} has no models"),
+            Self::RepeatedTarget { name, target } => {
+                write!(f, "route {name:?} lists model {target:?} more than once")
+            }
         }
     }
 }
@@ -113,6 +123,17 @@ impl Router {
         for route in routes {
             if route.models.is_empty() {
                 return Err(RouterError::EmptyRoute(route.name));
+            }
+            if let Some((_, target)) = route
+                .models
+                .iter()
+                .enumerate()
+                .find(|(i, m)| route.models[..*i].contains(m))
+            {
+                return Err(RouterError::RepeatedTarget {
+                    name: route.name,
+                    target: target.clone(),
+                });
             }
             if let Some(target) = route.models.iter().find(|m| !router.models.contains(*m)) {
                 return Err(RouterError::UnknownTarget {
@@ -340,6 +361,18 @@ mod tests {
         assert_eq!(
             err(vec![], vec![empty]),
             RouterError::EmptyRoute("r".into())
+        );
+        let twice = Route {
+            name: "r".into(),
+            models: vec!["a".into(), "b".into(), "a".into()],
+            strategy: RouteStrategy::Ordered,
+        };
+        assert_eq!(
+            err(vec![], vec![twice]),
+            RouterError::RepeatedTarget {
+                name: "r".into(),
+                target: "a".into()
+            }
         );
         let clash = Route {
             name: "a".into(),
