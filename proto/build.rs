@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
     tonic_prost_build::configure()
+        .codec_path("crate::codec::UltCodec")
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()
         .compile_fds(file_descriptors)?;

@@ -599,6 +599,29 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
     })
 }
 
+/// `path` with every symlink followed, when it lies under one of `roots` (or `roots` is empty); else why
+/// not. Checked when the configuration is read and again at every load, so a link repointed after boot
+/// cannot lead out of a root; the load then opens the resolved path, not the link.
+pub fn within_roots(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, String> {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| normalize(path));
+    if roots.is_empty()
+        || roots.iter().any(|root| {
+            real.starts_with(std::fs::canonicalize(root).unwrap_or_else(|_| root.clone()))
+        })
+    {
+        return Ok(real);
+    }
+    Err(format!(
+        "{} is outside the model roots ({})",
+        real.display(),
+        roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
 fn parse_model(
     l: &Locator<'_>,
     name: &str,
@@ -657,26 +680,8 @@ fn parse_model(
         ));
     }
     let path = resolve(base, &m.path);
-    if !daemon.model_roots.is_empty() {
-        // Symlinks are followed where the file exists, so a link cannot lead out of a root.
-        let real = std::fs::canonicalize(&path).unwrap_or_else(|_| normalize(&path));
-        if !daemon.model_roots.iter().any(|root| {
-            real.starts_with(std::fs::canonicalize(root).unwrap_or_else(|_| root.clone()))
-        }) {
-            return Err(l.error(
-                &key("path"),
-                &format!(
-                    "{} is outside the model roots ({})",
-                    real.display(),
-                    daemon
-                        .model_roots
-                        .iter()
-                        .map(|r| r.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
+    if let Err(reason) = within_roots(&path, &daemon.model_roots) {
+        return Err(l.error(&key("path"), &reason));
     }
     let mut seen = BTreeSet::new();
     for a in &m.aliases {
@@ -877,6 +882,37 @@ models = ["smollm2"]
         assert_eq!(c.daemon.memory_ceiling, SizeSpec::Bytes(4 << 30));
         assert_eq!(c.daemon.socket, None);
         assert!(c.router().is_ok());
+    }
+
+    #[test]
+    fn a_headroom_the_pool_or_the_ceiling_cannot_hold_is_refused() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.check_memory(64 << 30), Ok((4 << 30, 1 << 30)));
+        // Larger than the whole pool.
+        let e = c.check_memory(1 << 30).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (6, "daemon.headroom"), "{e}");
+        assert!(e.message.contains("whole governed pool"), "{e}");
+        // As large as the ceiling.
+        let c = parse(&GOOD.replace("headroom = \"1GiB\"", "headroom = \"4GiB\"")).unwrap();
+        let e = c.check_memory(64 << 30).unwrap_err();
+        assert!(
+            e.message.contains("not less than the memory ceiling"),
+            "{e}"
+        );
+        // The guard's defaults and its checks.
+        assert_eq!(c.daemon.guard.write_timeout_ms, 30_000);
+        check_error(
+            &GOOD.replace("listen =", "write_timeout = 0\nlisten ="),
+            3,
+            "daemon.write_timeout",
+            "greater than 0",
+        );
+        check_error(
+            &GOOD.replace("listen =", "request_memory = \"1MiB\"\nlisten ="),
+            3,
+            "daemon.request_memory",
+            "two of the largest requests",
+        );
     }
 
     #[test]

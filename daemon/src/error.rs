@@ -176,6 +176,9 @@ impl ServiceError {
 
 impl From<ServiceError> for tonic::Status {
     fn from(e: ServiceError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        tonic::Status::new(
+            e.code(),
+            ult_engine::without_backtrace(&e.to_string()).to_string(),
+        )
     }
 }

@@ -125,7 +125,7 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
-        let message = e.to_string();
+        let message = ult_engine::without_backtrace(&e.to_string()).to_string();
         match &e {
             ServiceError::Rejected(r) => match r {
                 Rejection::UnknownModel { .. } | Rejection::UnknownLease { .. } => Self {
@@ -249,7 +249,9 @@ fn json_error_message(text: &str) -> String {
     // "… at line 1 column 40" reads as a position, not part of the sentence.
     if let Some(i) = out.rfind(" at line ") {
         let (head, tail) = out.split_at(i);
-        let tail = tail.trim_start_matches(" at ").replacen(" column", ", column", 1);
+        let tail = tail
+            .trim_start_matches(" at ")
+            .replacen(" column", ", column", 1);
         out = format!("{head} ({tail})");
     }
     format!("invalid body: {out}")

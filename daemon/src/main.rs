@@ -67,10 +67,8 @@ fn main() -> ExitCode {
     };
     if args.check {
         // The pool is the machine's memory here (a GPU's is known once the device is open, at start).
-        let mut prober = ultd::probe::Prober::new(
-            config.daemon.probe.clone(),
-            &candle_core::Device::Cpu,
-        );
+        let mut prober =
+            ultd::probe::Prober::new(config.daemon.probe.clone(), &candle_core::Device::Cpu);
         if let Ok(pool) = prober.pool_total()
             && let Err(e) = config.check_memory(pool)
         {
@@ -170,5 +168,34 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         Ok(async {
             let _ = tokio::signal::ctrl_c().await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_overrides_reach_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("models.toml");
+        std::fs::write(
+            &path,
+            "[daemon]\nlisten = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:8080\"\n[models.a]\npath = \"a.gguf\"\nkind = \"chat\"\n",
+        )
+        .unwrap();
+        let config = path.display().to_string();
+        let args = |extra: &[&str]| {
+            let mut a = vec!["ultd", "--config", config.as_str()];
+            a.extend_from_slice(extra);
+            Args::try_parse_from(a).unwrap()
+        };
+        let c = load_config(&args(&[])).unwrap();
+        assert_eq!(c.daemon.http, Some("127.0.0.1:8080".parse().unwrap()));
+        let c = load_config(&args(&["--http", "off", "--listen", "127.0.0.1:7"])).unwrap();
+        assert_eq!(c.daemon.http, None);
+        assert_eq!(c.daemon.listen, Some("127.0.0.1:7".parse().unwrap()));
+        let c = load_config(&args(&["--http", "127.0.0.1:9"])).unwrap();
+        assert_eq!(c.daemon.http, Some("127.0.0.1:9".parse().unwrap()));
     }
 }

@@ -67,7 +67,7 @@ impl Registry {
             let inspection = engine
                 .inspect(&source)
                 .map(Arc::new)
-                .map_err(|e| e.to_string());
+                .map_err(|e| ult_engine::without_backtrace(&e.to_string()).to_string());
             match &inspection {
                 Ok(i) => tracing::info!(
                     model = %m.name,

@@ -34,7 +34,9 @@ pub enum StateFileError {
         source: std::io::Error,
     },
     /// It was written in a format version this ultd does not know (by a newer ultd).
-    #[error("state file {path} has format version {found}; this ultd reads version {CURRENT_VERSION}")]
+    #[error(
+        "state file {path} has format version {found}; this ultd reads version {CURRENT_VERSION}"
+    )]
     UnsupportedVersion {
         /// The file.
         path: String,
@@ -107,7 +109,10 @@ impl DesiredState {
         let bak = sibling(path, ".bak");
         match Self::load(&bak) {
             Ok(s) => {
-                problems.push(format!("restored the previous state from {}", bak.display()));
+                problems.push(format!(
+                    "restored the previous state from {}",
+                    bak.display()
+                ));
                 (s, problems)
             }
             Err(e) => {
@@ -193,7 +198,10 @@ mod tests {
         };
         second.save(&path).unwrap();
         // The backup is the previous version.
-        assert_eq!(DesiredState::load(&dir.path().join("state.json.bak")).unwrap(), first);
+        assert_eq!(
+            DesiredState::load(&dir.path().join("state.json.bak")).unwrap(),
+            first
+        );
         let newer = r#"{"version": 2, "pinned": ["x"], "loaded": [], "leases": {}}"#;
         std::fs::write(&path, newer).unwrap();
         assert!(matches!(

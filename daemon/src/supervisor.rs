@@ -616,6 +616,8 @@ struct Supervisor {
     next_internal_id: u64,
     /// Counters of workers that have exited, so totals survive unloads.
     retired: BTreeMap<String, Counters>,
+    /// `[daemon] model_roots`, checked again at every load.
+    model_roots: Vec<std::path::PathBuf>,
 }
 
 /// Starts the state owner and its probe and tick tasks; returns the handle.
@@ -684,6 +686,7 @@ pub fn start(
         background: BTreeMap::new(),
         next_internal_id: 1 << 62,
         retired: BTreeMap::new(),
+        model_roots: d.model_roots.clone(),
     };
     tracing::info!(
         ceiling_bytes = ceiling,
@@ -887,7 +890,7 @@ impl Supervisor {
                         });
                         Event::Lost {
                             model: model.clone(),
-                            reason: e.to_string(),
+                            reason: ult_engine::without_backtrace(&e.to_string()).to_string(),
                         }
                     }
                 };
@@ -1187,6 +1190,7 @@ impl Supervisor {
         let tx = self.tx.clone();
         let engine = self.engine.clone();
         let total = inspection.load_bytes;
+        let roots = self.model_roots.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("ult-load-{model}"))
             .spawn(move || {
@@ -1208,12 +1212,17 @@ impl Supervisor {
                     }
                 };
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.load(
-                        &registered.source,
-                        &inspection,
-                        kv_tokens as usize,
-                        &progress,
-                    )
+                    // The roots again: a link repointed since boot must not lead out of them.
+                    let mut source = registered.source.clone();
+                    if !roots.is_empty() {
+                        source.path = crate::config::within_roots(&source.path, &roots).map_err(
+                            |reason| EngineError::InvalidParameter {
+                                field: "path",
+                                reason,
+                            },
+                        )?;
+                    }
+                    engine.load(&source, &inspection, kv_tokens as usize, &progress)
                 }))
                 .unwrap_or_else(|p| Err(EngineError::from_panic("loading", p)));
                 let measured = match (device_before, engine.device_memory()) {
@@ -1291,14 +1300,16 @@ impl Supervisor {
                 }
             }
             Err(e) => {
-                tracing::error!(model = %model, error = %e, "load failed");
+                // The log gets the whole error (a backtrace, if one was captured); clients the message.
+                tracing::error!(model = %model, error = ?e, "load failed");
+                let reason = ult_engine::without_backtrace(&e.to_string()).to_string();
                 self.emit(WatchEvent::LoadFailed {
                     model: model.clone(),
-                    reason: e.to_string(),
+                    reason: reason.clone(),
                 });
                 Event::LoadFailed {
                     model: model.clone(),
-                    reason: e.to_string(),
+                    reason,
                 }
             }
         };

@@ -101,8 +101,9 @@ pub enum EngineError {
         /// Why.
         reason: String,
     },
-    /// A tensor operation failed.
-    #[error("{context}: {source}")]
+    /// A tensor operation failed. The message leaves out any backtrace Candle captured (with
+    /// `RUST_BACKTRACE` set): clients get the message, logs get the detail (`{:?}`).
+    #[error("{context}: {}", without_backtrace(&source.to_string()))]
     Candle {
         /// What was being done.
         context: String,
@@ -170,6 +171,22 @@ impl EngineError {
             source: Box::new(source),
         }
     }
+}
+
+/// `text` up to where a captured backtrace begins (a line `0: …` of frames, or `stack backtrace:`), with
+/// trailing whitespace trimmed: what an error may show a client.
+pub fn without_backtrace(text: &str) -> &str {
+    let mut end = text.len();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if offset > 0 && (t.starts_with("0: ") || t.starts_with("stack backtrace:")) {
+            end = offset;
+            break;
+        }
+        offset += line.len();
+    }
+    text[..end].trim_end()
 }
 
 /// What a model is for.
@@ -591,5 +608,26 @@ impl Encoder for EmbeddingModel {
         self.bert
             .embed(input)
             .map_err(|e| EngineError::candle("embedding".into(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_leave_backtraces_to_the_logs() {
+        let source = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("tensor too small".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        assert!(source.to_string().contains("0: "), "a captured backtrace");
+        let e = EngineError::candle("loading weights".into(), source);
+        assert_eq!(e.to_string(), "loading weights: tensor too small");
+        assert!(format!("{e:?}").len() > e.to_string().len() + 100);
+        assert_eq!(
+            without_backtrace("plain\nsecond line"),
+            "plain\nsecond line"
+        );
     }
 }

@@ -2,6 +2,8 @@
 //! server reflection serves.
 #![allow(missing_docs, clippy::all)]
 
+pub mod codec;
+
 /// The `ult.v1` package: messages, the `Ult` client and the `Ult` server trait.
 pub mod v1 {
     tonic::include_proto!("ult.v1");

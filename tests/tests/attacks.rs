@@ -58,11 +58,26 @@ fn spawn_child(daemon_extra: &str) -> Child {
         "socket = \"off\"",
         &format!("socket = \"{}\"", socket.display()),
     );
+    // A corrupt model: the real file cut in half (its header is whole, its tensors are not).
+    let real = ult_tests::models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&real).unwrap();
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
     let path = dir.path().join("models.toml");
-    std::fs::write(&path, format!("{table}{}", model_tables())).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{table}{}\n[models.broken]\npath = \"{}\"\nkind = \"chat\"\ncontext = 512\n",
+            model_tables(),
+            broken.display()
+        ),
+    )
+    .unwrap();
+    // With backtraces on, as a developer's shell may have them: clients must still get messages only.
     let (child, line) = spawn_until_line(
         std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "attack_daemon_child", "--nocapture"])
+            .env("RUST_BACKTRACE", "1")
             .env("ULT_ATTACK_CONFIG", &path),
         "listening ",
     )
@@ -211,6 +226,20 @@ async fn huge_prompts_are_refused_quickly_with_bounded_memory_while_status_answe
     // Still serving.
     let (text, _) = c.generate_text(paris_request("smollm2")).await.unwrap();
     assert!(text.contains("Paris"), "{text}");
+    // The corrupt model fails alone, with a message and no backtrace, though the daemon captures them.
+    let e = c
+        .generate_text(chat("broken", "hi".into(), 2))
+        .await
+        .unwrap_err();
+    let shown = e.to_string();
+    println!("corrupt model: {shown}");
+    assert!(
+        !shown.contains("\n") && !shown.contains(" 0: ") && !shown.contains("backtrace"),
+        "{shown}"
+    );
+    let s = c.status().await.unwrap();
+    let failure = format!("{:?}", s.model("broken").unwrap().failure);
+    assert!(!failure.contains("0: "), "{failure}");
     assert!(d_alive(&d));
 }
 

@@ -254,6 +254,12 @@ fn configuration_errors_name_file_line_and_key() {
             "has no models",
         ),
         (
+            format!("{base}\n[routes.r]\nmodels = [\"a\", \"a\"]\n"),
+            9,
+            "routes.r.models",
+            "more than once",
+        ),
+        (
             base.replace("listen", "memory_ceiling = \"0\"\nlisten"),
             2,
             "daemon.memory_ceiling",
@@ -339,6 +345,55 @@ fn configuration_errors_name_file_line_and_key() {
         assert!(e.message.contains(fragment), "{e} lacks {fragment:?}");
         assert!(e.to_string().starts_with("/etc/ult/models.toml:"), "{e}");
     }
+}
+
+/// A Generate call whose prompt is whatever bytes are given (the generated client only sends strings).
+async fn raw_generate(addr: &str, prompt: &[u8]) -> tonic::Status {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RawGenerate {
+        #[prost(string, tag = "1")]
+        model: String,
+        #[prost(bytes = "vec", tag = "2")]
+        prompt: Vec<u8>,
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = tonic::Request::new(RawGenerate {
+        model: "smollm2".into(),
+        prompt: prompt.to_vec(),
+    });
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/ult.v1.Ult/Generate");
+    let codec =
+        ult_proto::codec::UltCodec::<RawGenerate, ult_proto::v1::GenerateResponse>::default();
+    match grpc.server_streaming(request, path, codec).await {
+        Err(status) => status,
+        Ok(mut stream) => stream.get_mut().message().await.unwrap_err(),
+    }
+}
+
+/// Sends one HTTP/1.1 POST and returns the status code and the whole response.
+async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
 }
 
 fn req(model: &str, prompt: &str) -> GenerateRequest {
@@ -597,6 +652,13 @@ async fn bad_requests_get_typed_errors_while_others_are_served() {
             tonic::Code::NotFound,
         ),
         (
+            "lease for u64::MAX milliseconds",
+            c.lease("smollm2", Some(std::time::Duration::from_millis(u64::MAX)))
+                .await
+                .map(drop),
+            tonic::Code::InvalidArgument,
+        ),
+        (
             "load a path",
             c.load("../models/x.gguf", |_, _| {}).await.map(drop),
             tonic::Code::PermissionDenied,
@@ -611,6 +673,24 @@ async fn bad_requests_get_typed_errors_while_others_are_served() {
         "releasing an unknown lease is a negative answer"
     );
     rows += 1;
+    // A prompt that is not UTF-8 (sent as raw protobuf bytes): the client's INVALID_ARGUMENT.
+    let e = raw_generate(&d.addr, b"caf\xe9 au lait").await;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("UTF-8"), "{e:?}");
+    rows += 1;
+    // Bodies of the wrong JSON shape: 400 in JSON's words, no Rust type names.
+    for body in [
+        r#"{"model": "smollm2", "prompt": "x", "max_tokens": "ten"}"#,
+        r#"{"model": "smollm2", "prompt": "x", "temperature": [1]}"#,
+        r#"{"model": "smollm2", "prompt": 7}"#,
+    ] {
+        let (status, text) = http_post(&d.http, "/v1/completions", body).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        for rust in ["u32", "f32", "f64", "usize", "Option<", "struct "] {
+            assert!(!text.contains(rust), "{body}: {text}");
+        }
+        rows += 1;
+    }
     assert!(rows >= 25, "{rows} request rows");
     // Nothing disturbed the bystander, and the daemon still answers.
     let (deltas, tokens) = bystander.await.unwrap();
