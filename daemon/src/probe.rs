@@ -186,6 +186,7 @@ fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeErr
             _ => None,
         },
         process_bytes: u("process_bytes"),
+        ..Default::default()
     })
 }
 

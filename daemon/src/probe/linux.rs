@@ -125,6 +125,7 @@ pub fn snapshot(
         psi_full_avg10: psi.1,
         os_level: None,
         process_bytes: rss,
+        ..Default::default()
     }
 }
 

@@ -129,6 +129,7 @@ pub fn snapshot(c: &VmCounters, rates: (f64, f64, f64), swap_used_bytes: u64) ->
             _ => OsPressure::Normal,
         }),
         process_bytes: c.process_footprint,
+        ..Default::default()
     }
 }
 
