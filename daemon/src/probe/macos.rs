@@ -63,6 +63,7 @@ impl VmCounters {
             swapped_in: self.swapins * self.page_size,
             swapped_out: self.swapouts * self.page_size,
             compressed: self.compressor * self.page_size,
+            events: None,
         }
     }
 }
