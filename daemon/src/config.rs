@@ -78,6 +78,8 @@ pub struct DaemonConfig {
     pub load_wait_ms: u64,
     /// How long shutdown lets in-flight streams finish.
     pub shutdown_grace_ms: u64,
+    /// How long memory samples must stay calm before the pressure level steps down.
+    pub pressure_dwell_ms: u64,
     /// The OpenAI-compatible HTTP API and `/metrics` (None: off).
     pub http: Option<SocketAddr>,
     /// The largest request body (HTTP) or message (gRPC), in bytes.
@@ -205,6 +207,7 @@ struct RawDaemon {
     probe: Option<RawProbe>,
     load_wait: Option<SizeValue>,
     shutdown_grace: Option<SizeValue>,
+    pressure_dwell: Option<SizeValue>,
     http: Option<String>,
     max_request_bytes: Option<SizeValue>,
     auth_token: Option<String>,
@@ -585,6 +588,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         probe,
         load_wait_ms: duration("load_wait", &d.load_wait, 120_000)?,
         shutdown_grace_ms: duration("shutdown_grace", &d.shutdown_grace, 10_000)?,
+        pressure_dwell_ms: duration("pressure_dwell", &d.pressure_dwell, 5_000)?,
         http,
         max_request_bytes,
         auth_token,

@@ -1,17 +1,19 @@
 //! Memory probes: sample the governed pool into a portable [`MemorySnapshot`] about every 500 ms.
 //!
-//! The OS-specific parts are small: `linux` reads `/proc` (the parsers are portable and tested on
-//! recorded text), `macos` calls `host_statistics64` and sysctl to fill a plain [`macos::VmCounters`]
+//! The OS-specific parts are small: `linux` reads `/proc` and ultd's memory cgroup (the parsers and
+//! readers are portable and tested on recorded text and trees), `macos` calls `host_statistics64` and sysctl to fill a plain [`macos::VmCounters`]
 //! (the arithmetic over it is portable and tested on recorded numbers), `cuda` asks the driver for free
 //! and total device memory. A `file` source replays snapshots written by tests; it is for tests only.
 
 pub mod linux;
 pub mod macos;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-use ult_policy::MemorySnapshot;
+use ult_policy::{MemorySnapshot, PoolSource};
 
 /// Where snapshots come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,60 @@ pub struct Counters {
     pub swapped_out: u64,
     /// Compressed bytes now.
     pub compressed: u64,
+    /// The cgroup's OOM and limit counters, where there is a cgroup.
+    pub events: Option<MemoryEvents>,
+}
+
+/// Cumulative memory events of one cgroup (Linux), turned into increases between samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEvents {
+    /// The cgroup directory they were read from: increases are counted only within one cgroup.
+    pub cgroup: &'static str,
+    /// v2 `oom`: times the limit was hit and the OOM killer invoked (0 on v1).
+    pub oom: u64,
+    /// Processes of the cgroup killed by an OOM killer (v2 `oom_kill`, v1 `oom_control`'s `oom_kill`).
+    pub oom_kill: u64,
+    /// Times the cgroup ran into a limit: v2 `high` + `max`, v1 `memory.failcnt`.
+    pub limit_hits: u64,
+    /// v1 `under_oom 1`: the cgroup is out of memory now.
+    pub under_oom: bool,
+}
+
+/// (OOM events or kills, limit hits) since `previous`: the larger of the `oom` and `oom_kill`
+/// increases (at least 1 while v1 reports `under_oom`), and the increase of the limit hits. Nothing is
+/// counted on the first sample or across a move to another cgroup.
+pub fn event_increases(previous: Option<&MemoryEvents>, now: Option<&MemoryEvents>) -> (u64, u64) {
+    let Some(now) = now else {
+        return (0, 0);
+    };
+    let under = u64::from(now.under_oom);
+    match previous {
+        Some(p) if p.cgroup == now.cgroup => (
+            now.oom
+                .saturating_sub(p.oom)
+                .max(now.oom_kill.saturating_sub(p.oom_kill))
+                .max(under),
+            now.limit_hits.saturating_sub(p.limit_hits),
+        ),
+        _ => (under, 0),
+    }
+}
+
+/// A `'static` copy of `path`, made once per distinct path, so snapshots naming a cgroup file stay
+/// `Copy`. A process sees a handful of distinct cgroup paths in its life (one, unless it is moved), so
+/// what this keeps is bounded.
+pub fn intern(path: &str) -> &'static str {
+    static PATHS: OnceLock<Mutex<BTreeSet<&'static str>>> = OnceLock::new();
+    let mut paths = PATHS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = paths.get(path) {
+        return p;
+    }
+    let p: &'static str = Box::leak(path.to_owned().into_boxed_str());
+    paths.insert(p);
+    p
 }
 
 /// Samples the governed pool.
@@ -65,6 +121,8 @@ pub struct Counters {
 pub struct Prober {
     source: ProbeSource,
     previous: Option<Counters>,
+    /// The pool of the latest sample, to log when it changes.
+    pool: Option<PoolSource>,
     /// (device handle, bytes the device had in use before ult loaded anything).
     device: Option<(candle_core::Device, u64)>,
 }
@@ -81,12 +139,26 @@ impl Prober {
         Self {
             source,
             previous: None,
+            pool: None,
             device,
         }
     }
 
     /// Takes one sample.
     pub fn sample(&mut self) -> Result<MemorySnapshot, ProbeError> {
+        let snapshot = self.sample_pool()?;
+        if self.pool != Some(snapshot.pool) {
+            tracing::info!(
+                pool = %snapshot.pool,
+                total_bytes = snapshot.total_bytes,
+                "governed memory pool"
+            );
+            self.pool = Some(snapshot.pool);
+        }
+        Ok(snapshot)
+    }
+
+    fn sample_pool(&mut self) -> Result<MemorySnapshot, ProbeError> {
         match &self.source {
             ProbeSource::File(path) => read_file_snapshot(path),
             ProbeSource::Os => {
@@ -100,6 +172,7 @@ impl Prober {
                     snapshot.total_bytes = total;
                     snapshot.available_bytes = free;
                     snapshot.process_bytes = total.saturating_sub(free).saturating_sub(*baseline);
+                    snapshot.pool = PoolSource::Device;
                 }
                 Ok(snapshot)
             }
@@ -157,7 +230,8 @@ pub fn rates(previous: Option<&Counters>, now: &Counters) -> (f64, f64, f64) {
     )
 }
 
-/// Parses a snapshot file written by a test.
+/// Parses a snapshot file written by a test. Keys missing are 0 (or unknown); `pool` is `machine`,
+/// `cgroup-v1` or `cgroup-v2` (with `pool_path`) or `device`.
 fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeError> {
     let text = std::fs::read_to_string(path).map_err(|e| ProbeError::Read {
         path: path.display().to_string(),
@@ -186,6 +260,14 @@ fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeErr
             _ => None,
         },
         process_bytes: u("process_bytes"),
+        oom_kills_since_last: u("oom_kills_since_last"),
+        limit_events_since_last: u("limit_events_since_last"),
+        pool: match (v["pool"].as_str(), v["pool_path"].as_str()) {
+            (Some("cgroup-v1"), Some(p)) => PoolSource::CgroupV1 { path: intern(p) },
+            (Some("cgroup-v2"), Some(p)) => PoolSource::CgroupV2 { path: intern(p) },
+            (Some("device"), _) => PoolSource::Device,
+            _ => PoolSource::Machine,
+        },
     })
 }
 

@@ -642,6 +642,7 @@ pub fn start(
     let headroom = d.headroom.resolve(pool_total);
     let mut gconfig = GovernorConfig::new(ceiling, headroom);
     gconfig.max_resident = d.max_resident;
+    gconfig.pressure_dwell_ms = d.pressure_dwell_ms;
     let specs = registry.models.values().filter_map(|m| m.spec());
     let mut governor = Governor::new(gconfig, specs);
     if let Ok(s) = first {

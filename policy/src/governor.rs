@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::footprint::Footprint;
 use crate::plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
-use crate::pressure::{MemorySnapshot, PressureLevel, PressureThresholds, Verdict};
+use crate::pressure::{
+    MemorySnapshot, PressureLevel, PressureThresholds, PressureTracker, Verdict,
+};
 use crate::score::{Gdsf, cheapest_cover};
 use crate::size::KeepAlive;
 
@@ -99,6 +101,9 @@ pub struct GovernorConfig {
     pub thresholds: PressureThresholds,
     /// Minimum time between two shedding rounds, so the OS can show the effect of the last one.
     pub shed_cooldown_ms: u64,
+    /// How long samples must stay calm before the pressure level steps down (up is immediate); see
+    /// [`PressureTracker`].
+    pub pressure_dwell_ms: u64,
     /// Assumed load bandwidth (bytes/s) for a model never loaded yet; measured per model afterwards.
     pub default_load_bandwidth: f64,
     /// Retry delays after failed loads.
@@ -116,6 +121,7 @@ impl GovernorConfig {
             max_resident: None,
             thresholds: PressureThresholds::default(),
             shed_cooldown_ms: 2_000,
+            pressure_dwell_ms: 5_000,
             default_load_bandwidth: 2e9,
             backoff: Backoff {
                 initial_ms: 1_000,
@@ -348,7 +354,7 @@ pub struct Governor {
     pending: VecDeque<(RequestId, String, RequestKind)>,
     gdsf: Gdsf,
     snapshot: Option<MemorySnapshot>,
-    verdict: Verdict,
+    pressure: PressureTracker,
     last_shed_ms: Option<u64>,
     next_lease: u64,
 }
@@ -379,11 +385,7 @@ impl Governor {
             pending: VecDeque::new(),
             gdsf,
             snapshot: None,
-            verdict: Verdict {
-                level: PressureLevel::Normal,
-                reason: "no memory sample yet".into(),
-                deficit_bytes: 0,
-            },
+            pressure: PressureTracker::new(),
             last_shed_ms: None,
             next_lease: 1,
         }
@@ -546,9 +548,9 @@ impl Governor {
         self.effective_ceiling().saturating_sub(self.used_bytes())
     }
 
-    /// The latest pressure verdict.
+    /// The pressure verdict: the level with hysteresis, why, and the latest sample's deficit.
     pub fn verdict(&self) -> &Verdict {
-        &self.verdict
+        self.pressure.verdict()
     }
 
     /// The latest memory snapshot, if any.
@@ -856,21 +858,27 @@ impl Governor {
     }
 
     fn on_snapshot(&mut self, snapshot: MemorySnapshot, now: u64, plan: &mut Plan) {
-        let verdict = self
-            .config
-            .thresholds
-            .classify(&snapshot, self.config.headroom_bytes);
+        let change = self.pressure.observe(
+            &self.config.thresholds,
+            &snapshot,
+            self.config.headroom_bytes,
+            self.config.pressure_dwell_ms,
+            now,
+        );
         self.snapshot = Some(snapshot);
-        if verdict.level != self.verdict.level {
+        if let Some(change) = change {
             plan.actions.push(Action::PressureChanged {
-                level: verdict.level,
-                reason: verdict.reason.clone(),
+                level: change.to,
+                reason: self.pressure.verdict().reason.clone(),
             });
         }
-        self.verdict = verdict;
-        if self.verdict.level == PressureLevel::Normal {
+        if self.pressure.level() == PressureLevel::Normal {
             self.restore_kv_budgets(plan);
             self.drain_pending(now, plan);
+            return;
+        }
+        if self.pressure.sample().level == PressureLevel::Normal {
+            // The level is held (hysteresis) but this sample shows no pressure: nothing more to shed.
             return;
         }
         let cooled = self
@@ -975,10 +983,10 @@ impl Governor {
                 ceiling,
             });
         }
-        if self.verdict.level == PressureLevel::Critical {
+        if self.pressure.level() == PressureLevel::Critical {
             return Admission::Refuse(Rejection::Pressure {
                 model: model.to_string(),
-                reason: self.verdict.reason.clone(),
+                reason: self.pressure.verdict().reason.clone(),
             });
         }
         let limit = self.effective_ceiling();
@@ -1189,16 +1197,21 @@ impl Governor {
     }
 
     /// Sheds in steps under pressure: prefix caches (every resident model's, busy or not), then idle KV
-    /// caches, then KV budgets, then (Critical, or inside the headroom) idle models by score.
+    /// caches, then KV budgets, then (Critical, or inside the headroom) idle models by score. It acts on
+    /// the latest sample's own level and deficit: a level held by hysteresis sheds no more than the
+    /// sample shows.
     fn shed(&mut self, now: u64, plan: &mut Plan) {
-        let level = self.verdict.level;
+        let (level, deficit) = (
+            self.pressure.sample().level,
+            self.pressure.sample().deficit_bytes,
+        );
         let quantum = match level {
             PressureLevel::Normal => return,
             PressureLevel::Warning => self.config.ceiling_bytes / 20,
             PressureLevel::Critical => self.config.ceiling_bytes / 10,
         };
-        let target = self.verdict.deficit_bytes.max(quantum);
-        let may_evict = level == PressureLevel::Critical || self.verdict.deficit_bytes > 0;
+        let target = deficit.max(quantum);
+        let may_evict = level == PressureLevel::Critical || deficit > 0;
         let mut freed = 0u64;
         let mut acted = false;
         // Step 1: prefix caches. They are blocks no sequence holds, so dropping them costs no request
@@ -1248,7 +1261,7 @@ impl Governor {
                 }
             }
         }
-        if may_evict && freed < target.max(self.verdict.deficit_bytes) {
+        if may_evict && freed < target.max(deficit) {
             // The cheapest set that frees the target; if no set does, every idle model (best effort).
             let victims = self
                 .choose_victims(
@@ -1433,5 +1446,104 @@ impl Entry {
             KeepAlive::Forever => false,
             KeepAlive::Millis(ms) => now.saturating_sub(self.idle_since_ms) >= ms,
         }
+    }
+}
+
+#[cfg(test)]
+mod pressure_tests {
+    //! The governor's pressure level follows [`PressureTracker`]: one change for a signal hovering at
+    //! the headroom, up at once, down after the dwell, and no shedding while a calm sample only holds it.
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn sample(governor: &mut Governor, available_mib: u64, now: u64) -> Vec<Action> {
+        let s = MemorySnapshot {
+            total_bytes: 64 * GIB,
+            available_bytes: available_mib * MIB,
+            ..Default::default()
+        };
+        governor.handle(Event::Snapshot(s), now).actions
+    }
+
+    fn changes(actions: &[Action]) -> Vec<PressureLevel> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::PressureChanged { level, .. } => Some(*level),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn level_changes_follow_the_hysteresis() {
+        let mut g = Governor::new(
+            GovernorConfig::new(40 * GIB, 4 * GIB),
+            [ModelSpec::weights_only("a", GIB)],
+        );
+        // Around the 4 GiB headroom every 500 ms for 10 s.
+        let trace = [
+            4300, 4010, 4150, 3980, 4120, 4230, 3950, 4060, 4180, 3990, 4210, 4080, 3970, 4140,
+            4260, 4020, 4190, 3940, 4110, 4240,
+        ];
+        let mut seen = Vec::new();
+        for (i, mib) in trace.into_iter().enumerate() {
+            seen.extend(changes(&sample(&mut g, mib, i as u64 * 500)));
+        }
+        assert_eq!(seen, vec![PressureLevel::Warning]);
+        // A fall under half the headroom is critical on that sample.
+        assert_eq!(
+            changes(&sample(&mut g, 1500, 10_000)),
+            vec![PressureLevel::Critical]
+        );
+        // Memory comes back: the level holds for the 5 s dwell, loads stay refused, and the calm samples
+        // shed nothing more.
+        for t in (10_500..15_000).step_by(500) {
+            let actions = sample(&mut g, 30_000, t);
+            assert!(actions.is_empty(), "at {t}: {actions:?}");
+        }
+        assert_eq!(g.verdict().level, PressureLevel::Critical);
+        assert!(
+            g.verdict().reason.contains("recovering"),
+            "{:?}",
+            g.verdict()
+        );
+        assert_eq!(g.verdict().deficit_bytes, 0);
+        let load = g.handle(
+            Event::Request {
+                id: RequestId(1),
+                model: "a".into(),
+                kind: RequestKind::Load,
+            },
+            14_900,
+        );
+        assert!(
+            load.actions
+                .iter()
+                .any(|a| matches!(a, Action::Reject { .. })),
+            "{load:?}"
+        );
+        assert_eq!(
+            changes(&sample(&mut g, 30_000, 15_000)),
+            vec![PressureLevel::Normal]
+        );
+        // With a dwell of 0 the fall is immediate (still past the 10% band).
+        let mut config = GovernorConfig::new(40 * GIB, 4 * GIB);
+        config.pressure_dwell_ms = 0;
+        let mut g = Governor::new(config, Vec::new());
+        assert_eq!(
+            changes(&sample(&mut g, 3000, 0)),
+            vec![PressureLevel::Warning]
+        );
+        assert!(
+            changes(&sample(&mut g, 4400, 1)).is_empty(),
+            "inside the band"
+        );
+        assert_eq!(
+            changes(&sample(&mut g, 4600, 2)),
+            vec![PressureLevel::Normal]
+        );
     }
 }

@@ -24,7 +24,10 @@ pub use governor::{
     RequestId, RequestKind, Residency,
 };
 pub use plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
-pub use pressure::{MemorySnapshot, OsPressure, PressureLevel, PressureThresholds, Verdict};
+pub use pressure::{
+    LevelChange, MemorySnapshot, OsPressure, PoolSource, PressureLevel, PressureThresholds,
+    PressureTracker, Verdict,
+};
 pub use route::{Route, RouteStrategy, Router, RouterError};
 pub use score::Gdsf;
 pub use size::{KeepAlive, SizeError, SizeSpec, format_bytes, parse_duration_ms, parse_size};

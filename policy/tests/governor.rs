@@ -532,8 +532,8 @@ fn pressure_sheds_in_documented_order() {
         rejection_of(&actions, id),
         Some(Rejection::Pressure { .. })
     ));
-    // Back to normal: loads are admitted again and shrunk budgets grow back.
-    h.now += 1000;
+    // Back to normal once calm for the dwell: loads are admitted again and shrunk budgets grow back.
+    h.now += GovernorConfig::new(0, 0).pressure_dwell_ms;
     h.event(Event::Snapshot(snapshot(40, 10)));
     let (id, actions) = h.request("a", RequestKind::Use);
     assert!(rejection_of(&actions, id).is_none());

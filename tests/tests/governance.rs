@@ -290,17 +290,36 @@ async fn pins_and_explicit_loads_survive_a_restart() {
     assert_eq!(s.model("gemma3").unwrap().state, ModelState::Unloaded);
 }
 
+/// The next watch event (failing after 60 s).
+async fn next_event(
+    watch: &mut (impl futures::Stream<Item = Result<WatchItem, ult_client::ClientError>> + Unpin),
+) -> WatchItem {
+    tokio::time::timeout(Duration::from_secs(60), watch.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap()
+}
+
+/// Pressure sheds in the documented order. The order models go in follows their eviction scores, which
+/// include measured load times (the reload cost), so the test does not presume it from the use counts —
+/// on a loaded machine a slow load can outweigh a use. It reads the scores from Status once the
+/// warning's shedding has settled every model's charge, and checks that models are evicted in ascending
+/// score.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pressure_sheds_caches_then_budgets_then_models_by_score() {
     let dir = tempfile::tempdir().unwrap();
     let probe = dir.path().join("snapshot.json");
-    let snapshot = |available_gib: f64| ult_tests::probe_snapshot(available_gib, 0.0);
-    std::fs::write(&probe, snapshot(32.0)).unwrap();
-    let daemon = ult_tests::file_probe_daemon(&probe);
+    let snapshot = ult_tests::probe_snapshot;
+    std::fs::write(&probe, snapshot(32.0, 0.0)).unwrap();
+    // A short dwell: leaving a pressure level waits for it (entering does not).
+    let daemon = format!(
+        "pressure_dwell = \"300ms\"\n{}",
+        ult_tests::file_probe_daemon(&probe)
+    );
     let text = format!("{}{}", daemon_table(dir.path(), &daemon), model_tables());
     let d = start_in(dir, &text).await;
     let mut c = d.client().await;
-    // gemma3 used most, then smollm2, then minilm once.
     for _ in 0..3 {
         c.generate_text(completion("gemma3", "Hi", 2))
             .await
@@ -311,41 +330,70 @@ async fn pressure_sheds_caches_then_budgets_then_models_by_score() {
     }
     c.embed("minilm", vec!["x".into()]).await.unwrap();
     let mut watch = c.watch().await.unwrap();
-    // Critical: 1 GiB available, under half the 4 GiB headroom.
-    std::fs::write(&probe, snapshot(1.0)).unwrap();
+    // Warning from PSI with memory to spare: caches are dropped and KV budgets shrink; nothing is
+    // evicted.
+    std::fs::write(&probe, snapshot(32.0, 30.0)).unwrap();
     let mut events = Vec::new();
-    while events
+    loop {
+        let item = next_event(&mut watch).await;
+        let kind = item.kind.clone();
+        events.push(item);
+        if kind == "kv-budget" {
+            break;
+        }
+    }
+    assert_eq!(events[0].kind, "pressure", "{events:?}");
+    assert!(events[0].detail.starts_with("warning"), "{events:?}");
+    assert!(events.iter().all(|e| e.kind != "evicted"), "{events:?}");
+    // The shedding is one plan, carried out before Status is answered: these are the scores the
+    // eviction will compare (a score's decay is the same factor for every model, so their order holds).
+    let s = c.status().await.unwrap();
+    assert_eq!(s.daemon.pressure, "warning");
+    let mut by_score: Vec<(f64, String)> = ["gemma3", "smollm2", "minilm"]
+        .iter()
+        .map(|m| (s.model(m).unwrap().score, m.to_string()))
+        .collect();
+    by_score.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(
+        by_score.windows(2).all(|w| w[0].0 < w[1].0),
+        "distinct scores: {by_score:?}"
+    );
+    // Critical: 1 GiB available, under half the 4 GiB headroom. Every idle model goes (together they
+    // free less than the 3 GiB deficit), lowest score first.
+    std::fs::write(&probe, snapshot(1.0, 30.0)).unwrap();
+    let mut critical = Vec::new();
+    while critical
         .iter()
         .filter(|e: &&WatchItem| e.kind == "evicted")
         .count()
         < 3
     {
-        let item = tokio::time::timeout(Duration::from_secs(60), watch.next())
-            .await
-            .expect("an event")
-            .unwrap()
-            .unwrap();
-        events.push(item);
+        critical.push(next_event(&mut watch).await);
     }
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds[0], "pressure", "{events:?}");
-    assert!(events[0].detail.starts_with("critical"), "{events:?}");
-    // KV budgets shrink (after idle caches are dropped) before any model is evicted.
-    let first_kv = kinds
-        .iter()
-        .position(|k| *k == "kv-budget")
-        .expect("budgets shrink");
+    let kinds: Vec<&str> = critical.iter().map(|e| e.kind.as_str()).collect();
     let first_evict = kinds.iter().position(|k| *k == "evicted").unwrap();
-    assert!(first_kv < first_evict, "{events:?}");
-    // Then models go, cheapest first: minilm (used once), smollm2, gemma3 (used most).
-    let order: Vec<&str> = events
+    let pressure = kinds
+        .iter()
+        .position(|k| *k == "pressure")
+        .expect("a level change");
+    assert!(pressure < first_evict, "{critical:?}");
+    assert!(
+        critical[pressure].detail.starts_with("critical"),
+        "{critical:?}"
+    );
+    // Budgets shrank under the warning, before any eviction (the rest of the warning's plan may come
+    // after the first budget event).
+    let last_kv = kinds.iter().rposition(|k| *k == "kv-budget");
+    assert!(last_kv.is_none_or(|i| i < first_evict), "{critical:?}");
+    let order: Vec<&str> = critical
         .iter()
         .filter(|e| e.kind == "evicted")
         .map(|e| e.model.as_deref().unwrap())
         .collect();
-    assert_eq!(order, vec!["minilm", "smollm2", "gemma3"], "{events:?}");
+    let expected: Vec<&str> = by_score.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(order, expected, "scores {by_score:?}; events {critical:?}");
     assert!(
-        events
+        critical
             .iter()
             .filter(|e| e.kind == "evicted")
             .all(|e| e.detail.starts_with("pressure"))
@@ -357,8 +405,8 @@ async fn pressure_sheds_caches_then_budgets_then_models_by_score() {
         .unwrap_err();
     assert_eq!(e.code(), Some(tonic::Code::ResourceExhausted), "{e}");
     assert!(e.to_string().contains("pressure is critical"), "{e}");
-    // Back to normal, loads resume.
-    std::fs::write(&probe, snapshot(32.0)).unwrap();
+    // Back to normal after the dwell, loads resume.
+    std::fs::write(&probe, snapshot(32.0, 0.0)).unwrap();
     wait_for(&mut c, "pressure normal", |s| s.daemon.pressure == "normal").await;
     c.generate_text(completion("gemma3", "Hi", 2))
         .await

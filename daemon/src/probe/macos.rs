@@ -63,6 +63,7 @@ impl VmCounters {
             swapped_in: self.swapins * self.page_size,
             swapped_out: self.swapouts * self.page_size,
             compressed: self.compressor * self.page_size,
+            events: None,
         }
     }
 }
@@ -129,6 +130,7 @@ pub fn snapshot(c: &VmCounters, rates: (f64, f64, f64), swap_used_bytes: u64) ->
             _ => OsPressure::Normal,
         }),
         process_bytes: c.process_footprint,
+        ..Default::default()
     }
 }
 
