@@ -24,6 +24,34 @@ pub struct SoakPlan {
     pub pid: Option<u32>,
     /// Seed of the request mix.
     pub seed: u64,
+    /// Attack the daemon meanwhile (its HTTP address): see [`AttackReport`].
+    pub attack_http: Option<String>,
+}
+
+/// What the attackers did beside the clients, and how Status answered meanwhile. Four attackers run for
+/// the whole soak: 3 MB prompts (each must be refused with INVALID_ARGUMENT), gRPC streams with a 1 KiB
+/// window that are never read (held 12 s, past the daemon's write timeout), floods of 200 idle connections
+/// on each TCP door (held 3 s), and a Status poller timing every answer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AttackReport {
+    /// 3 MB prompts sent.
+    pub huge_prompts: u64,
+    /// Of those, refused with INVALID_ARGUMENT (all of them, if all is well).
+    pub huge_prompts_refused: u64,
+    /// Streams opened and never read.
+    pub stalled_streams: u64,
+    /// Idle connections opened in floods.
+    pub flood_connections: u64,
+    /// Attacks that got an answer other than the documented one (should be 0).
+    pub unexpected: u64,
+    /// Status calls timed.
+    pub status_calls: u64,
+    /// Median Status latency, ms.
+    pub status_p50_ms: f64,
+    /// 99th percentile Status latency, ms.
+    pub status_p99_ms: f64,
+    /// Slowest Status answer, ms.
+    pub status_max_ms: f64,
 }
 
 /// What happened, in numbers.
@@ -64,6 +92,8 @@ pub struct SoakReport {
     pub p99_ms: f64,
     /// Slowest completed request, ms.
     pub max_ms: f64,
+    /// The attacks, when the plan asked for them.
+    pub attacks: Option<AttackReport>,
 }
 
 /// Which of the documented typed failures a request ended with.
@@ -299,6 +329,11 @@ pub async fn run(plan: SoakPlan) -> SoakReport {
         })
     };
 
+    let attackers = plan
+        .attack_http
+        .clone()
+        .map(|http| attack(plan.addr.clone(), http, deadline));
+
     let mut clients = Vec::new();
     for i in 0..plan.clients {
         let tally = tally.clone();
@@ -335,6 +370,10 @@ pub async fn run(plan: SoakPlan) -> SoakReport {
     for c in clients {
         let _ = c.await;
     }
+    let attacks = match attackers {
+        Some(a) => Some(a.await.unwrap_or_default()),
+        None => None,
+    };
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sampler.await;
     let after = status_client.status().await;
@@ -361,7 +400,129 @@ pub async fn run(plan: SoakPlan) -> SoakReport {
     t.report.p50_ms = pct(0.5);
     t.report.p99_ms = pct(0.99);
     t.report.max_ms = t.latencies.last().copied().unwrap_or(0.0);
+    t.report.attacks = attacks;
     t.report
+}
+
+/// Runs the four attackers of [`AttackReport`] until `deadline`.
+fn attack(addr: String, http: String, deadline: Instant) -> tokio::task::JoinHandle<AttackReport> {
+    tokio::spawn(async move {
+        let report = Arc::new(Mutex::new(AttackReport::default()));
+        let huge = {
+            let (report, addr) = (report.clone(), addr.clone());
+            tokio::spawn(async move {
+                let Ok(mut c) = Client::connect(&addr).await else {
+                    report.lock().expect("report").unexpected += 1;
+                    return;
+                };
+                let text = "lorem ipsum dolor sit amet ".repeat(3_000_000 / 27);
+                while Instant::now() < deadline {
+                    let r = c
+                        .generate_text(GenerateRequest {
+                            model: "smollm2".into(),
+                            messages: vec![("user".into(), text.clone())],
+                            max_tokens: Some(4),
+                            ..Default::default()
+                        })
+                        .await;
+                    {
+                        let mut rep = report.lock().expect("report");
+                        rep.huge_prompts += 1;
+                        match r {
+                            Err(e) if e.code() == Some(tonic::Code::InvalidArgument) => {
+                                rep.huge_prompts_refused += 1;
+                            }
+                            _ => rep.unexpected += 1,
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            })
+        };
+        let stall = {
+            let (report, addr) = (report.clone(), addr.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let stream = async {
+                        let channel =
+                            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                                .ok()?
+                                .initial_stream_window_size(Some(1024))
+                                .connect()
+                                .await
+                                .ok()?;
+                        let mut raw = ult_proto::v1::ult_client::UltClient::new(channel);
+                        let request = ult_proto::v1::GenerateRequest {
+                            model: "smollm2".into(),
+                            input: Some(ult_proto::v1::generate_request::Input::Prompt(
+                                "Once upon a time".into(),
+                            )),
+                            max_tokens: Some(1500),
+                            ignore_eos: true,
+                            ..Default::default()
+                        };
+                        raw.generate(request).await.ok()
+                    }
+                    .await;
+                    {
+                        let mut rep = report.lock().expect("report");
+                        match stream {
+                            Some(_) => rep.stalled_streams += 1,
+                            None => rep.unexpected += 1,
+                        }
+                    }
+                    // Held unread past the write timeout, then dropped.
+                    tokio::time::sleep(Duration::from_secs(12)).await;
+                    drop(stream);
+                }
+            })
+        };
+        let flood = {
+            let report = report.clone();
+            let (addr, http) = (addr.clone(), http.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let mut held = Vec::new();
+                    for door in [&addr, &http] {
+                        for _ in 0..200 {
+                            if let Ok(s) = tokio::net::TcpStream::connect(door.as_str()).await {
+                                held.push(s);
+                            }
+                        }
+                    }
+                    report.lock().expect("report").flood_connections += held.len() as u64;
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    drop(held);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
+        let mut times = Vec::new();
+        if let Ok(mut c) = Client::connect(&addr).await {
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if c.status().await.is_err() {
+                    report.lock().expect("report").unexpected += 1;
+                }
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let _ = tokio::join!(huge, stall, flood);
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            times
+                .get(((times.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let mut r = std::mem::take(&mut *report.lock().expect("report"));
+        r.status_calls = times.len() as u64;
+        r.status_p50_ms = pct(0.5);
+        r.status_p99_ms = pct(0.99);
+        r.status_max_ms = times.last().copied().unwrap_or(0.0);
+        r
+    })
 }
 
 /// Starts `command` with its stdout piped and reads that until a line starting with `prefix` (the daemon's

@@ -24,7 +24,11 @@ fn soak_daemon_child() {
         let config = ultd::config::Config::load(std::path::Path::new(&path)).unwrap();
         let engine = std::sync::Arc::new(ult_engine::CandleEngine::new("cpu").unwrap());
         let running = ultd::server::spawn(config, engine).await.unwrap();
-        println!("listening {}", running.tcp.unwrap());
+        println!(
+            "listening {} {}",
+            running.tcp.unwrap(),
+            running.http.unwrap()
+        );
         std::future::pending::<()>().await;
     });
 }
@@ -44,24 +48,29 @@ async fn thrash_loses_nothing_and_holds_the_ceiling() {
         "{}{}",
         daemon_table(
             dir.path(),
-            &format!("memory_ceiling = {ceiling}\nheadroom = 0\nmax_requests_per_client = 64")
+            &format!(
+                "memory_ceiling = {ceiling}\nheadroom = 0\nmax_requests_per_client = 64\nwrite_timeout = \"5s\""
+            )
         ),
         model_tables()
     );
     std::fs::write(&path, text).unwrap();
-    let (mut child, addr) = spawn_until_line(
+    let (mut child, addrs) = spawn_until_line(
         std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "soak_daemon_child", "--nocapture"])
             .env("ULT_SOAK_CONFIG", &path),
         "listening ",
     )
     .unwrap();
+    let mut addrs = addrs.split_whitespace().map(str::to_string);
+    let addr = addrs.next().unwrap();
     let report = run(SoakPlan {
         addr,
         clients: 8,
         duration: Duration::from_secs(20),
         pid: Some(child.id()),
         seed: 7,
+        attack_http: addrs.next(),
     })
     .await;
     let alive = child.try_wait().unwrap().is_none();
@@ -88,4 +97,12 @@ async fn thrash_loses_nothing_and_holds_the_ceiling() {
     );
     assert!(report.max_ledger_bytes <= ceiling, "{report:?}");
     assert!(report.max_measured_resident_bytes <= ceiling, "{report:?}");
+    // The attacks beside it got their documented answers and disturbed no one above.
+    let a = report.attacks.as_ref().unwrap();
+    assert_eq!(a.unexpected, 0, "{a:?}");
+    assert!(
+        a.huge_prompts > 0 && a.huge_prompts_refused == a.huge_prompts,
+        "{a:?}"
+    );
+    assert!(a.stalled_streams > 0 && a.flood_connections > 0, "{a:?}");
 }
