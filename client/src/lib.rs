@@ -233,6 +233,14 @@ pub struct DaemonInfo {
     pub process_bytes: u64,
     /// Swap-out rate.
     pub swap_out_bytes_per_s: f64,
+    /// Which limit sizes the pool: "machine", "device", "cgroup v2 PATH", "cgroup v1 PATH".
+    pub pool_source: String,
+    /// Transient memory held by requests being prepared now.
+    pub request_memory_bytes: u64,
+    /// Its budget.
+    pub request_memory_budget_bytes: u64,
+    /// Requests refused because the budget was full.
+    pub requests_refused_for_memory: u64,
 }
 
 /// A route.
@@ -776,6 +784,10 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
             loads_in_flight: d.loads_in_flight,
             process_bytes: mem.process_rss_bytes,
             swap_out_bytes_per_s: mem.swap_out_per_s,
+            pool_source: d.pool_source,
+            request_memory_bytes: d.request_memory_bytes,
+            request_memory_budget_bytes: d.request_memory_budget_bytes,
+            requests_refused_for_memory: d.requests_refused_for_memory,
         },
         models: s
             .models

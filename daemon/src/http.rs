@@ -835,7 +835,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
             );
-            (headers, state.metrics.render(&status)).into_response()
+            (headers, state.metrics.render(&status, state.handle.work())).into_response()
         }
         Err(e) => ApiError::from(e).into_response(),
     }

@@ -89,6 +89,8 @@ pub struct Metrics {
     pool: Gauge,
     pressure: Gauge,
     loads_in_flight: Gauge,
+    request_memory: Gauge,
+    request_memory_budget: Gauge,
     process: Gauge,
     swap_out: Gauge<f64, AtomicU64>,
 }
@@ -257,6 +259,16 @@ impl Metrics {
             "0 normal, 1 warning, 2 critical",
         );
         let loads_in_flight = gauge(&mut registry, "loads_in_flight", "Loads running or queued");
+        let request_memory = gauge(
+            &mut registry,
+            "request_memory_bytes",
+            "Transient memory held by requests being templated and tokenized",
+        );
+        let request_memory_budget = gauge(
+            &mut registry,
+            "request_memory_budget_bytes",
+            "The request memory budget ([daemon] request_memory)",
+        );
         let process = gauge(
             &mut registry,
             "process_pool_bytes",
@@ -295,6 +307,8 @@ impl Metrics {
             pool,
             pressure,
             loads_in_flight,
+            request_memory,
+            request_memory_budget,
             process,
             swap_out,
         }
@@ -382,8 +396,11 @@ impl Metrics {
         });
     }
 
-    /// The text exposition, with gauges refreshed from `status`.
-    pub fn render(&self, status: &StatusView) -> String {
+    /// The text exposition, with gauges refreshed from `status` and the request budget `work`.
+    pub fn render(&self, status: &StatusView, work: &crate::requests::RequestWork) -> String {
+        let clamp_u = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.request_memory.set(clamp_u(work.in_flight_bytes()));
+        self.request_memory_budget.set(clamp_u(work.budget()));
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.ceiling.set(clamp(status.ceiling_bytes));
         self.used.set(clamp(status.used_bytes));

@@ -108,6 +108,12 @@ pub fn status_to_pb(s: &StatusView) -> pb::StatusResponse {
             source: s.probe_source.clone(),
         }),
         max_resident: s.max_resident,
+        pool_source: s
+            .snapshot
+            .map_or_else(|| "machine".to_string(), |m| m.pool.to_string()),
+        request_memory_bytes: 0,
+        request_memory_budget_bytes: 0,
+        requests_refused_for_memory: 0,
     };
     pb::StatusResponse {
         daemon: Some(daemon),
@@ -329,7 +335,14 @@ impl pb::ult_server::Ult for UltService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let s = self.handle.status().await?;
-        Ok(Response::new(status_to_pb(&s)))
+        let mut out = status_to_pb(&s);
+        if let Some(d) = out.daemon.as_mut() {
+            let work = self.handle.work();
+            d.request_memory_bytes = work.in_flight_bytes();
+            d.request_memory_budget_bytes = work.budget();
+            d.requests_refused_for_memory = work.refused();
+        }
+        Ok(Response::new(out))
     }
 
     async fn watch(

@@ -535,6 +535,18 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
         human_bytes(d.available_bytes),
         d.pressure
     )?;
+    if d.pool_source != "machine" && !d.pool_source.is_empty() {
+        writeln!(out, "pool sized by {}", d.pool_source)?;
+    }
+    if d.request_memory_bytes > 0 || d.requests_refused_for_memory > 0 {
+        writeln!(
+            out,
+            "requests being prepared hold {} of {} ({} refused so far)",
+            human_bytes(d.request_memory_bytes),
+            human_bytes(d.request_memory_budget_bytes),
+            d.requests_refused_for_memory
+        )?;
+    }
     if d.pressure != "normal" {
         writeln!(out, "pressure: {}", d.pressure_reason)?;
     }
