@@ -2,6 +2,7 @@
 //! Results come back as this crate's own types; the generated proto types stay inside.
 #![deny(missing_docs)]
 
+pub mod service;
 use std::time::Duration;
 
 use futures::StreamExt;

@@ -164,3 +164,119 @@ async fn ultctl_end_to_end() {
     .unwrap();
     assert_eq!(piped.code(), Some(0));
 }
+
+/// `ultctl service …` with HOME (and XDG_CONFIG_HOME) in a temporary directory.
+fn service(home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ultctl"))
+        .arg("service")
+        .args(args)
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .output()
+        .expect("run ultctl")
+}
+
+#[test]
+fn the_service_files_are_valid_for_systemd_and_launchd() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let config = home.join("my models.toml");
+    std::fs::write(&config, "").unwrap();
+    let exe = env!("CARGO_BIN_EXE_ultctl");
+    let args = ["--config", config.to_str().unwrap(), "--ultd", exe];
+    // The systemd user unit passes `systemd-analyze verify` (which also checks that ExecStart's binary
+    // exists and is executable).
+    let unit = service(
+        home,
+        &[&["print", "--platform", "systemd"][..], &args].concat(),
+    );
+    assert!(unit.status.success(), "{unit:?}");
+    let unit_file = home.join("ultd.service");
+    std::fs::write(&unit_file, &unit.stdout).unwrap();
+    if cfg!(target_os = "linux") {
+        let runtime = home.join("run");
+        std::fs::create_dir(&runtime).unwrap();
+        let verify = Command::new("systemd-analyze")
+            .args(["verify", "--user"])
+            .arg(&unit_file)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .output()
+            .expect("systemd-analyze is installed on Linux machines ult is tested on");
+        assert!(
+            verify.status.success() && verify.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    // The launchd agent is a property list that Python's plistlib reads, with the program and arguments.
+    let plist = service(
+        home,
+        &[&["print", "--platform", "launchd"][..], &args].concat(),
+    );
+    assert!(plist.status.success(), "{plist:?}");
+    let mut python = Command::new("python3")
+        .args([
+            "-c",
+            "import json, plistlib, sys; print(json.dumps(plistlib.loads(sys.stdin.buffer.read())))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    use std::io::Write;
+    python
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&plist.stdout)
+        .unwrap();
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&python.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(parsed["Label"], "dev.ult.ultd");
+    let real_config = std::fs::canonicalize(&config).unwrap();
+    assert_eq!(
+        parsed["ProgramArguments"],
+        serde_json::json!([std::fs::canonicalize(exe).unwrap(), "--config", real_config])
+    );
+    assert_eq!(parsed["KeepAlive"]["SuccessfulExit"], false);
+}
+
+#[test]
+fn service_install_writes_the_unit_and_uninstall_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let config = home.join("models.toml");
+    std::fs::write(&config, "").unwrap();
+    let exe = env!("CARGO_BIN_EXE_ultctl");
+    let unit = ult_client::service::Platform::current().file(home, Some(&home.join(".config")));
+    assert_eq!(
+        service(home, &["status"]).status.code(),
+        Some(1),
+        "not installed"
+    );
+    let install = service(
+        home,
+        &[
+            "install",
+            "--config",
+            config.to_str().unwrap(),
+            "--ultd",
+            exe,
+        ],
+    );
+    assert!(unit.exists(), "{install:?}");
+    match install.status.code() {
+        // A user session manager ran it: status says so.
+        Some(0) => assert!(service(home, &["status"]).status.success()),
+        // None here (a container without a user bus): the failure is reported, not hidden.
+        Some(2) => {
+            let err = String::from_utf8_lossy(&install.stderr);
+            assert!(err.contains("not running"), "{err}");
+        }
+        other => panic!("{other:?}: {install:?}"),
+    }
+    let uninstall = service(home, &["uninstall"]);
+    assert!(uninstall.status.success(), "{uninstall:?}");
+    assert!(!unit.exists());
+    assert_eq!(service(home, &["uninstall"]).status.code(), Some(1));
+}

@@ -121,6 +121,11 @@ enum Command {
     },
     /// Stream state changes: loads, evictions with reasons, pressure.
     Watch,
+    /// Run ultd as a per-user service: a launchd agent (macOS) or a systemd user unit (Linux).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
     /// A live view of memory and models, refreshed every interval (Ctrl-C to quit).
     Top {
         /// Seconds between refreshes.
@@ -129,6 +134,35 @@ enum Command {
         /// Stop after this many refreshes (for scripts).
         #[arg(long)]
         count: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceAction {
+    /// Write the agent (or unit) and start it, now and at every login.
+    Install {
+        /// models.toml for the service.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The ultd binary (default: the one beside ultctl).
+        #[arg(long)]
+        ultd: Option<std::path::PathBuf>,
+    },
+    /// Stop the service and remove its file.
+    Uninstall,
+    /// Whether it is installed and running, and where its logs are.
+    Status,
+    /// Print the file `install` would write (for this platform, or --platform systemd|launchd).
+    Print {
+        /// models.toml for the service.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The ultd binary (default: the one beside ultctl).
+        #[arg(long)]
+        ultd: Option<std::path::PathBuf>,
+        /// systemd or launchd.
+        #[arg(long)]
+        platform: Option<String>,
     },
 }
 
@@ -162,6 +196,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Service { action } = cli.command {
+        return service(action);
+    }
     let mut client = Client::connect_with_token(&cli.addr, cli.token.as_deref()).await?;
     let mut out = std::io::stdout().lock();
     let json = cli.json;
@@ -465,6 +502,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep(Duration::from_secs_f64(interval.max(0.1))).await;
             }
         }
+        // Answered above, before connecting.
+        Command::Service { .. } => anyhow::bail!("service commands need no daemon"),
         Command::Watch => {
             let stream = client.watch().await?;
             futures::pin_mut!(stream);
@@ -665,4 +704,180 @@ fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io
         writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
     }
     Ok(())
+}
+
+/// `ultctl service …`: runs no RPC, only files and the platform's service manager.
+fn service(action: ServiceAction) -> anyhow::Result<ExitCode> {
+    use ult_client::service::{LAUNCHD_LABEL, Platform, SYSTEMD_UNIT, ServiceSpec};
+    let home = std::path::PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
+    let xdg = std::env::var_os("XDG_CONFIG_HOME").map(std::path::PathBuf::from);
+    let platform = Platform::current();
+    let file = platform.file(&home, xdg.as_deref());
+    let log = home.join("Library/Logs/ult/ultd.log");
+    let spec = |config: &std::path::Path,
+                ultd: Option<std::path::PathBuf>|
+     -> anyhow::Result<ServiceSpec> {
+        let config = std::fs::canonicalize(config)
+            .with_context(|| format!("the configuration {}", config.display()))?;
+        let ultd = match ultd {
+            Some(p) => p,
+            None => std::env::current_exe()?
+                .parent()
+                .map(|d| d.join("ultd"))
+                .filter(|p| p.exists())
+                .context("no ultd beside ultctl; give --ultd PATH")?,
+        };
+        let ultd = std::fs::canonicalize(&ultd)
+            .with_context(|| format!("the binary {}", ultd.display()))?;
+        Ok(ServiceSpec {
+            ultd,
+            config,
+            log: log.clone(),
+        })
+    };
+    // Runs a service-manager command; its failure is reported, not hidden.
+    let manager = |program: &str, args: &[&str]| -> Result<String, String> {
+        match std::process::Command::new(program).args(args).output() {
+            Ok(o) if o.status.success() => {
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            }
+            Ok(o) => Err(format!(
+                "`{program} {}` failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run {program}: {e}")),
+        }
+    };
+    let uid = || manager("id", &["-u"]).unwrap_or_else(|_| "501".into());
+    let mut out = std::io::stdout().lock();
+    match action {
+        ServiceAction::Print {
+            config,
+            ultd,
+            platform: p,
+        } => {
+            let p = match p.as_deref() {
+                None => platform,
+                Some("systemd") => Platform::Systemd,
+                Some("launchd") => Platform::Launchd,
+                Some(other) => anyhow::bail!("unknown platform {other:?}: systemd or launchd"),
+            };
+            write!(out, "{}", p.render(&spec(&config, ultd)?))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceAction::Install { config, ultd } => {
+            let spec = spec(&config, ultd)?;
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&file, platform.render(&spec))
+                .with_context(|| format!("writing {}", file.display()))?;
+            writeln!(out, "wrote {}", file.display())?;
+            let started = match platform {
+                Platform::Systemd => {
+                    manager("systemctl", &["--user", "daemon-reload"]).and_then(|_| {
+                        manager("systemctl", &["--user", "enable", "--now", SYSTEMD_UNIT])
+                    })
+                }
+                Platform::Launchd => {
+                    if let Some(dir) = spec.log.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    let domain = format!("gui/{}", uid());
+                    let _ = manager(
+                        "launchctl",
+                        &["bootout", &format!("{domain}/{LAUNCHD_LABEL}")],
+                    );
+                    manager(
+                        "launchctl",
+                        &["bootstrap", &domain, &file.display().to_string()],
+                    )
+                }
+            };
+            match started {
+                Ok(_) => {
+                    let logs = match platform {
+                        Platform::Systemd => "journalctl --user -u ultd -f".to_string(),
+                        Platform::Launchd => format!("tail -f {}", spec.log.display()),
+                    };
+                    writeln!(
+                        out,
+                        "ultd runs as a service now and at every login; logs: {logs}"
+                    )?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "ultctl: {e}\nthe file is written but the service is not running{}",
+                        if platform == Platform::Systemd {
+                            " (no user session manager? log in normally, or `loginctl enable-linger $USER`)"
+                        } else {
+                            ""
+                        }
+                    );
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        ServiceAction::Uninstall => {
+            let stopped = match platform {
+                Platform::Systemd => {
+                    manager("systemctl", &["--user", "disable", "--now", SYSTEMD_UNIT])
+                }
+                Platform::Launchd => manager(
+                    "launchctl",
+                    &["bootout", &format!("gui/{}/{LAUNCHD_LABEL}", uid())],
+                ),
+            };
+            if let Err(e) = &stopped {
+                eprintln!("ultctl: {e} (removing the file anyway)");
+            }
+            match std::fs::remove_file(&file) {
+                Ok(()) => writeln!(out, "removed {}", file.display())?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    writeln!(out, "not installed ({} does not exist)", file.display())?;
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+            }
+            if platform == Platform::Systemd {
+                let _ = manager("systemctl", &["--user", "daemon-reload"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceAction::Status => {
+            if !file.exists() {
+                writeln!(out, "not installed ({} does not exist)", file.display())?;
+                return Ok(ExitCode::from(1));
+            }
+            let state = match platform {
+                Platform::Systemd => manager("systemctl", &["--user", "is-active", SYSTEMD_UNIT]),
+                Platform::Launchd => manager(
+                    "launchctl",
+                    &["print", &format!("gui/{}/{LAUNCHD_LABEL}", uid())],
+                )
+                .map(|_| "loaded".to_string()),
+            };
+            let logs = match platform {
+                Platform::Systemd => "journalctl --user -u ultd".to_string(),
+                Platform::Launchd => log.display().to_string(),
+            };
+            match state {
+                Ok(s) => {
+                    writeln!(out, "installed at {}: {s}; logs: {logs}", file.display())?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    writeln!(
+                        out,
+                        "installed at {} but not running: {e}; logs: {logs}",
+                        file.display()
+                    )?;
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
 }
