@@ -177,6 +177,12 @@ pub struct ModelInfo {
     pub paused_sequences: u32,
     /// Times a sequence paused for its client, so far.
     pub pauses: u64,
+    /// The last unload measured on the GPU: bytes freed (0 on CPU).
+    pub last_unload_freed_bytes: u64,
+    /// What that model's load had measured.
+    pub last_unload_load_bytes: u64,
+    /// The unload freed under 90% of that.
+    pub unload_fell_short: bool,
     /// The most sequences running at once.
     pub max_sequences: u32,
     /// KV blocks held by sequences.
@@ -242,6 +248,12 @@ pub struct DaemonInfo {
     pub request_memory_budget_bytes: u64,
     /// Requests refused because the budget was full.
     pub requests_refused_for_memory: u64,
+    /// On Metal: the working-set limit (0 elsewhere).
+    pub metal_working_set_bytes: u64,
+    /// On Metal: what this process's Metal resources hold.
+    pub metal_allocated_bytes: u64,
+    /// On Metal: unified memory in all.
+    pub unified_memory_bytes: u64,
 }
 
 /// A route.
@@ -789,6 +801,9 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
             request_memory_bytes: d.request_memory_bytes,
             request_memory_budget_bytes: d.request_memory_budget_bytes,
             requests_refused_for_memory: d.requests_refused_for_memory,
+            metal_working_set_bytes: d.metal_working_set_bytes,
+            metal_allocated_bytes: d.metal_allocated_bytes,
+            unified_memory_bytes: d.unified_memory_bytes,
         },
         models: s
             .models
@@ -835,6 +850,9 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 waiting_sequences: m.waiting_sequences,
                 paused_sequences: m.paused_sequences,
                 pauses: m.pauses,
+                last_unload_freed_bytes: m.last_unload_freed_bytes,
+                last_unload_load_bytes: m.last_unload_load_bytes,
+                unload_fell_short: m.unload_fell_short,
                 max_sequences: m.max_sequences,
                 kv_blocks_used: m.kv_blocks_used,
                 kv_blocks_total: m.kv_blocks_total,

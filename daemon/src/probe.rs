@@ -123,24 +123,29 @@ pub struct Prober {
     previous: Option<Counters>,
     /// The pool of the latest sample, to log when it changes.
     pool: Option<PoolSource>,
-    /// (device handle, bytes the device had in use before ult loaded anything).
+    /// (device handle, bytes the device had in use before ult loaded anything): a discrete GPU.
     device: Option<(candle_core::Device, u64)>,
+    /// A Metal device: unified memory, capped by Metal's working-set limit.
+    metal: Option<candle_core::Device>,
 }
 
 impl Prober {
     /// A prober; with a GPU `device`, the governed pool is that device's memory.
     pub fn new(source: ProbeSource, device: &candle_core::Device) -> Self {
-        let device = match device {
-            candle_core::Device::Cpu => None,
-            d => {
-                device_memory(d, true).map(|(free, total)| (d.clone(), total.saturating_sub(free)))
-            }
+        let (device, metal) = match device {
+            candle_core::Device::Cpu => (None, None),
+            d @ candle_core::Device::Metal(_) => (None, Some(d.clone())),
+            d => (
+                device_memory(d, true).map(|(free, total)| (d.clone(), total.saturating_sub(free))),
+                None,
+            ),
         };
         Self {
             source,
             previous: None,
             pool: None,
             device,
+            metal,
         }
     }
 
@@ -174,6 +179,13 @@ impl Prober {
                     snapshot.process_bytes = total.saturating_sub(free).saturating_sub(*baseline);
                     snapshot.pool = PoolSource::Device;
                 }
+                if let Some(m) = self
+                    .metal
+                    .as_ref()
+                    .and_then(|d| ult_engine::device::metal(d, false))
+                {
+                    cap_by_metal(&mut snapshot, m);
+                }
                 Ok(snapshot)
             }
         }
@@ -198,6 +210,27 @@ fn os_sample(previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn os_sample(_previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters), ProbeError> {
     Err(ProbeError::Unsupported)
+}
+
+/// On Apple silicon, Metal's buffers live in unified memory, but Metal caps what one process should hold at
+/// its working-set limit (`recommendedMaxWorkingSetSize`, about 84% of unified memory stock; raised by
+/// `sudo sysctl iogpu.wired_limit_mb=N`). Models that "fit" in unified memory but not under that limit
+/// would fail or page, so the governed pool is the smaller of the two, available is at most what the limit
+/// leaves (as ggml-metal counts free: limit − allocated), and ult's share is at least what Metal holds.
+pub fn cap_by_metal(s: &mut MemorySnapshot, m: ult_engine::device::MetalCounters) {
+    s.metal = Some(ult_policy::MetalView {
+        working_set_limit: m.working_set_limit,
+        allocated: m.allocated,
+        unified_total: s.total_bytes,
+    });
+    if m.working_set_limit < s.total_bytes {
+        s.total_bytes = m.working_set_limit;
+        s.pool = PoolSource::MetalWorkingSet;
+    }
+    s.available_bytes = s
+        .available_bytes
+        .min(m.working_set_limit.saturating_sub(m.allocated));
+    s.process_bytes = s.process_bytes.max(m.allocated);
 }
 
 /// This process's resident memory in bytes, where the OS tells.
@@ -268,7 +301,79 @@ fn read_file_snapshot(path: &std::path::Path) -> Result<MemorySnapshot, ProbeErr
             (Some("device"), _) => PoolSource::Device,
             _ => PoolSource::Machine,
         },
+        metal: None,
     })
 }
 
 pub use ult_engine::device::memory as device_memory;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ult_engine::device::MetalCounters;
+
+    const GIB: u64 = 1 << 30;
+
+    fn mac(total_gib: u64, available_gib: u64, rss_gib: u64) -> MemorySnapshot {
+        MemorySnapshot {
+            total_bytes: total_gib * GIB,
+            available_bytes: available_gib * GIB,
+            process_bytes: rss_gib * GIB,
+            ..Default::default()
+        }
+    }
+
+    /// A 128 GiB Mac reports a working-set limit of about 107.5 GiB stock: that is the pool, not 128.
+    #[test]
+    fn metals_working_set_limit_caps_unified_memory() {
+        let limit = 107 * GIB + GIB / 2;
+        let mut s = mac(128, 110, 1);
+        cap_by_metal(
+            &mut s,
+            MetalCounters {
+                working_set_limit: limit,
+                allocated: 0,
+            },
+        );
+        assert_eq!(s.total_bytes, limit);
+        assert_eq!(s.pool, PoolSource::MetalWorkingSet);
+        assert_eq!(
+            s.available_bytes, limit,
+            "110 GiB free, but Metal allows 107.5"
+        );
+        let m = s.metal.unwrap();
+        assert_eq!((m.unified_total, m.working_set_limit), (128 * GIB, limit));
+        // 100 GiB of models on the GPU: what Metal leaves is the limit less that, however much is free.
+        let mut s = mac(128, 20, 101);
+        cap_by_metal(
+            &mut s,
+            MetalCounters {
+                working_set_limit: limit,
+                allocated: 100 * GIB,
+            },
+        );
+        assert_eq!(s.available_bytes, 7 * GIB + GIB / 2);
+        assert_eq!(s.process_bytes, 101 * GIB);
+    }
+
+    /// With `iogpu.wired_limit_mb` raised past unified memory's free share, unified memory binds again.
+    #[test]
+    fn a_raised_wired_limit_leaves_unified_memory_binding() {
+        let mut s = mac(512, 300, 2);
+        cap_by_metal(
+            &mut s,
+            MetalCounters {
+                working_set_limit: 600 * GIB,
+                allocated: GIB,
+            },
+        );
+        assert_eq!(s.total_bytes, 512 * GIB);
+        assert_eq!(s.pool, PoolSource::Machine);
+        assert_eq!(s.available_bytes, 300 * GIB);
+        assert_eq!(
+            s.process_bytes,
+            2 * GIB,
+            "RSS counts the GPU buffers already"
+        );
+    }
+}

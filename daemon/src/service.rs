@@ -111,6 +111,15 @@ pub fn status_to_pb(s: &StatusView) -> pb::StatusResponse {
         pool_source: s
             .snapshot
             .map_or_else(|| "machine".to_string(), |m| m.pool.to_string()),
+        metal_working_set_bytes: s
+            .snapshot
+            .and_then(|m| m.metal)
+            .map_or(0, |m| m.working_set_limit),
+        metal_allocated_bytes: s.snapshot.and_then(|m| m.metal).map_or(0, |m| m.allocated),
+        unified_memory_bytes: s
+            .snapshot
+            .and_then(|m| m.metal)
+            .map_or(0, |m| m.unified_total),
         request_memory_bytes: 0,
         request_memory_budget_bytes: 0,
         requests_refused_for_memory: 0,
@@ -157,6 +166,11 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         failed: m.counters.failed,
         embedded: m.counters.embedded,
         preemptions: m.counters.preemptions,
+        last_unload_freed_bytes: m.last_unload.map_or(0, |u| u.0),
+        last_unload_load_bytes: m.last_unload.map_or(0, |u| u.1),
+        unload_fell_short: m
+            .last_unload
+            .is_some_and(|(freed, load)| crate::supervisor::unload_fell_short(freed, load)),
         prefix_cache: reg.config.prefix_cache,
         prefix_cache_hits: m.counters.cache_hits,
         prefix_cache_misses: m.counters.cache_misses,

@@ -195,6 +195,8 @@ pub struct ModelStatus {
     pub counters: Counters,
     /// The batch and the KV pool now (None unless resident).
     pub batch: Option<BatchView>,
+    /// The last unload measured on the device: (bytes freed, bytes its load had measured).
+    pub last_unload: Option<(u64, u64)>,
 }
 
 /// A resident decoder's running batch and KV block pool.
@@ -335,6 +337,8 @@ enum Msg {
         load_ms: u64,
     },
     WorkerExited {
+        /// Device bytes its model's drop freed (GPU only).
+        freed: Option<u64>,
         model: String,
         crash: Option<EngineError>,
     },
@@ -618,6 +622,8 @@ struct Supervisor {
     retired: BTreeMap<String, Counters>,
     /// `[daemon] model_roots`, checked again at every load.
     model_roots: Vec<std::path::PathBuf>,
+    /// Each model's last measured unload: (freed, what its load measured).
+    unloads: BTreeMap<String, (u64, u64)>,
 }
 
 /// Starts the state owner and its probe and tick tasks; returns the handle.
@@ -688,6 +694,7 @@ pub fn start(
         next_internal_id: 1 << 62,
         retired: BTreeMap::new(),
         model_roots: d.model_roots.clone(),
+        unloads: BTreeMap::new(),
     };
     tracing::info!(
         ceiling_bytes = ceiling,
@@ -758,6 +765,12 @@ pub fn start(
         end_streams: Arc::new(tokio::sync::watch::channel(false).0),
         grace_ms: d.shutdown_grace_ms,
     }
+}
+
+/// True when an unload freed less than 90% of what its load measured, by more than 8 MiB (device
+/// counters move with other work too).
+pub fn unload_fell_short(freed: u64, measured_load: u64) -> bool {
+    freed.saturating_add(8 << 20) < measured_load && freed < measured_load / 10 * 9
 }
 
 fn unix_ms() -> u64 {
@@ -874,7 +887,14 @@ impl Supervisor {
                 self.on_load_finished(model, result, measured_bytes, load_ms, now);
                 self.start_next_load();
             }
-            Msg::WorkerExited { model, crash } => {
+            Msg::WorkerExited {
+                model,
+                crash,
+                freed,
+            } => {
+                if let Some(freed) = freed {
+                    self.measure_unload(&model, freed);
+                }
                 let event = match crash {
                     None => Event::UnloadFinished {
                         model: model.clone(),
@@ -1271,9 +1291,25 @@ impl Supervisor {
                 let tx = self.tx.clone();
                 let name = model.clone();
                 let prefix_cache = registered.config.prefix_cache;
-                match Worker::spawn(&model, loaded, tokenizer, prefix_cache, move |crash| {
-                    let _ = tx.send(Msg::WorkerExited { model: name, crash });
-                }) {
+                let (before, after) = (self.engine.clone(), self.engine.clone());
+                match Worker::spawn(
+                    &model,
+                    loaded,
+                    tokenizer,
+                    prefix_cache,
+                    // The device's free bytes just before and just after the model is dropped (GPU only).
+                    move || before.device_memory().map(|(free, _)| free),
+                    move |crash, free_before| {
+                        let freed = free_before
+                            .zip(after.device_memory().map(|(free, _)| free))
+                            .map(|(b, a)| a.saturating_sub(b));
+                        let _ = tx.send(Msg::WorkerExited {
+                            model: name,
+                            crash,
+                            freed,
+                        });
+                    },
+                ) {
                     Ok(worker) => {
                         self.workers.insert(model.clone(), worker);
                         self.last_load.insert(model.clone(), (load_ms, measured));
@@ -1346,6 +1382,25 @@ impl Supervisor {
         }
     }
 
+    /// Compares what an unload freed on the device with what the model's load measured. Candle's Metal
+    /// pool, for one, can keep freed buffers (huggingface/candle#3464; the device is settled before it is
+    /// read, which drops them); whatever stays is shown in Status rather than assumed gone.
+    fn measure_unload(&mut self, model: &str, freed: u64) {
+        let expected = self
+            .last_load
+            .get(model)
+            .map_or(0, |&(_, measured)| measured);
+        self.unloads.insert(model.to_string(), (freed, expected));
+        if unload_fell_short(freed, expected) {
+            tracing::warn!(
+                model,
+                freed_bytes = freed,
+                measured_load_bytes = expected,
+                "the unload freed less on the device than the load took"
+            );
+        }
+    }
+
     fn status(&self, now: u64) -> StatusView {
         let verdict = self.governor.verdict();
         let snapshot = self.governor.snapshot().copied();
@@ -1368,6 +1423,7 @@ impl Supervisor {
                         .workers
                         .get(&m.config.name)
                         .map(|w| BatchView::read(w.stats())),
+                    last_unload: self.unloads.get(&m.config.name).copied(),
                 }
             })
             .collect();
@@ -1430,5 +1486,25 @@ pub fn check_kind(m: &RegisteredModel, wanted: ModelKind) -> Result<(), ServiceE
                 ModelKind::Completion => "text-generation",
             },
         )),
+    }
+}
+
+#[cfg(test)]
+mod unload_tests {
+    use super::unload_fell_short;
+
+    #[test]
+    fn an_unload_that_keeps_buffers_is_flagged() {
+        const MIB: u64 = 1 << 20;
+        assert!(!unload_fell_short(1000 * MIB, 1000 * MIB));
+        assert!(!unload_fell_short(950 * MIB, 1000 * MIB), "within 10%");
+        assert!(
+            unload_fell_short(600 * MIB, 1000 * MIB),
+            "a pool kept 400 MiB"
+        );
+        assert!(
+            !unload_fell_short(0, 5 * MIB),
+            "too small to tell from noise"
+        );
     }
 }

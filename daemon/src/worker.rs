@@ -222,15 +222,17 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts a worker for `model` (keeping a prefix cache when `prefix_cache`). `on_exit` runs on the
-    /// worker thread after the model is dropped (its memory is back), with `None` after a stop, or the
-    /// error when model code crashed.
-    pub fn spawn(
+    /// Starts a worker for `model` (keeping a prefix cache when `prefix_cache`). When it stops, `measure`
+    /// runs on the worker thread while the model is still alive, then the model is dropped, then `on_exit`
+    /// runs (its memory is back) with `None` after a stop, or the error when model code crashed, and what
+    /// `measure` returned: so an unload can be measured by the device's figures on either side of the drop.
+    pub fn spawn<M: Send + 'static>(
         name: &str,
         model: LoadedModel,
         tokenizer: Arc<Tokenizer>,
         prefix_cache: bool,
-        on_exit: impl FnOnce(Option<EngineError>) + Send + 'static,
+        measure: impl FnOnce() -> M + Send + 'static,
+        on_exit: impl FnOnce(Option<EngineError>, M) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let stats = Arc::new(WorkerStats::default());
@@ -238,13 +240,22 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("ult-{name}"))
             .spawn(move || {
-                let crash = match model {
-                    LoadedModel::Encoder(e) => run_encoder(e, &rx, &counters),
+                let (crash, measured) = match model {
+                    LoadedModel::Encoder(mut e) => {
+                        let crash = run_encoder(&mut e, &rx, &counters);
+                        let measured = measure();
+                        drop(e);
+                        (crash, measured)
+                    }
                     LoadedModel::Decoder(d) => {
-                        StepLoop::new(d, &tokenizer, prefix_cache, &counters).run(&rx)
+                        let mut steps = StepLoop::new(d, &tokenizer, prefix_cache, &counters);
+                        let crash = steps.run(&rx);
+                        let measured = measure();
+                        drop(steps);
+                        (crash, measured)
                     }
                 };
-                on_exit(crash);
+                on_exit(crash, measured);
             })?;
         Ok(Self {
             tx: Some(tx),
@@ -292,7 +303,7 @@ impl Worker {
 /// Serves embedding jobs until every sender is gone. A panic in model code fails the job at hand, drops
 /// the model and ends the worker; the error is returned.
 fn run_encoder(
-    mut model: Box<dyn Encoder>,
+    model: &mut Box<dyn Encoder>,
     rx: &mpsc::Receiver<Job>,
     counters: &WorkerStats,
 ) -> Option<EngineError> {
@@ -403,7 +414,7 @@ impl<'a> StepLoop<'a> {
     }
 
     /// Serves until every sender is gone and nothing runs.
-    fn run(mut self, rx: &mpsc::Receiver<Job>) -> Option<EngineError> {
+    fn run(&mut self, rx: &mpsc::Receiver<Job>) -> Option<EngineError> {
         let mut open = true;
         loop {
             if self.sched.is_idle() {

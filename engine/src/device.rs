@@ -1,4 +1,5 @@
-//! Device memory as the driver reports it (CUDA only; None elsewhere), for measuring loads and probing the pool.
+//! Device memory as the driver reports it (CUDA's free and total; Metal's working-set limit and allocated
+//! size; None on the CPU), for measuring loads and unloads and probing the pool.
 
 /// Free and total bytes of a GPU device's memory (None on CPU).
 ///
@@ -37,9 +38,51 @@ pub fn memory(device: &candle_core::Device, settle: bool) -> Option<(u64, u64)> 
     }
 }
 
-/// Free and total bytes of a GPU device's memory (None on CPU).
+/// Free and total bytes of a GPU device's memory (None on CPU). On Metal these are what its working-set
+/// limit leaves and the limit itself (see [`metal`]).
 #[cfg(not(feature = "cuda"))]
 pub fn memory(device: &candle_core::Device, settle: bool) -> Option<(u64, u64)> {
+    metal(device, settle).map(|m| {
+        (
+            m.working_set_limit.saturating_sub(m.allocated),
+            m.working_set_limit,
+        )
+    })
+}
+
+/// What Metal reports for this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetalCounters {
+    /// `MTLDevice.recommendedMaxWorkingSetSize`: the most this process's buffers should hold (about 84% of
+    /// unified memory stock; `sudo sysctl iogpu.wired_limit_mb=N` raises it).
+    pub working_set_limit: u64,
+    /// `MTLDevice.currentAllocatedSize`: bytes this process's Metal resources hold now.
+    pub allocated: u64,
+}
+
+/// Metal's counters for `device` (None off Metal). With `settle`, pending command buffers complete first,
+/// which also drops the buffers Candle's pool keeps but nothing uses (huggingface/candle#3464), so an
+/// unload is measured by what it really freed.
+#[cfg(feature = "metal")]
+pub fn metal(device: &candle_core::Device, settle: bool) -> Option<MetalCounters> {
+    match device {
+        candle_core::Device::Metal(m) => {
+            if settle {
+                let _ = m.wait_until_completed();
+            }
+            let d = m.metal_device();
+            Some(MetalCounters {
+                working_set_limit: d.recommended_max_working_set_size() as u64,
+                allocated: d.current_allocated_size() as u64,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Metal's counters for `device` (None: this build has no Metal).
+#[cfg(not(feature = "metal"))]
+pub fn metal(device: &candle_core::Device, settle: bool) -> Option<MetalCounters> {
     let _ = (device, settle);
     None
 }

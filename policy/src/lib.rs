@@ -25,8 +25,8 @@ pub use governor::{
 };
 pub use plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
 pub use pressure::{
-    LevelChange, MemorySnapshot, OsPressure, PoolSource, PressureLevel, PressureThresholds,
-    PressureTracker, Verdict,
+    LevelChange, MemorySnapshot, MetalView, OsPressure, PoolSource, PressureLevel,
+    PressureThresholds, PressureTracker, Verdict,
 };
 pub use route::{Route, RouteStrategy, Router, RouterError};
 pub use score::Gdsf;

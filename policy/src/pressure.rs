@@ -39,6 +39,8 @@ pub struct MemorySnapshot {
     pub limit_events_since_last: u64,
     /// Which limit sizes the pool (`total_bytes`).
     pub pool: PoolSource,
+    /// On Metal: its working-set limit and what this process has allocated, beside unified memory.
+    pub metal: Option<MetalView>,
 }
 
 /// The limit that sizes the governed pool: the smallest of the machine's memory, ult's cgroup limits
@@ -60,6 +62,19 @@ pub enum PoolSource {
     },
     /// The GPU's memory.
     Device,
+    /// Metal's working-set limit (`recommendedMaxWorkingSetSize`), below unified memory.
+    MetalWorkingSet,
+}
+
+/// What Metal allows this process beside unified memory (both in bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MetalView {
+    /// `recommendedMaxWorkingSetSize`: the most Metal buffers this process should hold.
+    pub working_set_limit: u64,
+    /// `currentAllocatedSize`: what it holds now.
+    pub allocated: u64,
+    /// Unified memory in all (the machine's pool before Metal's limit).
+    pub unified_total: u64,
 }
 
 impl fmt::Display for PoolSource {
@@ -69,6 +84,9 @@ impl fmt::Display for PoolSource {
             Self::CgroupV1 { path } => write!(f, "cgroup v1 {path}"),
             Self::CgroupV2 { path } => write!(f, "cgroup v2 {path}"),
             Self::Device => f.write_str("device"),
+            Self::MetalWorkingSet => {
+                f.write_str("Metal working set (recommendedMaxWorkingSetSize)")
+            }
         }
     }
 }

@@ -574,7 +574,20 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
         human_bytes(d.available_bytes),
         d.pressure
     )?;
-    if d.pool_source != "machine" && !d.pool_source.is_empty() {
+    if d.metal_working_set_bytes > 0 {
+        writeln!(
+            out,
+            "Metal working set {} (Metal holds {}) · unified memory {} · {} binds",
+            human_bytes(d.metal_working_set_bytes),
+            human_bytes(d.metal_allocated_bytes),
+            human_bytes(d.unified_memory_bytes),
+            if d.metal_working_set_bytes < d.unified_memory_bytes {
+                "the working set"
+            } else {
+                "unified memory"
+            }
+        )?;
+    } else if d.pool_source != "machine" && !d.pool_source.is_empty() {
         writeln!(out, "pool sized by {}", d.pool_source)?;
     }
     if d.request_memory_bytes > 0 || d.requests_refused_for_memory > 0 {
@@ -677,6 +690,15 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
             .map(|r| vec![r.name.clone(), r.strategy.clone(), r.models.join(" → ")])
             .collect();
         table(out, &["ROUTE", "STRATEGY", "MODELS"], &rows)?;
+    }
+    for m in s.models.iter().filter(|m| m.unload_fell_short) {
+        writeln!(
+            out,
+            "warning: {}'s last unload freed {} on the device of the {} its load took",
+            m.name,
+            human_bytes(m.last_unload_freed_bytes),
+            human_bytes(m.last_unload_load_bytes)
+        )?;
     }
     Ok(())
 }

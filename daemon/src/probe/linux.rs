@@ -546,6 +546,7 @@ pub fn snapshot(
         oom_kills_since_last,
         limit_events_since_last,
         pool,
+        metal: None,
     };
     (snapshot, counters)
 }
