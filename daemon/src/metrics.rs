@@ -506,8 +506,55 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        // The model-server metrics that the Gateway API Inference Extension's endpoint picker (llm-d)
+        // scrapes, under vLLM's names, before the exposition's end.
+        let body = out.strip_suffix("# EOF\n").unwrap_or(&out).to_string();
+        body + &vllm_metrics(status) + "# EOF\n"
     }
+}
+
+/// `vllm:num_requests_running` (requests in model execution batches), `vllm:num_requests_waiting`
+/// (requests waiting to be processed: for a load, for memory or for a batch slot) and
+/// `vllm:kv_cache_usage_perc` (KV-cache usage, 1 meaning 100%), per model (`model_name`), with the
+/// meanings vLLM documents, so such a gateway routes to ult pods unchanged.
+pub fn vllm_metrics(status: &StatusView) -> String {
+    let mut running = String::new();
+    let mut waiting = String::new();
+    let mut kv = String::new();
+    for m in &status.models {
+        let name = m
+            .model
+            .config
+            .name
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        let b = m.batch.unwrap_or_default();
+        let queued = m.view.as_ref().map_or(0, |v| u64::from(v.queued));
+        running.push_str(&format!(
+            "vllm:num_requests_running{{model_name=\"{name}\"}} {}\n",
+            b.running + b.paused
+        ));
+        waiting.push_str(&format!(
+            "vllm:num_requests_waiting{{model_name=\"{name}\"}} {}\n",
+            b.waiting + queued
+        ));
+        let usage = if b.kv_blocks_total > 0 {
+            b.kv_blocks_used as f64 / b.kv_blocks_total as f64
+        } else {
+            0.0
+        };
+        kv.push_str(&format!(
+            "vllm:kv_cache_usage_perc{{model_name=\"{name}\"}} {usage}\n"
+        ));
+    }
+    format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n{running}\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n{waiting}\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n{kv}"
+    )
 }
 
 impl Default for Metrics {

@@ -212,6 +212,37 @@ fn os_sample(_previous: Option<&Counters>) -> Result<(MemorySnapshot, Counters),
     Err(ProbeError::Unsupported)
 }
 
+/// Samples every `interval`, or at once when `wake` fires (the OS announced a pressure change), handing
+/// each sample to `send` until it returns false. With no wake source (its sender gone) it only polls.
+pub fn sample_loop(
+    prober: &mut Prober,
+    interval: std::time::Duration,
+    wake: &std::sync::mpsc::Receiver<()>,
+    mut send: impl FnMut(MemorySnapshot) -> bool,
+) {
+    let mut events = true;
+    loop {
+        if events {
+            match wake.recv_timeout(interval) {
+                Ok(()) => while wake.try_recv().is_ok() {},
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => events = false,
+            }
+        }
+        if !events {
+            std::thread::sleep(interval);
+        }
+        match prober.sample() {
+            Ok(s) => {
+                if !send(s) {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "memory sample failed"),
+        }
+    }
+}
+
 /// On Apple silicon, Metal's buffers live in unified memory, but Metal caps what one process should hold at
 /// its working-set limit (`recommendedMaxWorkingSetSize`, about 84% of unified memory stock; raised by
 /// `sudo sysctl iogpu.wired_limit_mb=N`). Models that "fit" in unified memory but not under that limit
@@ -354,6 +385,34 @@ mod tests {
         );
         assert_eq!(s.available_bytes, 7 * GIB + GIB / 2);
         assert_eq!(s.process_bytes, 101 * GIB);
+    }
+
+    /// A pressure event samples at once, long before the interval; without a source the loop polls.
+    #[test]
+    fn a_pressure_event_samples_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, r#"{"total_bytes": 100, "available_bytes": 50}"#).unwrap();
+        let mut prober = Prober::new(ProbeSource::File(path), &candle_core::Device::Cpu);
+        let (wake, rx) = std::sync::mpsc::channel();
+        let (out, samples) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            sample_loop(
+                &mut prober,
+                std::time::Duration::from_secs(3600),
+                &rx,
+                |s| out.send(s).is_ok(),
+            );
+        });
+        wake.send(()).unwrap();
+        // The interval is an hour: only the wake can bring a sample within a minute.
+        let s = samples
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a sample on the wake");
+        assert_eq!(s.available_bytes, 50);
+        drop(samples);
+        wake.send(()).unwrap();
+        t.join().unwrap();
     }
 
     /// With `iogpu.wired_limit_mb` raised past unified memory's free share, unified memory binds again.

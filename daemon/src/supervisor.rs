@@ -720,26 +720,20 @@ pub fn start(
         })
         .collect();
     tokio::spawn(sup.run(rx, boot));
-    // The probe samples on a blocking thread (reading /proc or sysctls can stall under pressure).
+    // The probe samples on a blocking thread (reading /proc or sysctls can stall under pressure), every
+    // interval, and at once when the OS announces a pressure change (macOS); polling stays the fallback.
     let interval = Duration::from_millis(d.probe_interval_ms);
     let probe_tx = tx.clone();
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+    if crate::probe::macos::watch_pressure(wake_tx) {
+        tracing::info!("the OS's memory-pressure events wake the probe");
+    }
     std::thread::Builder::new()
         .name("ult-probe".into())
         .spawn(move || {
-            loop {
-                std::thread::sleep(interval);
-                match prober.sample() {
-                    Ok(s) => {
-                        if probe_tx.send(Msg::Snapshot(s)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "memory sample failed"),
-                }
-                if probe_tx.is_closed() {
-                    break;
-                }
-            }
+            crate::probe::sample_loop(&mut prober, interval, &wake_rx, |s| {
+                probe_tx.send(Msg::Snapshot(s)).is_ok()
+            });
         })
         .ok();
     let tick_tx = tx.clone();

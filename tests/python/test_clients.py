@@ -151,7 +151,7 @@ def test_error_shapes(oa):
     with pytest.raises(openai.BadRequestError) as e:
         oa.completions.create(model="smollm2", prompt="word " * 3000, max_tokens=4)
     assert e.value.body["code"] == "context_length_exceeded"
-    assert "3001 tokens" in e.value.body["message"]
+    assert "more than 2047 tokens" in e.value.body["message"], "tokenizing stops past the context"
     with pytest.raises(openai.BadRequestError) as e:
         oa.embeddings.create(model="smollm2", input="x")
     assert e.value.body["code"] == "model_not_supported"
@@ -266,3 +266,31 @@ def test_metrics_after_load_generation_and_eviction(oa, stub):
     assert value("ult_memory_ceiling_bytes") > value("ult_memory_used_bytes") >= 0
     assert value("ult_memory_pressure_level") in (0, 1, 2)
     assert value("ult_loads_in_flight") == 0
+
+
+def test_llm_d_metrics_parse_and_move_with_load(oa):
+    """The model-server metrics the Gateway API Inference Extension's endpoint picker (llm-d) scrapes, under
+    vLLM's names: they parse with prometheus_client and move with load."""
+
+    def scrape():
+        text = requests.get(f"http://{HTTP}/metrics").text
+        families = {f.name: f for f in om_parser.text_string_to_metric_families(text)}
+        for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"]:
+            assert families[name].type == "gauge", name
+        return {
+            name: {s.labels["model_name"]: s.value for s in families[name].samples}
+            for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"]
+        }
+
+    stream = oa.chat.completions.create(
+        model="smollm2", messages=PARIS, temperature=0, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
+    during = None
+    for i, _chunk in enumerate(stream):
+        if i == 5:
+            during = scrape()
+    after = scrape()
+    assert during["vllm:num_requests_running"]["smollm2"] == 1, during
+    assert 0 < during["vllm:kv_cache_usage_perc"]["smollm2"] <= 1, during
+    assert after["vllm:num_requests_running"]["smollm2"] == 0, after
+    assert after["vllm:num_requests_waiting"]["smollm2"] == 0, after

@@ -171,3 +171,48 @@ pub fn completion(model: &str, prompt: &str, max_tokens: u32) -> ult_client::Gen
         ..Default::default()
     }
 }
+
+/// Sends one HTTP/1.1 POST of a JSON `body` to `addr` and returns the status code and the whole response.
+pub async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the HTTP door");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read the response");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The body of a test that a parent runs as a child process (`--exact NAME`): when `env` names a
+/// models.toml, serves it until killed, printing "listening GRPC HTTP" once both are bound; otherwise
+/// (the test run itself) returns at once.
+pub fn serve_as_child(env: &str) {
+    let Ok(path) = std::env::var(env) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let config = Config::load(std::path::Path::new(&path)).unwrap_or_else(|e| panic!("{e}"));
+        let engine = Arc::new(CandleEngine::new("cpu").expect("cpu engine"));
+        let running = ultd::server::spawn(config, engine)
+            .await
+            .expect("ultd starts");
+        println!(
+            "listening {} {}",
+            running.tcp.expect("tcp"),
+            running.http.expect("http")
+        );
+        std::future::pending::<()>().await;
+    });
+}

@@ -10,29 +10,14 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ult_client::Client;
 use ult_tests::soak::{rss_bytes, spawn_until_line};
-use ult_tests::{daemon_table, model_tables, paris_request};
+use ult_tests::{daemon_table, http_post, model_tables, paris_request};
 
 ult_tests::install_allocator!();
 
-/// Run as a child by the tests below: serves the models.toml it is given until killed, printing its
-/// addresses first.
+/// Run as a child by the tests below: serves the models.toml it is given until killed.
 #[test]
 fn attack_daemon_child() {
-    let Ok(path) = std::env::var("ULT_ATTACK_CONFIG") else {
-        return;
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let config = ultd::config::Config::load(std::path::Path::new(&path)).unwrap();
-        let engine = std::sync::Arc::new(ult_engine::CandleEngine::new("cpu").unwrap());
-        let running = ultd::server::spawn(config, engine).await.unwrap();
-        println!(
-            "listening {} {}",
-            running.tcp.unwrap(),
-            running.http.unwrap()
-        );
-        std::future::pending::<()>().await;
-    });
+    ult_tests::serve_as_child("ULT_ATTACK_CONFIG");
 }
 
 /// A daemon in its own process; killed on drop.
@@ -101,25 +86,6 @@ fn chat(model: &str, content: String, max_tokens: u32) -> ult_client::GenerateRe
         max_tokens: Some(max_tokens),
         ..Default::default()
     }
-}
-
-/// Sends one HTTP/1.1 request and returns the status code and the body.
-async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
 }
 
 /// The bound this test states before running: eight 3 MB prompts at once may grow ultd's anonymous memory

@@ -376,26 +376,6 @@ async fn raw_generate(addr: &str, prompt: &[u8]) -> tonic::Status {
     }
 }
 
-/// Sends one HTTP/1.1 POST and returns the status code and the whole response.
-async fn http_post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 fn req(model: &str, prompt: &str) -> GenerateRequest {
     GenerateRequest {
         model: model.into(),
@@ -684,7 +664,7 @@ async fn bad_requests_get_typed_errors_while_others_are_served() {
         r#"{"model": "smollm2", "prompt": "x", "temperature": [1]}"#,
         r#"{"model": "smollm2", "prompt": 7}"#,
     ] {
-        let (status, text) = http_post(&d.http, "/v1/completions", body).await;
+        let (status, text) = ult_tests::http_post(&d.http, "/v1/completions", body).await;
         assert_eq!(status, 400, "{body}: {text}");
         for rust in ["u32", "f32", "f64", "usize", "Option<", "struct "] {
             assert!(!text.contains(rust), "{body}: {text}");

@@ -13,24 +13,10 @@ use ult_tests::{daemon_table, model_tables};
 ult_tests::install_allocator!();
 
 /// Run as a child by `thrash_loses_nothing_and_holds_the_ceiling`: serves the models.toml it is given
-/// until killed, printing its address first.
+/// until killed.
 #[test]
 fn soak_daemon_child() {
-    let Ok(path) = std::env::var("ULT_SOAK_CONFIG") else {
-        return;
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let config = ultd::config::Config::load(std::path::Path::new(&path)).unwrap();
-        let engine = std::sync::Arc::new(ult_engine::CandleEngine::new("cpu").unwrap());
-        let running = ultd::server::spawn(config, engine).await.unwrap();
-        println!(
-            "listening {} {}",
-            running.tcp.unwrap(),
-            running.http.unwrap()
-        );
-        std::future::pending::<()>().await;
-    });
+    ult_tests::serve_as_child("ULT_SOAK_CONFIG");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

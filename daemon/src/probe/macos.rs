@@ -272,6 +272,90 @@ mod mach {
     }
 }
 
+/// Asks macOS to announce memory-pressure changes (`DISPATCH_SOURCE_TYPE_MEMORYPRESSURE`, normal, warn
+/// and critical) and to send on `wake` each time, so the probe samples at once instead of at its next
+/// interval. Returns false where there is no such source (the caller keeps polling).
+#[cfg(target_os = "macos")]
+pub fn watch_pressure(wake: std::sync::mpsc::Sender<()>) -> bool {
+    dispatch::watch(wake)
+}
+
+/// Asks the OS to announce memory-pressure changes; this platform has no such source (false).
+#[cfg(not(target_os = "macos"))]
+pub fn watch_pressure(wake: std::sync::mpsc::Sender<()>) -> bool {
+    drop(wake);
+    false
+}
+
+#[cfg(target_os = "macos")]
+#[allow(unsafe_code, non_camel_case_types, non_upper_case_globals)]
+mod dispatch {
+    //! libdispatch's memory-pressure source (<dispatch/source.h>), in libSystem: a source created on a
+    //! global queue whose handler, given the context set on the source, sends on the wake channel.
+    use std::ffi::c_void;
+
+    #[repr(C)]
+    pub struct dispatch_source_type_s {
+        _private: [u8; 0],
+    }
+    type dispatch_source_t = *mut c_void;
+    type dispatch_queue_t = *mut c_void;
+    type dispatch_function_t = Option<unsafe extern "C" fn(*mut c_void)>;
+
+    const DISPATCH_MEMORYPRESSURE_NORMAL: usize = 0x01;
+    const DISPATCH_MEMORYPRESSURE_WARN: usize = 0x02;
+    const DISPATCH_MEMORYPRESSURE_CRITICAL: usize = 0x04;
+    const DISPATCH_QUEUE_PRIORITY_HIGH: isize = 2;
+
+    #[link(name = "System", kind = "dylib")]
+    unsafe extern "C" {
+        static _dispatch_source_type_memorypressure: dispatch_source_type_s;
+        fn dispatch_get_global_queue(identifier: isize, flags: usize) -> dispatch_queue_t;
+        fn dispatch_source_create(
+            type_: *const dispatch_source_type_s,
+            handle: usize,
+            mask: usize,
+            queue: dispatch_queue_t,
+        ) -> dispatch_source_t;
+        fn dispatch_set_context(object: *mut c_void, context: *mut c_void);
+        fn dispatch_source_set_event_handler_f(
+            source: dispatch_source_t,
+            handler: dispatch_function_t,
+        );
+        fn dispatch_resume(object: *mut c_void);
+    }
+
+    unsafe extern "C" fn on_pressure(context: *mut c_void) {
+        // SAFETY: the context is the leaked sender set in `watch`, alive for the process's life.
+        let wake = unsafe { &*context.cast::<std::sync::mpsc::Sender<()>>() };
+        let _ = wake.send(());
+    }
+
+    pub fn watch(wake: std::sync::mpsc::Sender<()>) -> bool {
+        // SAFETY: the calls follow <dispatch/source.h>: a source on a global queue, its context a pointer
+        // that lives forever (the source is never cancelled: ultd watches until it exits), resumed once.
+        unsafe {
+            let queue = dispatch_get_global_queue(DISPATCH_QUEUE_PRIORITY_HIGH, 0);
+            let source = dispatch_source_create(
+                &raw const _dispatch_source_type_memorypressure,
+                0,
+                DISPATCH_MEMORYPRESSURE_NORMAL
+                    | DISPATCH_MEMORYPRESSURE_WARN
+                    | DISPATCH_MEMORYPRESSURE_CRITICAL,
+                queue,
+            );
+            if source.is_null() {
+                return false;
+            }
+            let context = Box::into_raw(Box::new(wake));
+            dispatch_set_context(source, context.cast());
+            dispatch_source_set_event_handler_f(source, Some(on_pressure));
+            dispatch_resume(source);
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
