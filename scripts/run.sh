@@ -9,14 +9,20 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${ULT_CACHE:-$HOME/.cache/ult}/targe
 export ULT_ADDR=${ULT_ADDR:-127.0.0.1:50051}
 
 scripts/fetch-models.sh
-cargo build --release --locked -p ultd -p ult-client
+echo "building ultd and ultctl (release; the first build takes several minutes)…"
+cargo build --release --locked --quiet -p ultd -p ult-client
 bin=$CARGO_TARGET_DIR/release
 log=${ULT_CACHE:-$HOME/.cache/ult}/ultd.log
 mkdir -p "$(dirname "$log")"
 
 "$bin/ultd" --config models.toml --listen "$ULT_ADDR" 2>"$log" &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT INT TERM
+stop_ultd() {
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  printf '\nultd stopped. Its log is %s\n' "$log"
+}
+trap stop_ultd EXIT INT TERM
 # ultd prints its address once it is bound; until then ultctl cannot connect.
 for _ in $(seq 1 300); do
   "$bin/ultctl" status >/dev/null 2>&1 && break
@@ -24,15 +30,18 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
-say() { printf '\n$ %s\n' "$*"; "$@"; }
-say "$bin/ultctl" status
-say "$bin/ultctl" generate chat "What is the capital of France?" --system "You are a helpful assistant."
-say "$bin/ultctl" generate gemma3 "The capital of France is" --max-tokens 24
-say "$bin/ultctl" embed minilm "A cat sits on the mat" "A kitten rests on a rug" "Stock markets fell sharply"
-say "$bin/ultctl" status
+# Each command is shown as it can be pasted back (quoted), with ultctl on PATH as below.
+export PATH="$bin:$PATH"
+say() { printf '\n$'; printf ' %q' "$@"; printf '\n'; "$@"; }
+say ultctl status
+say ultctl generate chat "What is the capital of France?" --system "You are a helpful assistant."
+say ultctl generate gemma3 "The capital of France is" --max-tokens 24
+say ultctl embed minilm "A cat sits on the mat" "A kitten rests on a rug" "Stock markets fell sharply"
+say ultctl status
 
 if [ "${ULT_DEMO_EXIT:-0}" = 1 ]; then
   exit 0
 fi
 printf '\nultd is serving on %s (pid %s, log %s). Press Ctrl-C to stop it.\n' "$ULT_ADDR" "$pid" "$log"
+printf 'To use ultctl from another shell: export PATH=%q:"$PATH"\n' "$bin"
 wait "$pid"

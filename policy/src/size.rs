@@ -131,7 +131,9 @@ pub enum KeepAlive {
 }
 
 impl KeepAlive {
-    /// The default: 30 minutes, as Ollama's users expect from "keep alive".
+    /// The default: 30 minutes, chosen on purpose. Ollama's default is 5 minutes and LM Studio's 60; ult
+    /// evicts idle models by cost as soon as memory is wanted, so a longer keep-alive costs nothing under
+    /// pressure and saves reloads when there is room.
     pub const DEFAULT: Self = Self::Millis(30 * 60 * 1000);
 
     /// Parses "never", "0", "30m", "90s", "2h", "1500ms".

@@ -58,9 +58,9 @@ enum Command {
         /// A system message (implies --chat).
         #[arg(long)]
         system: Option<String>,
-        /// Most new tokens.
-        #[arg(long)]
-        max_tokens: Option<u32>,
+        /// Most new tokens (0: until the context is full or a stop).
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
         /// Sampling temperature (0: greedy).
         #[arg(long)]
         temperature: Option<f32>,
@@ -299,7 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 model,
                 prompt,
                 messages,
-                max_tokens,
+                max_tokens: (max_tokens > 0).then_some(max_tokens),
                 sampling: Sampling {
                     temperature,
                     top_k,
