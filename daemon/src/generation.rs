@@ -85,9 +85,9 @@ pub fn prepare_generation(
         context_tokens: context,
     };
     let bytes = input.bytes();
-    if bytes > tokenizer.max_bytes_for(limit) {
-        return Err(too_long(bytes, bytes.div_ceil(tokenizer.max_bytes_for(1))));
-    }
+    tokenizer
+        .fits_by_length(bytes, limit)
+        .map_err(|e| too_long(bytes, e.at_least))?;
     let text = match input {
         Input::Prompt(p) => {
             check_kind(model, ModelKind::Completion)?;
@@ -330,7 +330,6 @@ pub async fn embed(
         ));
     }
     let limit = insp.context;
-    let max_bytes = insp.tokenizer.max_bytes_for(limit);
     let too_long = |bytes: usize, at_least: usize| ServiceError::PromptTooLong {
         model: m.config.name.clone(),
         bytes,
@@ -342,12 +341,9 @@ pub async fn embed(
         if text.is_empty() {
             return Err(ServiceError::invalid("input", "an input is empty"));
         }
-        if text.len() > max_bytes {
-            return Err(too_long(
-                text.len(),
-                text.len().div_ceil(insp.tokenizer.max_bytes_for(1)),
-            ));
-        }
+        insp.tokenizer
+            .fits_by_length(text.len(), limit)
+            .map_err(|e| too_long(text.len(), e.at_least))?;
     }
     let bytes: usize = inputs.iter().map(String::len).sum();
     let _reservation = handle.work().reserve(RequestWork::estimate(bytes, bytes))?;

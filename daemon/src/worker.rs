@@ -601,6 +601,9 @@ impl<'a> StepLoop<'a> {
             .filter(|(_, a)| a.paused && a.backlog.pending() <= Backlog::PAUSE_AT / 2)
             .map(|(&id, _)| id)
             .collect();
+        if ready.is_empty() {
+            return;
+        }
         for id in ready {
             let Some(a) = self.active.get_mut(&id) else {
                 continue;

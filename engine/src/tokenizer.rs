@@ -398,10 +398,7 @@ impl Tokenizer {
         add_special: bool,
         limit: usize,
     ) -> Result<Vec<u32>, TooManyTokens> {
-        let at_least = text.len().div_ceil(self.max_piece_bytes);
-        if at_least > limit {
-            return Err(TooManyTokens { limit, at_least });
-        }
+        self.fits_by_length(text.len(), limit)?;
         match self.encode_into(text, add_special, limit) {
             (ids, false) => Ok(ids),
             (ids, true) => Err(TooManyTokens {
@@ -409,6 +406,16 @@ impl Tokenizer {
                 at_least: ids.len(),
             }),
         }
+    }
+
+    /// Refuses, from its length alone, a text of `bytes` bytes that cannot encode to `limit` tokens or
+    /// fewer (no token covers more bytes than the longest piece).
+    pub fn fits_by_length(&self, bytes: usize, limit: usize) -> Result<(), TooManyTokens> {
+        let at_least = bytes.div_ceil(self.max_piece_bytes);
+        if at_least > limit {
+            return Err(TooManyTokens { limit, at_least });
+        }
+        Ok(())
     }
 
     /// The longest text, in bytes, that can fit in `tokens` tokens.
