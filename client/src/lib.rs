@@ -354,6 +354,10 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The output must be JSON valid against this JSON schema (the schema's text).
+    pub json_schema: Option<String>,
+    /// The output must be a JSON object.
+    pub json_object: bool,
 }
 
 /// Final statistics of a generation.
@@ -607,6 +611,12 @@ impl Client {
                 }),
                 stop: req.stop,
                 ignore_eos: req.ignore_eos,
+                format: match (req.json_schema, req.json_object) {
+                    (Some(s), _) => Some(pb::generate_request::Format::JsonSchema(s)),
+                    (None, true) => Some(pb::generate_request::Format::JsonObject(true)),
+                    (None, false) => None,
+                },
+                logprobs: None,
             })
             .await?
             .into_inner();

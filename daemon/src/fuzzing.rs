@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::generation::{Input, prepare_generation};
+use crate::generation::{GenerateRequest, Input, prepare_generation};
 use crate::registry::{RegisteredModel, Registry};
 use ult_engine::CandleEngine;
 use ult_engine::gguf::GgufHeader;
@@ -50,13 +50,7 @@ pub fn gguf(data: &[u8]) {
     if let Some(src) = &header.chat_template
         && let Ok(t) = ChatTemplate::new(src, "<s>".into(), "</s>".into())
     {
-        let _ = t.render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }],
-            true,
-        );
+        let _ = t.render(&[ChatMessage::new("user", "hi")], true);
     }
 }
 
@@ -108,7 +102,13 @@ impl RequestTarget {
     /// Decodes `data` into a request (see [`decode_request`]) and validates it against the model.
     pub fn run(&self, data: &[u8]) {
         let (input, max_tokens, sampling, stop) = decode_request(data);
-        if let Ok(p) = prepare_generation(&self.model, input, max_tokens, sampling, stop) {
+        let req = GenerateRequest {
+            max_tokens,
+            sampling,
+            stop,
+            ..GenerateRequest::new("smollm2", input)
+        };
+        if let Ok(p) = prepare_generation(&self.model, &req) {
             // A request that passes validation fits the context it was checked against.
             let context = self
                 .model
@@ -160,9 +160,11 @@ pub fn decode_request(mut data: &[u8]) -> (Input, Option<u32>, SamplingParams, V
         Input::Messages(
             parts
                 .chunks(2)
-                .map(|c| ChatMessage {
-                    role: c[0].to_string(),
-                    content: c.get(1).copied().unwrap_or_default().to_string(),
+                .map(|c| {
+                    ChatMessage::new(
+                        c[0].to_string(),
+                        c.get(1).copied().unwrap_or_default().to_string(),
+                    )
                 })
                 .collect(),
         )

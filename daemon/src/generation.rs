@@ -1,18 +1,24 @@
-//! The request path shared by the gRPC service and the HTTP API: validate a request against its model,
-//! tokenize it, wait for admission (loading the model if needed), and hand the work to the model's worker.
+//! The request core every front door translates into (gRPC, the OpenAI API, Ollama's API): a typed
+//! [`GenerateRequest`] is validated against its model, templated and tokenized on the request threads
+//! (never on the async runtime), admitted (loading the model if needed) and handed to the model's worker.
+//! Metrics are recorded here, once per request, whichever front it came through: refusals when it starts,
+//! then its outcome when it ends (a [`Generation`] dropped before its end counts as cancelled).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use ult_policy::RequestKind;
+use ult_policy::{KeepAlive, RequestKind};
 
 use crate::error::ServiceError;
 use crate::limits::ClientSlot;
+use crate::metrics::{Metrics, outcome_of};
 use crate::registry::RegisteredModel;
 use crate::requests::RequestWork;
 use crate::supervisor::{Grant, Handle, check_kind};
-use crate::worker::{Backlog, EmbedJob, GenEvent, GenerateJob, Job};
+use crate::tools::{Dialect, ToolCall, ToolChoice, Tools};
+use crate::worker::{Backlog, Delta, EmbedJob, GenEvent, GenStats, GenerateJob, Job};
+use ult_engine::constraint::{Constraint, OutputFormat};
 use ult_engine::sampler::SamplingParams;
 use ult_engine::template::ChatMessage;
 use ult_engine::{EngineError, Inspection, ModelKind};
@@ -23,25 +29,17 @@ pub const MAX_STOP_SEQUENCES: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 /// The most inputs in one embedding request.
 pub const MAX_EMBED_INPUTS: usize = 256;
-/// A validated generation request, in ult's own types.
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    /// Prompt tokens.
-    pub prompt: Vec<u32>,
-    /// Most tokens to generate.
-    pub max_tokens: usize,
-    /// Sampling.
-    pub sampling: SamplingParams,
-    /// Stop sequences.
-    pub stop: Vec<String>,
-}
+/// The most alternatives `top_logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// The largest JSON schema or grammar, in bytes.
+pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
 
-/// What a generation request asks for before validation.
+/// What a generation asks for before validation.
 #[derive(Debug, Clone)]
 pub enum Input {
-    /// A raw prompt.
+    /// A raw prompt, tokenized as it is.
     Prompt(String),
-    /// Chat messages.
+    /// Chat messages, rendered with the model's template.
     Messages(Vec<ChatMessage>),
 }
 
@@ -50,18 +48,112 @@ impl Input {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Prompt(p) => p.len(),
-            Self::Messages(ms) => ms.iter().map(|m| m.content.len() + m.role.len()).sum(),
+            Self::Messages(ms) => ms
+                .iter()
+                .map(|m| {
+                    m.content.len()
+                        + m.role.len()
+                        + m.tool_calls.as_ref().map_or(0, |c| c.to_string().len())
+                })
+                .sum(),
         }
     }
 }
 
-/// Checks a generation request against the model and tokenizes it.
+/// What an end-of-sequence token does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AtEos {
+    /// It ends the generation.
+    #[default]
+    Stop,
+    /// Generation goes on past it (benchmarks that need exactly `max_tokens`).
+    Continue,
+}
+
+/// A generation request from any front door, in ult's own types.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The model or route name.
+    pub model: String,
+    /// The prompt or the conversation.
+    pub input: Input,
+    /// The most tokens to generate (None: until the context is full).
+    pub max_tokens: Option<u32>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+    /// What an end-of-sequence token does.
+    pub at_eos: AtEos,
+    /// The shape the output must have.
+    pub format: OutputFormat,
+    /// Log-probabilities of each token, with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Tools the model may call (chat only).
+    pub tools: Option<Tools>,
+    /// The model's keep-alive once this request ends, until another request sets one (None leaves it as
+    /// it is: the configured one, unless an earlier request chose another while it stayed resident).
+    pub keep_alive: Option<KeepAlive>,
+}
+
+impl GenerateRequest {
+    /// A request of `input` to `model` with every option at its default.
+    pub fn new(model: impl Into<String>, input: Input) -> Self {
+        Self {
+            model: model.into(),
+            input,
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            at_eos: AtEos::Stop,
+            format: OutputFormat::Text,
+            logprobs: None,
+            tools: None,
+            keep_alive: None,
+        }
+    }
+}
+
+/// A validated generation request, ready for a worker.
+#[derive(Debug)]
+pub struct GenerateParams {
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// The output grammar, compiled.
+    pub constraint: Option<Constraint>,
+    /// How tool calls are read back from the answer, when the request has tools.
+    pub tools: Option<Dialect>,
+}
+
+fn check_format(format: &OutputFormat) -> Result<(), ServiceError> {
+    let bytes = match format {
+        OutputFormat::Text | OutputFormat::JsonObject => 0,
+        OutputFormat::JsonSchema(s) => {
+            if !s.is_object() && !s.is_boolean() {
+                return Err(ServiceError::invalid(
+                    "response_format",
+                    "the schema must be a JSON object",
+                ));
+            }
+            s.to_string().len()
+        }
+        OutputFormat::Lark(g) => g.len(),
+    };
+    if bytes > MAX_GRAMMAR_BYTES {
+        return Err(ServiceError::invalid(
+            "response_format",
+            format!("the schema has {bytes} bytes; at most {MAX_GRAMMAR_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a generation request against the model, renders and tokenizes it, and compiles its grammar.
 pub fn prepare_generation(
     model: &RegisteredModel,
-    input: Input,
-    max_tokens: Option<u32>,
-    sampling: SamplingParams,
-    stop: Vec<String>,
+    req: &GenerateRequest,
 ) -> Result<GenerateParams, ServiceError> {
     let name = &model.config.name;
     let inspection: &Inspection =
@@ -84,14 +176,32 @@ pub fn prepare_generation(
         at_least,
         context_tokens: context,
     };
-    let bytes = input.bytes();
+    let bytes = req.input.bytes();
     tokenizer
         .fits_by_length(bytes, limit)
         .map_err(|e| too_long(bytes, e.at_least))?;
-    let text = match input {
+    check_format(&req.format)?;
+    if let Some(n) = req.logprobs
+        && n > MAX_TOP_LOGPROBS
+    {
+        return Err(ServiceError::invalid(
+            "top_logprobs",
+            format!("{n} alternatives; at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    let tools = req.tools.as_ref().filter(|t| t.choice != ToolChoice::None);
+    let mut format = req.format.clone();
+    let mut dialect = None;
+    let text = match &req.input {
         Input::Prompt(p) => {
             check_kind(model, ModelKind::Completion)?;
-            p
+            if tools.is_some() {
+                return Err(ServiceError::invalid(
+                    "tools",
+                    "tools need chat messages, not a raw prompt",
+                ));
+            }
+            p.clone()
         }
         Input::Messages(messages) => {
             check_kind(model, ModelKind::Chat)?;
@@ -114,14 +224,38 @@ pub fn prepare_generation(
                     .ok_or_else(|| ServiceError::NoChatTemplate {
                         model: name.clone(),
                     })?;
-            template.render(&messages, true)?
+            match tools {
+                None => template.render(messages, true)?,
+                Some(t) => {
+                    t.validate()?;
+                    if !format.is_text() {
+                        return Err(ServiceError::invalid(
+                            "response_format",
+                            "a structured output and tools cannot be combined; give one",
+                        ));
+                    }
+                    let d = if template.renders_tools() && template.hermes_tools() {
+                        Dialect::Hermes
+                    } else {
+                        Dialect::Generic
+                    };
+                    let plan = t.plan(d, messages.clone());
+                    format = plan.format;
+                    dialect = Some(d);
+                    template.render_with_tools(
+                        &plan.messages,
+                        plan.template_tools.as_ref(),
+                        true,
+                    )?
+                }
+            }
         }
     };
     if text.is_empty() {
         return Err(ServiceError::Engine(EngineError::EmptyPrompt));
     }
-    sampling.validate()?;
-    let max_tokens = match max_tokens {
+    req.sampling.validate()?;
+    let max_tokens = match req.max_tokens {
         Some(0) => return Err(ServiceError::invalid("max_tokens", "must be at least 1")),
         Some(n) if n as usize > context => {
             return Err(ServiceError::invalid(
@@ -132,6 +266,7 @@ pub fn prepare_generation(
         Some(n) => n as usize,
         None => context,
     };
+    let stop = &req.stop;
     if stop.len() > MAX_STOP_SEQUENCES {
         return Err(ServiceError::invalid(
             "stop",
@@ -147,6 +282,11 @@ pub fn prepare_generation(
             format!("stop sequence {s:?} must have 1 to {MAX_STOP_BYTES} bytes"),
         ));
     }
+    let constraint = if format.is_text() {
+        None
+    } else {
+        tokenizer.grammar()?.compile(&format)?
+    };
     let bos_text = tokenizer
         .bos()
         .map(|b| tokenizer.piece_text(b))
@@ -158,22 +298,19 @@ pub fn prepare_generation(
     Ok(GenerateParams {
         prompt,
         max_tokens,
-        sampling,
-        stop,
+        constraint,
+        tools: dialect,
     })
 }
 
-/// Runs [`prepare_generation`] on a preparation thread, holding its memory estimate from the request
-/// budget while it runs (a prompt too long for the model is refused before either).
+/// Runs [`prepare_generation`] on a request thread, holding its memory estimate from the request budget
+/// while it runs (a prompt too long for the model is refused before either).
 async fn prepare(
     handle: &Handle,
     m: &Arc<RegisteredModel>,
-    input: Input,
-    max_tokens: Option<u32>,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-) -> Result<GenerateParams, ServiceError> {
-    let bytes = input.bytes();
+    req: GenerateRequest,
+) -> Result<(GenerateParams, GenerateRequest), ServiceError> {
+    let bytes = req.input.bytes();
     let tokenized = match &m.inspection {
         Ok(i) => bytes.min(i.tokenizer.max_bytes_for(i.context)),
         Err(_) => 0,
@@ -184,8 +321,31 @@ async fn prepare(
     let m = m.clone();
     handle
         .work()
-        .run(move || prepare_generation(&m, input, max_tokens, sampling, stop))
+        .run(move || prepare_generation(&m, &req).map(|p| (p, req)))
         .await?
+}
+
+/// What a generation gives its front door, in order: deltas, then the calls (only for requests with
+/// tools, whose answer is read whole), then the end.
+#[derive(Debug)]
+pub enum Event {
+    /// Text (and its tokens' log-probabilities, when asked for).
+    Delta(Delta),
+    /// The model called tools.
+    ToolCalls(Vec<ToolCall>),
+    /// The end, with statistics.
+    Done(GenStats),
+}
+
+/// How a finished generation ended, for a front door's `finish_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// A natural end (end of sequence, a stop sequence, a complete grammar).
+    Stop,
+    /// `max_tokens` or the context ran out.
+    Length,
+    /// The model called tools.
+    ToolCalls,
 }
 
 /// A generation in flight. Holding it keeps the request in flight for the policy; dropping it ends the
@@ -201,12 +361,29 @@ pub struct Generation {
     backlog: Backlog,
     end: tokio::sync::watch::Receiver<bool>,
     grace_ms: u64,
+    metrics: Arc<Metrics>,
+    /// Set once the outcome is counted.
+    counted: bool,
+    /// Tools: the answer is held until it ends, then read for calls.
+    tools: Option<Dialect>,
+    held: Delta,
+    /// The end, once the calls it follows are given.
+    after_calls: Option<GenStats>,
+    tool_calls: bool,
     /// Held, never read: dropping it tells the state owner the request is done.
     #[allow(dead_code)]
     grant: Grant,
     /// Held, never read: dropping it frees the client's slot.
     #[allow(dead_code)]
     slot: ClientSlot,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.metrics.request(&self.model, "generate", "cancelled");
+        }
+    }
 }
 
 impl Generation {
@@ -220,73 +397,259 @@ impl Generation {
         self.load_ms
     }
 
-    /// The next event from the worker (None once it is gone), or `EndedByShutdown` when the daemon's
-    /// shutdown grace period ran out.
-    pub async fn next(&mut self) -> Result<Option<GenEvent>, ServiceError> {
+    /// How the generation ended, given its statistics.
+    pub fn ending(&self, s: &GenStats) -> Ending {
+        use crate::worker::FinishReason as F;
+        if self.tool_calls {
+            return Ending::ToolCalls;
+        }
+        match s.finish {
+            F::Eos | F::Stop | F::Cancelled => Ending::Stop,
+            F::Length | F::Context => Ending::Length,
+        }
+    }
+
+    /// The front door stopped the stream because its client did not read: counted as stalled.
+    pub fn stalled(&mut self) {
+        self.count("stalled");
+    }
+
+    fn count(&mut self, outcome: &str) {
+        if !self.counted {
+            self.counted = true;
+            self.metrics.request(&self.model, "generate", outcome);
+        }
+    }
+
+    /// The next event (None once it has ended). A failure of the model, or the daemon's shutdown grace
+    /// period running out, is an error; either way its outcome is counted.
+    pub async fn next(&mut self) -> Result<Option<Event>, ServiceError> {
+        if let Some(s) = self.after_calls.take() {
+            return Ok(Some(Event::Done(s)));
+        }
+        loop {
+            let event = match self.recv().await {
+                Ok(e) => e,
+                Err(e) => {
+                    self.count("shutdown");
+                    return Err(e);
+                }
+            };
+            match event {
+                None => {
+                    if self.counted {
+                        return Ok(None);
+                    }
+                    let e = ServiceError::Engine(EngineError::WorkerGone);
+                    self.count(outcome_of(&Err(&e)));
+                    return Err(e);
+                }
+                Some(GenEvent::Delta(d)) => {
+                    self.backlog.taken();
+                    if self.tools.is_none() {
+                        return Ok(Some(Event::Delta(d)));
+                    }
+                    self.held.text.push_str(&d.text);
+                    self.held.logprobs.extend(d.logprobs);
+                }
+                Some(GenEvent::Failed(e)) => {
+                    let e = ServiceError::Engine(e);
+                    self.count(outcome_of(&Err(&e)));
+                    return Err(e);
+                }
+                Some(GenEvent::Done(s)) => {
+                    self.count("ok");
+                    self.metrics.generated(
+                        &self.model,
+                        s.prompt_tokens as u64,
+                        s.completion_tokens as u64,
+                        s.ttft_ms,
+                    );
+                    let Some(dialect) = self.tools else {
+                        return Ok(Some(Event::Done(s)));
+                    };
+                    let held = std::mem::take(&mut self.held);
+                    let prefix = format!("call_{:x}", s.total_ms.to_bits() ^ s.queue_ms.to_bits());
+                    let parsed =
+                        crate::tools::parse(dialect, &held.text, |i| format!("{prefix}_{i}"));
+                    self.tools = None;
+                    if parsed.calls.is_empty() {
+                        self.after_calls = Some(s);
+                        return Ok(Some(Event::Delta(Delta {
+                            text: parsed.content,
+                            logprobs: held.logprobs,
+                        })));
+                    }
+                    self.tool_calls = true;
+                    self.after_calls = Some(s);
+                    return Ok(Some(Event::ToolCalls(parsed.calls)));
+                }
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Result<Option<GenEvent>, ServiceError> {
         let ended = ServiceError::EndedByShutdown {
             grace_ms: self.grace_ms,
         };
         if *self.end.borrow() {
             return Err(ended);
         }
-        let event = tokio::select! {
+        Ok(tokio::select! {
             event = self.events.recv() => event,
             changed = self.end.changed() => match changed {
                 Ok(()) if *self.end.borrow() => return Err(ended),
                 _ => self.events.recv().await,
             },
-        };
-        if matches!(event, Some(GenEvent::Delta(_))) {
-            self.backlog.taken();
-        }
-        Ok(event)
+        })
     }
 }
 
-/// Validates `input` against the model behind `name`, takes a slot of `client`'s, waits for admission,
-/// and starts generating.
-#[allow(clippy::too_many_arguments)]
-pub async fn start_generation(
-    handle: &Handle,
-    client: &str,
-    name: &str,
-    input: Input,
-    max_tokens: Option<u32>,
-    sampling: SamplingParams,
-    stop: Vec<String>,
-    ignore_eos: bool,
-) -> Result<Generation, ServiceError> {
-    let submitted = Instant::now();
-    let slot = handle.limits().acquire(client)?;
-    let m = handle.resolve(name).await?;
-    let params = prepare(handle, &m, input, max_tokens, sampling, stop).await?;
-    let grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
-    let jobs = grant
-        .jobs
-        .clone()
-        .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
-    let (events_tx, events) = mpsc::unbounded_channel();
-    let backlog = Backlog::default();
-    jobs.submit(Job::Generate(GenerateJob {
-        backlog: backlog.clone(),
-        prompt: params.prompt,
-        max_tokens: params.max_tokens,
-        sampling: params.sampling,
-        stop: params.stop,
-        ignore_eos,
-        events: events_tx,
-        submitted,
-    }))?;
-    Ok(Generation {
-        model: m.config.name.clone(),
-        load_ms: grant.load_ms,
-        events,
-        backlog,
-        end: handle.streams_end(),
-        grace_ms: handle.grace_ms(),
-        grant,
-        slot,
-    })
+/// Streams `g` into `tx` for a front door: `map` turns each event (or the error that ends it) into the
+/// front's message and says whether it is the last. The stream stops when the client goes away or stops
+/// reading for `[daemon] write_timeout` (the generation is then dropped, which cancels it).
+pub async fn pump<T: Send + 'static>(
+    mut g: Generation,
+    tx: mpsc::Sender<T>,
+    write_timeout: std::time::Duration,
+    mut map: impl FnMut(&Generation, Result<Event, ServiceError>) -> Vec<T> + Send,
+) {
+    loop {
+        tokio::select! {
+            event = g.next() => {
+                let (msgs, last) = match event {
+                    Ok(Some(e)) => {
+                        let last = matches!(e, Event::Done(_));
+                        (map(&g, Ok(e)), last)
+                    }
+                    Ok(None) => return,
+                    Err(e) => (map(&g, Err(e)), true),
+                };
+                for msg in msgs {
+                    match tx.send_timeout(msg, write_timeout).await {
+                        Ok(()) => {}
+                        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                            tracing::info!(model = g.model(), timeout_ms = write_timeout.as_millis() as u64, "stream cancelled: the client did not read");
+                            g.stalled();
+                            return;
+                        }
+                        Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
+                    }
+                }
+                if last {
+                    return;
+                }
+            }
+            // The client went away: dropping the generation cancels the job at its next decode step.
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// The request core: what every front door calls.
+#[derive(Debug, Clone)]
+pub struct Core {
+    handle: Handle,
+    metrics: Arc<Metrics>,
+}
+
+impl Core {
+    /// A core over the state owner behind `handle`, counting into `metrics`.
+    pub fn new(handle: Handle, metrics: Arc<Metrics>) -> Self {
+        Self { handle, metrics }
+    }
+
+    /// The state owner.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Validates `req` against its model, takes a slot of `client`'s, waits for admission and starts
+    /// generating. A refusal is counted here.
+    pub async fn generate(
+        &self,
+        client: &str,
+        req: GenerateRequest,
+    ) -> Result<Generation, ServiceError> {
+        let model = req.model.clone();
+        let started = self.start(client, req).await;
+        if let Err(e) = &started {
+            self.metrics
+                .request(&model, "generate", outcome_of(&Err(e)));
+        }
+        started
+    }
+
+    async fn start(&self, client: &str, req: GenerateRequest) -> Result<Generation, ServiceError> {
+        let handle = &self.handle;
+        let submitted = Instant::now();
+        let slot = handle.limits().acquire(client)?;
+        let m = handle.resolve(&req.model).await?;
+        let (params, req) = prepare(handle, &m, req).await?;
+        let mut grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
+        if req.keep_alive.is_some() {
+            grant.keep_alive_after(req.keep_alive);
+        }
+        let jobs = grant
+            .jobs
+            .clone()
+            .ok_or(ServiceError::Engine(EngineError::WorkerGone))?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let backlog = Backlog::default();
+        jobs.submit(Job::Generate(GenerateJob {
+            backlog: backlog.clone(),
+            prompt: params.prompt,
+            max_tokens: params.max_tokens,
+            sampling: req.sampling,
+            stop: req.stop,
+            ignore_eos: req.at_eos == AtEos::Continue,
+            logprobs: req.logprobs,
+            constraint: params.constraint,
+            events: events_tx,
+            submitted,
+        }))?;
+        Ok(Generation {
+            model: m.config.name.clone(),
+            load_ms: grant.load_ms,
+            events,
+            backlog,
+            end: handle.streams_end(),
+            grace_ms: handle.grace_ms(),
+            metrics: self.metrics.clone(),
+            counted: false,
+            tools: params.tools,
+            held: Delta::default(),
+            after_calls: None,
+            tool_calls: false,
+            grant,
+            slot,
+        })
+    }
+
+    /// Embeds `inputs` with the embedding model behind `model`, holding a slot of `client`'s; the outcome
+    /// is counted here.
+    pub async fn embed(
+        &self,
+        client: &str,
+        model: &str,
+        inputs: &[String],
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Embedded, ServiceError> {
+        let result = embed(&self.handle, client, model, inputs, keep_alive).await;
+        match &result {
+            Ok(e) => {
+                self.metrics.request(&e.model, "embed", "ok");
+                self.metrics.embedded(&e.model, e.prompt_tokens as u64);
+            }
+            Err(err) => self.metrics.request(model, "embed", outcome_of(&Err(err))),
+        }
+        result
+    }
 }
 
 /// Embeddings of `inputs`, with the model that computed them, the prompt tokens and the load time if this
@@ -304,11 +667,12 @@ pub struct Embedded {
 }
 
 /// Validates and embeds `inputs` with the embedding model behind `name`, holding a slot of `client`'s.
-pub async fn embed(
+async fn embed(
     handle: &Handle,
     client: &str,
     name: &str,
     inputs: &[String],
+    keep_alive: Option<KeepAlive>,
 ) -> Result<Embedded, ServiceError> {
     let _slot = handle.limits().acquire(client)?;
     let m: Arc<RegisteredModel> = handle.resolve(name).await?;
@@ -365,7 +729,10 @@ pub async fn embed(
         .await?;
     let tokenized = encoded.map_err(|(bytes, at_least)| too_long(bytes, at_least))?;
     let prompt_tokens = tokenized.iter().map(Vec::len).sum();
-    let grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
+    let mut grant = handle.acquire(&m.config.name, RequestKind::Use).await?;
+    if keep_alive.is_some() {
+        grant.keep_alive_after(keep_alive);
+    }
     let jobs = grant
         .jobs
         .clone()

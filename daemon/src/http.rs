@@ -3,7 +3,6 @@
 //! `POST /v1/embeddings`, `GET /v1/models`, `GET /metrics`, `GET /healthz`. Errors use OpenAI's JSON shape
 //! and status codes.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,25 +11,19 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use ult_policy::{Rejection, Residency};
 
 use crate::error::ServiceError;
-use crate::generation::{Input, embed, start_generation};
+use crate::generation::Core;
 use crate::limits::client_key;
-use crate::metrics::{Metrics, outcome_of};
+use crate::metrics::Metrics;
 use crate::supervisor::Handle;
-use crate::worker::{FinishReason, GenEvent, GenStats};
-use ult_engine::sampler::SamplingParams;
-use ult_engine::template::ChatMessage;
 use ult_engine::{EngineError, ModelKind};
 
 /// What the HTTP handlers share.
@@ -38,6 +31,8 @@ use ult_engine::{EngineError, ModelKind};
 pub struct HttpState {
     /// The state owner.
     pub handle: Handle,
+    /// The request core.
+    pub core: Core,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// A bearer token every request must carry, if set.
@@ -87,13 +82,14 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
     retry_after_s: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    /// An error of `status` and OpenAI `kind`.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -104,9 +100,10 @@ impl ApiError {
         }
     }
 
-    fn bad_request(param: &'static str, message: impl Into<String>) -> Self {
+    /// A 400 about `param`.
+    pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            param: Some(param),
+            param: Some(param.into()),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
         }
     }
@@ -130,7 +127,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Rejected(r) => match r {
                 Rejection::UnknownModel { .. } | Rejection::UnknownLease { .. } => Self {
                     code: Some("model_not_found"),
-                    param: Some("model"),
+                    param: Some("model".into()),
                     ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
                 },
                 Rejection::LargerThanCeiling { .. } => Self {
@@ -164,7 +161,7 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::PathNotAllowed { .. } => Self {
                 code: Some("model_not_found"),
-                param: Some("model"),
+                param: Some("model".into()),
                 ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
             },
             ServiceError::TooManyRequests { .. } => Self {
@@ -174,7 +171,7 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::WrongKind { .. } | ServiceError::NoChatTemplate { .. } => Self {
                 code: Some("model_not_supported"),
-                param: Some("model"),
+                param: Some("model".into()),
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             },
             ServiceError::RequestMemory { .. } => Self {
@@ -188,12 +185,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::PromptTooLong { .. }
             | ServiceError::Engine(EngineError::ContextTooLong { .. }) => Self {
                 code: Some("context_length_exceeded"),
-                param: Some("messages"),
+                param: Some("messages".into()),
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             },
-            ServiceError::InvalidArgument { field, .. } => Self::bad_request(field, message),
+            ServiceError::InvalidArgument { field, .. } => Self::bad_request(*field, message),
             ServiceError::Engine(EngineError::InvalidParameter { field, .. }) => {
-                Self::bad_request(field, message)
+                Self::bad_request(*field, message)
             }
             ServiceError::Engine(EngineError::EmptyPrompt) => Self::bad_request("prompt", message),
             ServiceError::Engine(_) => {
@@ -257,11 +254,18 @@ fn json_error_message(text: &str) -> String {
     format!("invalid body: {out}")
 }
 
+impl ApiError {
+    /// The error as OpenAI writes it.
+    pub fn body(&self) -> Value {
+        json!({
+            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code }
+        })
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code }
-        });
+        let body = self.body();
         let mut response = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after_s
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
@@ -272,13 +276,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn unix_s() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn request_id(prefix: &str) -> String {
+/// A fresh response id.
+pub fn request_id(prefix: &str) -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -287,134 +293,6 @@ fn request_id(prefix: &str) -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("{prefix}-{:016x}", h.finish())
-}
-
-/// `stop`: a string or a list of strings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-/// Message content: a string, or a list of parts of which text parts are used.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Value>),
-}
-
-impl Content {
-    fn text(self) -> Result<String, ApiError> {
-        match self {
-            Self::Text(t) => Ok(t),
-            Self::Parts(parts) => {
-                let mut out = String::new();
-                for p in parts {
-                    match (p["type"].as_str(), p["text"].as_str()) {
-                        (Some("text"), Some(t)) => out.push_str(t),
-                        _ => {
-                            return Err(ApiError::bad_request(
-                                "messages",
-                                "only text content parts are supported",
-                            ));
-                        }
-                    }
-                }
-                Ok(out)
-            }
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct Message {
-    role: String,
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// The sampling fields shared by chat and completions.
-#[derive(Debug, Deserialize)]
-struct Sampling {
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    n: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    logprobs: Option<Value>,
-    /// An extension llama.cpp's server and vLLM accept too: keep generating past end-of-sequence tokens
-    /// (for benchmarks that need exactly `max_tokens`).
-    #[serde(default)]
-    ignore_eos: bool,
-}
-
-impl Sampling {
-    /// OpenAI's defaults: temperature 1 and top_p 1 when unset.
-    fn params(&self) -> Result<(SamplingParams, Vec<String>), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request("n", "only n = 1 is supported"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| v.as_bool() != Some(false) && !v.is_null())
-        {
-            return Err(ApiError::bad_request(
-                "logprobs",
-                "logprobs are not supported",
-            ));
-        }
-        let sampling = SamplingParams {
-            temperature: self.temperature.unwrap_or(1.0),
-            top_p: self.top_p,
-            seed: self.seed,
-            ..SamplingParams::default()
-        };
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(Stop::One(x)) => vec![x.clone()],
-            Some(Stop::Many(v)) => v.clone(),
-        };
-        Ok((sampling, stop))
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<Message>,
-    max_tokens: Option<u32>,
-    max_completion_tokens: Option<u32>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    model: String,
-    prompt: Prompt,
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    echo: bool,
-    #[serde(flatten)]
-    sampling: Sampling,
 }
 
 #[derive(Debug, Deserialize)]
@@ -432,231 +310,14 @@ struct EmbeddingRequest {
     dimensions: Option<usize>,
 }
 
-fn finish_reason(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
-        FinishReason::Length | FinishReason::Context => "length",
-    }
-}
-
-fn usage(s: &GenStats) -> Value {
-    json!({
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": s.cached_tokens },
-    })
-}
-
-/// Which response shape a generation streams or returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Chat,
-    Completion,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn generate(
-    state: HttpState,
-    client: String,
-    shape: Shape,
-    model: String,
-    input: Input,
-    max_tokens: Option<u32>,
-    sampling: Sampling,
-) -> Result<Response, ApiError> {
-    let (params, stop) = sampling.params()?;
-    let include_usage = sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
-    let started = start_generation(
-        &state.handle,
-        &client,
-        &model,
-        input,
-        max_tokens,
-        params,
-        stop,
-        sampling.ignore_eos,
-    )
-    .await;
-    let mut g = match started {
-        Ok(g) => g,
-        Err(e) => {
-            state
-                .metrics
-                .request(&model, "generate", outcome_of(&Err(&e)));
-            return Err(e.into());
-        }
-    };
-    let id = request_id(if shape == Shape::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    });
-    let created = unix_s();
-    let served = g.model().to_string();
-    if !sampling.stream {
-        let mut text = String::new();
-        loop {
-            match g.next().await {
-                Err(e) => return Err(e.into()),
-                Ok(Some(GenEvent::Delta(t))) => text.push_str(&t),
-                Ok(Some(GenEvent::Done(s))) => {
-                    state.metrics.request(&served, "generate", "ok");
-                    state.metrics.generated(
-                        &served,
-                        s.prompt_tokens as u64,
-                        s.completion_tokens as u64,
-                        s.ttft_ms,
-                    );
-                    let choice = match shape {
-                        Shape::Chat => json!({
-                            "index": 0,
-                            "message": { "role": "assistant", "content": text },
-                            "finish_reason": finish_reason(s.finish),
-                            "logprobs": null,
-                        }),
-                        Shape::Completion => json!({
-                            "index": 0, "text": text, "finish_reason": finish_reason(s.finish), "logprobs": null,
-                        }),
-                    };
-                    let object = if shape == Shape::Chat {
-                        "chat.completion"
-                    } else {
-                        "text_completion"
-                    };
-                    return Ok(Json(json!({
-                        "id": id, "object": object, "created": created, "model": served,
-                        "choices": [choice], "usage": usage(&s),
-                        "system_fingerprint": format!("ult-{}", env!("CARGO_PKG_VERSION")),
-                    }))
-                    .into_response());
-                }
-                Ok(Some(GenEvent::Failed(e))) => {
-                    let e = ServiceError::Engine(e);
-                    state
-                        .metrics
-                        .request(&served, "generate", outcome_of(&Err(&e)));
-                    return Err(e.into());
-                }
-                Ok(None) => return Err(ServiceError::Engine(EngineError::WorkerGone).into()),
-            }
-        }
-    }
-    // Streaming: one chunk per delta, a final chunk with the finish reason, usage if asked, then [DONE].
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let write_timeout = state.handle.write_timeout();
-    tokio::spawn(async move {
-        let object = if shape == Shape::Chat {
-            "chat.completion.chunk"
-        } else {
-            "text_completion"
-        };
-        let chunk = |delta: Value, finish: Option<&str>| -> Event {
-            let choice = match shape {
-                Shape::Chat => {
-                    json!({ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null })
-                }
-                Shape::Completion => json!({
-                    "index": 0, "text": delta["content"].as_str().unwrap_or(""), "finish_reason": finish, "logprobs": null,
-                }),
-            };
-            Event::default().data(json!({ "id": id, "object": object, "created": created, "model": served, "choices": [choice] }).to_string())
-        };
-        if shape == Shape::Chat
-            && tx
-                .send(Ok(chunk(
-                    json!({ "role": "assistant", "content": "" }),
-                    None,
-                )))
-                .await
-                .is_err()
-        {
-            return;
-        }
-        loop {
-            tokio::select! {
-                event = g.next() => match event {
-                    Ok(Some(GenEvent::Delta(t))) => {
-                        match tx.send_timeout(Ok(chunk(json!({ "content": t }), None)), write_timeout).await {
-                            Ok(()) => {}
-                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                                // The client stopped reading: dropping the generation cancels it.
-                                tracing::info!(model = %served, timeout_ms = write_timeout.as_millis() as u64, "stream cancelled: the client did not read");
-                                state.metrics.request(&served, "generate", "stalled");
-                                break;
-                            }
-                            Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
-                        }
-                    }
-                    Ok(Some(GenEvent::Done(s))) => {
-                        state.metrics.request(&served, "generate", "ok");
-                        state.metrics.generated(&served, s.prompt_tokens as u64, s.completion_tokens as u64, s.ttft_ms);
-                        let _ = tx.send(Ok(chunk(json!({}), Some(finish_reason(s.finish))))).await;
-                        if include_usage {
-                            let last = json!({ "id": id, "object": object, "created": created, "model": served, "choices": [], "usage": usage(&s) });
-                            let _ = tx.send(Ok(Event::default().data(last.to_string()))).await;
-                        }
-                        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                        break;
-                    }
-                    Ok(Some(GenEvent::Failed(e))) => {
-                        let e = ServiceError::Engine(e);
-                        state.metrics.request(&served, "generate", outcome_of(&Err(&e)));
-                        let body = json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": null } });
-                        let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
-                        break;
-                    }
-                    Err(e) => {
-                        state.metrics.request(&served, "generate", "shutdown");
-                        let body = json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": "shutting_down" } });
-                        let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
-                        break;
-                    }
-                    Ok(None) => break,
-                },
-                // The client went away: dropping the generation cancels it at the next decode step.
-                () = tx.closed() => {
-                    state.metrics.request(&served, "generate", "cancelled");
-                    break;
-                }
-            }
-        }
-    });
-    Ok(Sse::new(ReceiverStream::new(rx)).into_response())
-}
-
 async fn chat_completions(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let result = async {
         let Json(req) = body?;
-        let mut messages = Vec::with_capacity(req.messages.len());
-        for m in req.messages {
-            let content = match m.content {
-                Some(c) => c.text()?,
-                None => String::new(),
-            };
-            messages.push(ChatMessage {
-                role: m.role,
-                content,
-            });
-        }
-        let max = req.max_completion_tokens.or(req.max_tokens);
-        generate(
-            state,
-            client_key(Some(peer)),
-            Shape::Chat,
-            req.model,
-            Input::Messages(messages),
-            max,
-            req.sampling,
-        )
-        .await
+        crate::openai::chat(state, client_key(Some(peer)), req).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -665,38 +326,36 @@ async fn chat_completions(
 async fn completions(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Result<Json<CompletionRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
     let result = async {
         let Json(req) = body?;
-        if req.echo {
-            return Err(ApiError::bad_request("echo", "echo is not supported"));
-        }
-        let prompt = match req.prompt {
-            Prompt::One(p) => p,
-            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
-            Prompt::Many(_) => {
-                return Err(ApiError::bad_request(
-                    "prompt",
-                    "send one prompt per request",
-                ));
-            }
-        };
-        // OpenAI's completions default is 16 tokens.
-        let max = Some(req.max_tokens.unwrap_or(16));
-        generate(
-            state,
-            client_key(Some(peer)),
-            Shape::Completion,
-            req.model,
-            Input::Prompt(prompt),
-            max,
-            req.sampling,
-        )
-        .await
+        crate::openai::completions(state, client_key(Some(peer)), req).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Reads a request from its JSON body. A field the request type does not know is refused by name
+/// (`param` set to it): ult answers only what it can honour.
+pub fn parse_body<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| {
+        let text = e.to_string();
+        if let Some(rest) = text.strip_prefix("unknown field `")
+            && let Some(end) = rest.find('`')
+        {
+            let name = &rest[..end];
+            return ApiError::bad_request(
+                name.to_string(),
+                format!("unsupported parameter `{name}`: ult does not implement it"),
+            );
+        }
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            json_error_message(&text),
+        )
+    })
 }
 
 async fn embeddings(
@@ -720,15 +379,10 @@ async fn embeddings(
                 ));
             }
         };
-        let e = match embed(&state.handle, &client_key(Some(peer)), &req.model, &inputs).await {
-            Ok(e) => e,
-            Err(err) => {
-                state
-                    .metrics
-                    .request(&req.model, "embed", outcome_of(&Err(&err)));
-                return Err(err.into());
-            }
-        };
+        let e = state
+            .core
+            .embed(&client_key(Some(peer)), &req.model, &inputs, None)
+            .await?;
         if let Some(d) = req.dimensions
             && e.vectors.first().is_some_and(|v| v.len() != d)
         {
@@ -737,8 +391,6 @@ async fn embeddings(
                 format!("model {} has {} dimensions", e.model, e.vectors[0].len()),
             ));
         }
-        state.metrics.request(&e.model, "embed", "ok");
-        state.metrics.embedded(&e.model, e.prompt_tokens as u64);
         let data: Vec<Value> = e
             .vectors
             .iter()

@@ -208,6 +208,7 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         http = Some(listener.local_addr().context("reading the bound address")?);
         let app = crate::http::router(
             HttpState {
+                core: crate::generation::Core::new(handle.clone(), metrics.clone()),
                 handle: handle.clone(),
                 metrics: metrics.clone(),
                 token,

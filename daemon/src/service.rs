@@ -12,14 +12,16 @@ use ult_policy::{LeaseId, PressureLevel, RequestKind, Residency};
 use ult_proto::v1 as pb;
 
 use crate::error::ServiceError;
-use crate::generation::{Input, embed, start_generation};
+use crate::generation::{AtEos, Core, Event, GenerateRequest, Input, pump};
 use crate::limits::client_key;
-use crate::metrics::{Metrics, outcome_of};
+use crate::metrics::Metrics;
 use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent};
-use crate::worker::{FinishReason, GenEvent};
+use crate::worker::FinishReason;
+use ult_engine::ModelKind;
+use ult_engine::constraint::OutputFormat;
 use ult_engine::sampler::SamplingParams;
+use ult_engine::sequence::TokenLogprob;
 use ult_engine::template::ChatMessage;
-use ult_engine::{EngineError, ModelKind};
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -32,13 +34,33 @@ pub const MAX_LEASE_MS: u64 = 30 * 24 * 3_600_000;
 #[derive(Debug, Clone)]
 pub struct UltService {
     handle: Handle,
-    metrics: Arc<Metrics>,
+    core: Core,
 }
 
 impl UltService {
     /// A service over the state owner behind `handle`, counting into `metrics`.
     pub fn new(handle: Handle, metrics: Arc<Metrics>) -> Self {
-        Self { handle, metrics }
+        Self {
+            core: Core::new(handle.clone(), metrics),
+            handle,
+        }
+    }
+}
+
+fn logprob_to_pb(t: TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token: String::from_utf8_lossy(&t.bytes).into_owned(),
+        bytes: t.bytes,
+        logprob: t.logprob,
+        top: t
+            .top
+            .into_iter()
+            .map(|(_, bytes, logprob)| pb::TopLogprob {
+                token: String::from_utf8_lossy(&bytes).into_owned(),
+                bytes,
+                logprob,
+            })
+            .collect(),
     }
 }
 
@@ -402,93 +424,69 @@ impl pb::ult_server::Ult for UltService {
             Some(pb::generate_request::Input::Messages(ms)) => Input::Messages(
                 ms.messages
                     .into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
+                    .map(|m| ChatMessage::new(m.role, m.content))
                     .collect(),
             ),
             None => return Err(ServiceError::invalid("input", "set prompt or messages").into()),
         };
-        let started = start_generation(
-            &self.handle,
-            &client,
-            &req.model,
-            input,
-            req.max_tokens,
-            sampling_from(req.sampling),
-            req.stop,
-            req.ignore_eos,
-        )
-        .await;
-        let mut g = match started {
-            Ok(g) => g,
-            Err(e) => {
-                self.metrics
-                    .request(&req.model, "generate", outcome_of(&Err(&e)));
-                return Err(e.into());
+        let format = match req.format {
+            None => OutputFormat::Text,
+            Some(pb::generate_request::Format::JsonObject(true)) => OutputFormat::JsonObject,
+            Some(pb::generate_request::Format::JsonObject(false)) => OutputFormat::Text,
+            Some(pb::generate_request::Format::JsonSchema(s)) => {
+                OutputFormat::JsonSchema(serde_json::from_str(&s).map_err(|e| {
+                    Status::from(ServiceError::invalid(
+                        "json_schema",
+                        format!("not JSON: {e}"),
+                    ))
+                })?)
             }
+            Some(pb::generate_request::Format::LarkGrammar(g)) => OutputFormat::Lark(g),
         };
+        let request = GenerateRequest {
+            max_tokens: req.max_tokens,
+            sampling: sampling_from(req.sampling),
+            stop: req.stop,
+            at_eos: if req.ignore_eos {
+                AtEos::Continue
+            } else {
+                AtEos::Stop
+            },
+            format,
+            logprobs: req.logprobs.map(|n| n as usize),
+            ..GenerateRequest::new(req.model, input)
+        };
+        let g = self.core.generate(&client, request).await?;
         let (tx, rx) = mpsc::channel(64);
-        let metrics = self.metrics.clone();
-        let write_timeout = self.handle.write_timeout();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    event = g.next() => {
-                        let msg = match event {
-                            Ok(Some(GenEvent::Delta(text))) => Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(text)) }),
-                            Ok(Some(GenEvent::Done(s))) => {
-                                metrics.request(g.model(), "generate", "ok");
-                                metrics.generated(g.model(), s.prompt_tokens as u64, s.completion_tokens as u64, s.ttft_ms);
-                                Ok(pb::GenerateResponse {
-                                    event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
-                                        model: g.model().to_string(),
-                                        finish_reason: finish_to_pb(s.finish) as i32,
-                                        prompt_tokens: s.prompt_tokens as u32,
-                                        completion_tokens: s.completion_tokens as u32,
-                                        prompt_tokens_per_s: s.prompt_tps(),
-                                        decode_tokens_per_s: s.decode_tps(),
-                                        load_ms: g.load_ms(),
-                                        queue_ms: s.queue_ms as u64,
-                                        time_to_first_token_ms: s.ttft_ms as u64,
-                                        total_ms: s.total_ms as u64,
-                                        cached_tokens: s.cached_tokens as u32,
-                                    })),
-                                })
-                            }
-                            Ok(Some(GenEvent::Failed(e))) => {
-                                let e = ServiceError::Engine(e);
-                                metrics.request(g.model(), "generate", outcome_of(&Err(&e)));
-                                Err(Status::from(e))
-                            }
-                            Ok(None) => Err(Status::from(ServiceError::Engine(EngineError::WorkerGone))),
-                            Err(e) => {
-                                metrics.request(g.model(), "generate", "shutdown");
-                                Err(Status::from(e))
-                            }
-                        };
-                        let last = !matches!(&msg, Ok(pb::GenerateResponse { event: Some(pb::generate_response::Event::Delta(_)) }));
-                        match tx.send_timeout(msg, write_timeout).await {
-                            Ok(()) if !last => {}
-                            Ok(()) => break,
-                            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                                // The client stopped reading: dropping the generation cancels it.
-                                tracing::info!(model = g.model(), timeout_ms = write_timeout.as_millis() as u64, "stream cancelled: the client did not read");
-                                metrics.request(g.model(), "generate", "stalled");
-                                break;
-                            }
-                            Err(mpsc::error::SendTimeoutError::Closed(_)) => break,
-                        }
-                    }
-                    // The client went away: dropping the generation cancels the job at its next decode step.
-                    () = tx.closed() => {
-                        metrics.request(g.model(), "generate", "cancelled");
-                        break;
-                    }
-                }
-            }
-        });
+        let write_timeout = self.core.handle().write_timeout();
+        tokio::spawn(pump(g, tx, write_timeout, |g, event| {
+            let msg = match event {
+                Ok(Event::Delta(d)) => Ok(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Delta(d.text)),
+                    logprobs: d.logprobs.into_iter().map(logprob_to_pb).collect(),
+                }),
+                // gRPC requests carry no tools.
+                Ok(Event::ToolCalls(_)) => return Vec::new(),
+                Ok(Event::Done(s)) => Ok(pb::GenerateResponse {
+                    event: Some(pb::generate_response::Event::Done(pb::GenerateDone {
+                        model: g.model().to_string(),
+                        finish_reason: finish_to_pb(s.finish) as i32,
+                        prompt_tokens: s.prompt_tokens as u32,
+                        completion_tokens: s.completion_tokens as u32,
+                        prompt_tokens_per_s: s.prompt_tps(),
+                        decode_tokens_per_s: s.decode_tps(),
+                        load_ms: g.load_ms(),
+                        queue_ms: s.queue_ms as u64,
+                        time_to_first_token_ms: s.ttft_ms as u64,
+                        total_ms: s.total_ms as u64,
+                        cached_tokens: s.cached_tokens as u32,
+                    })),
+                    logprobs: Vec::new(),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            vec![msg]
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -499,27 +497,20 @@ impl pb::ult_server::Ult for UltService {
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let client = client_key(request.remote_addr());
         let req = request.into_inner();
-        match embed(&self.handle, &client, &req.model, &req.inputs).await {
-            Ok(e) => {
-                self.metrics.request(&e.model, "embed", "ok");
-                self.metrics.embedded(&e.model, e.prompt_tokens as u64);
-                Ok(Response::new(pb::EmbedResponse {
-                    model: e.model,
-                    embeddings: e
-                        .vectors
-                        .into_iter()
-                        .map(|values| pb::Embedding { values })
-                        .collect(),
-                    prompt_tokens: e.prompt_tokens as u32,
-                    load_ms: e.load_ms,
-                }))
-            }
-            Err(e) => {
-                self.metrics
-                    .request(&req.model, "embed", outcome_of(&Err(&e)));
-                Err(e.into())
-            }
-        }
+        let e = self
+            .core
+            .embed(&client, &req.model, &req.inputs, None)
+            .await?;
+        Ok(Response::new(pb::EmbedResponse {
+            model: e.model,
+            embeddings: e
+                .vectors
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
+            prompt_tokens: e.prompt_tokens as u32,
+            load_ms: e.load_ms,
+        }))
     }
 
     async fn pin(

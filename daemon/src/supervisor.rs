@@ -9,8 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use ult_policy::{
-    Action, Event, EvictReason, Governor, GovernorConfig, LeaseId, LoadPreview, MemorySnapshot,
-    Plan, PressureLevel, Rejection, RequestId, RequestKind, Residency, Route, Router,
+    Action, Event, EvictReason, Governor, GovernorConfig, KeepAlive, LeaseId, LoadPreview,
+    MemorySnapshot, Plan, PressureLevel, Rejection, RequestId, RequestKind, Residency, Route,
+    Router,
 };
 
 use crate::config::Config;
@@ -120,13 +121,26 @@ pub struct Grant {
 struct DoneGuard {
     tx: mpsc::UnboundedSender<Msg>,
     model: String,
+    keep_alive: Option<Option<KeepAlive>>,
 }
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Done {
             model: std::mem::take(&mut self.model),
+            keep_alive: self.keep_alive,
         });
+    }
+}
+
+impl Grant {
+    /// Once this request ends, the model stays resident for `keep_alive` when idle (Ollama's
+    /// per-request `keep_alive`; 0 unloads it as soon as nothing else uses it), until another request
+    /// sets its own. `None` restores the model's configured keep-alive.
+    pub fn keep_alive_after(&mut self, keep_alive: Option<KeepAlive>) {
+        if let Some(d) = &mut self._done {
+            d.keep_alive = Some(keep_alive);
+        }
     }
 }
 
@@ -324,6 +338,8 @@ enum Msg {
     },
     Done {
         model: String,
+        /// Set when the request chose the model's keep-alive from then on.
+        keep_alive: Option<Option<KeepAlive>>,
     },
     Progress {
         model: String,
@@ -856,7 +872,14 @@ impl Supervisor {
                     self.execute(plan);
                 }
             }
-            Msg::Done { model } => {
+            Msg::Done { model, keep_alive } => {
+                if let Some(keep_alive) = keep_alive {
+                    let model = model.clone();
+                    let plan = self
+                        .governor
+                        .handle(Event::KeepAliveAfter { model, keep_alive }, now);
+                    self.execute(plan);
+                }
                 let plan = self.governor.handle(Event::RequestDone { model }, now);
                 self.execute(plan);
             }
@@ -1167,6 +1190,7 @@ impl Supervisor {
         let done = (waiter.kind == RequestKind::Use).then(|| DoneGuard {
             tx: self.tx.clone(),
             model: model.to_string(),
+            keep_alive: None,
         });
         let (load_ms, measured) = self
             .last_load

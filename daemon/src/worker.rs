@@ -15,12 +15,13 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc as tmpsc, oneshot};
 
+use ult_engine::constraint::Constraint;
 use ult_engine::decoder::{Decoder, Encoder, StepInput};
 use ult_engine::kv::KvPool;
 use ult_engine::sampler::SamplingParams;
 use ult_engine::sched::{Refusal, Scheduler, SchedulerConfig, SeqId, StepPlan};
 pub use ult_engine::sequence::FinishReason;
-use ult_engine::sequence::{Sequence, SequenceParams};
+use ult_engine::sequence::{Sequence, SequenceParams, TokenLogprob};
 use ult_engine::tokenizer::Tokenizer;
 use ult_engine::{EngineError, LoadedDecoder, LoadedModel, PREFILL_CHUNK};
 
@@ -72,12 +73,21 @@ fn rate(n: usize, ms: f64) -> f64 {
 /// What a generation streams back.
 #[derive(Debug)]
 pub enum GenEvent {
-    /// Text to show.
-    Delta(String),
+    /// Text to show, with the log-probabilities of the tokens it completes when they were asked for.
+    Delta(Delta),
     /// The end, with statistics.
     Done(GenStats),
     /// It failed.
     Failed(EngineError),
+}
+
+/// A piece of generated text.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    /// The text (empty when a delta carries only the last tokens' log-probabilities).
+    pub text: String,
+    /// Log-probabilities of the tokens since the last delta, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A generation job.
@@ -93,6 +103,10 @@ pub struct GenerateJob {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report log-probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
+    /// The output grammar, compiled for this job.
+    pub constraint: Option<Constraint>,
     /// Where deltas go; dropping the receiver cancels.
     pub events: tmpsc::UnboundedSender<GenEvent>,
     /// Deltas sent but not yet taken by the client's side ([`Backlog`]).
@@ -360,6 +374,8 @@ fn crashed(context: &'static str) -> EngineError {
 /// A generation in the worker: its sequence state, where its events go, and its timings.
 struct Active {
     seq: Sequence,
+    /// Log-probabilities of tokens whose text is not complete yet.
+    logprobs: Vec<TokenLogprob>,
     events: tmpsc::UnboundedSender<GenEvent>,
     backlog: Backlog,
     /// Out of the batch (and of the scheduler) until its client catches up.
@@ -525,12 +541,14 @@ impl<'a> StepLoop<'a> {
             sampling: job.sampling,
             stop: job.stop,
             ignore_eos: job.ignore_eos,
+            logprobs: job.logprobs,
         };
         let limit = self.decoder.context();
         self.active.insert(
             id,
             Active {
-                seq: Sequence::new(job.prompt, params, limit),
+                seq: Sequence::new(job.prompt, params, limit).with_constraint(job.constraint),
+                logprobs: Vec::new(),
                 events: job.events,
                 backlog: job.backlog,
                 paused: false,
@@ -695,13 +713,24 @@ impl<'a> StepLoop<'a> {
                 .as_mut()
                 .and_then(|l| l.get_mut(i))
                 .map(Vec::as_mut_slice);
-            let token = a.seq.choose(argmax[i], row);
+            let token = match a.seq.choose(argmax[i], row) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.finish(*id, None, Some(e));
+                    continue;
+                }
+            };
             let accepted = a.seq.accept(token, self.tokenizer);
             a.first_token.get_or_insert(now);
+            a.logprobs.extend(accepted.logprob);
             let mut finish = accepted.finish;
             let mut unread = 0;
             if let Some(text) = accepted.delta {
-                if a.events.send(GenEvent::Delta(text)).is_err() {
+                let delta = Delta {
+                    text,
+                    logprobs: std::mem::take(&mut a.logprobs),
+                };
+                if a.events.send(GenEvent::Delta(delta)).is_err() {
                     finish = Some(FinishReason::Cancelled);
                 } else {
                     unread = a.backlog.sent();
@@ -747,10 +776,16 @@ impl<'a> StepLoop<'a> {
             return;
         }
         let finish = reason.unwrap_or(FinishReason::Context);
-        if finish == FinishReason::Context
-            && let Some(text) = a.seq.flush()
-        {
-            let _ = a.events.send(GenEvent::Delta(text));
+        let rest = if finish == FinishReason::Context {
+            a.seq.flush()
+        } else {
+            None
+        };
+        if rest.is_some() || !a.logprobs.is_empty() {
+            let _ = a.events.send(GenEvent::Delta(Delta {
+                text: rest.unwrap_or_default(),
+                logprobs: std::mem::take(&mut a.logprobs),
+            }));
         }
         let counter = if finish == FinishReason::Cancelled {
             &c.cancelled

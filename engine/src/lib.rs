@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod constraint;
 #[cfg(feature = "cuda")]
 pub mod cuda_jit;
 pub mod decoder;
@@ -143,6 +144,9 @@ pub enum EngineError {
     /// The model's worker stopped (it was unloaded or crashed).
     #[error("the model's worker is gone")]
     WorkerGone,
+    /// The output grammar failed while decoding (llguidance's reason).
+    #[error("the output grammar failed: {0}")]
+    Grammar(String),
     /// Model code panicked; the model was dropped and the daemon carries on.
     #[error("model code crashed while {context}: {message}")]
     Crashed {

@@ -215,6 +215,44 @@ impl Sampler {
     }
 }
 
+/// The log-probability of `chosen` under the softmax of `logits` (the model's own distribution: before
+/// penalties, temperature and any grammar), with the `top` most likely ids and theirs, most likely first.
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |id: u32| {
+        logits
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - log_z) as f32)
+    };
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let k = top.min(all.len());
+        if k > 0 && k < all.len() {
+            all.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(k);
+        }
+        all.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        best = all.into_iter().map(|(i, _)| (i, lp(i))).collect();
+    }
+    (lp(chosen), best)
+}
+
 /// The index of the largest finite logit (the lowest index on ties; 0 if none is finite).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -286,6 +324,17 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let (lp, top) = logprobs(&logits, 2, 2);
+        let z: f64 = [1.0f64, 3.0, 2.0].iter().map(|x| x.exp()).sum();
+        assert!((f64::from(lp) - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(top[0].1 > top[1].1 && top[0].1 < 0.0);
+        assert_eq!(logprobs(&logits, 3, 0).0, f32::NEG_INFINITY);
     }
 
     #[test]

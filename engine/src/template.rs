@@ -7,17 +7,42 @@ use serde::Serialize;
 use super::EngineError;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct ChatMessage {
-    /// "system", "user" or "assistant".
+    /// "system", "user", "assistant" or "tool".
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's tool calls, as templates receive them from transformers:
+    /// `[{"type": "function", "function": {"name", "arguments": {…}}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's tool name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of plain text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Whether the template renders a `tools` list (and so knows its model's tool-call format).
+    renders_tools: bool,
+    /// Whether it writes tool calls as `<tool_call>{json}</tool_call>` (the Hermes format Qwen uses).
+    hermes_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -52,9 +77,21 @@ impl ChatTemplate {
             })?;
         Ok(Self {
             env,
+            renders_tools: source.contains("tools"),
+            hermes_tools: source.contains("<tool_call>"),
             bos_token,
             eos_token,
         })
+    }
+
+    /// Whether the template renders a `tools` list itself.
+    pub fn renders_tools(&self) -> bool {
+        self.renders_tools
+    }
+
+    /// Whether the template's tool calls are `<tool_call>{json}</tool_call>` blocks.
+    pub fn hermes_tools(&self) -> bool {
+        self.hermes_tools
     }
 
     /// Renders `messages`, ending with the assistant's turn opener when `add_generation_prompt`.
@@ -102,15 +139,7 @@ mod tests {
     fn chatml() {
         let src = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
         let t = ChatTemplate::new(src, String::new(), "<|im_end|>".into()).unwrap();
-        let out = t
-            .render(
-                &[ChatMessage {
-                    role: "user".into(),
-                    content: "Hi".into(),
-                }],
-                true,
-            )
-            .unwrap();
+        let out = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
         assert_eq!(
             out,
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -121,21 +150,9 @@ mod tests {
     fn python_methods_and_exceptions() {
         let src = "{% if messages[0]['role'] == 'bad' %}{{ raise_exception('no bad roles') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
         let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
-        let ok = t.render(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "  hi ".into(),
-            }],
-            false,
-        );
+        let ok = t.render(&[ChatMessage::new("user", "  hi ")], false);
         assert_eq!(ok.unwrap(), "HI");
-        let err = t.render(
-            &[ChatMessage {
-                role: "bad".into(),
-                content: String::new(),
-            }],
-            false,
-        );
+        let err = t.render(&[ChatMessage::new("bad", String::new())], false);
         assert!(
             matches!(err, Err(EngineError::Template { reason }) if reason.contains("no bad roles"))
         );

@@ -9,6 +9,10 @@ mod wordpiece;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::EngineError;
+use crate::constraint::{GrammarEnv, LazyGrammarEnv};
 
 use bpe::{ByteLevelBpe, SentencePieceBpe, parse_byte_piece};
 use pretokenize::{PreTokenizer, byte_of};
@@ -162,6 +166,8 @@ pub struct Tokenizer {
     /// The most input bytes one token covers (the longest piece or special token): a text of `n` bytes
     /// has at least `n / max_piece_bytes` tokens, so a text too long for any context is refused unread.
     max_piece_bytes: usize,
+    /// The grammar index over this vocabulary, built on the first constrained request.
+    grammar: LazyGrammarEnv,
 }
 
 /// A text has more tokens than the limit it was encoded against; encoding stopped early.
@@ -307,6 +313,7 @@ impl Tokenizer {
             stop_ids,
             kind,
             max_piece_bytes: max_piece_bytes(&decoded, &specials),
+            grammar: LazyGrammarEnv::default(),
             specials,
             decoded,
         })
@@ -371,6 +378,7 @@ impl Tokenizer {
         Ok(Self {
             model: Model::WordPiece(WordPiece::new(vocab, options)),
             max_piece_bytes: max_piece_bytes(&decoded, &specials),
+            grammar: LazyGrammarEnv::default(),
             specials,
             decoded,
             unk: Some(unk),
@@ -460,6 +468,27 @@ impl Tokenizer {
     /// The bytes `id` decodes to (empty for control tokens and unknown ids).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.decoded.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Each id's bytes as the grammar index wants them: text tokens their bytes, special tokens their
+    /// text behind llguidance's 0xFF marker (so no grammar can spell them as text), others nothing.
+    pub fn grammar_words(&self) -> Vec<Vec<u8>> {
+        let mut words = self.decoded.clone();
+        for (text, id) in self.specials.by_first.values().flatten() {
+            if let Some(w) = words.get_mut(*id as usize)
+                && w.is_empty()
+            {
+                let mut marked = vec![0xff];
+                marked.extend_from_slice(text.as_bytes());
+                *w = marked;
+            }
+        }
+        words
+    }
+
+    /// The grammar index over this vocabulary (built on first use, then shared).
+    pub fn grammar(&self) -> Result<Arc<GrammarEnv>, EngineError> {
+        self.grammar.get(self)
     }
 
     /// Decodes ids to text (invalid UTF-8 becomes U+FFFD).

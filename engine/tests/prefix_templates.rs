@@ -29,10 +29,7 @@ fn inspect(path: &str) -> Inspection {
 }
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage::new(role, content)
 }
 
 /// Renders a conversation turn by turn; returns whether every turn's tokens start with the previous

@@ -11,10 +11,7 @@ use ult_engine::EngineError;
 use ult_engine::template::{ChatMessage, ChatTemplate};
 
 fn msg(role: &str, content: &str) -> ChatMessage {
-    ChatMessage {
-        role: role.into(),
-        content: content.into(),
-    }
+    ChatMessage::new(role, content)
 }
 
 #[test]

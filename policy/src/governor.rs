@@ -267,6 +267,8 @@ struct Entry {
     waiters: Vec<(RequestId, RequestKind)>,
     failure: Option<Failure>,
     load_started_by_request: bool,
+    /// The last finished request's own keep-alive, which replaces the configured one while resident.
+    keep_alive_after: Option<KeepAlive>,
 }
 
 impl Entry {
@@ -292,6 +294,7 @@ impl Entry {
             waiters: Vec::new(),
             failure: None,
             load_started_by_request: false,
+            keep_alive_after: None,
         }
     }
 
@@ -397,6 +400,11 @@ impl Governor {
         match event {
             Event::Request { id, model, kind } => self.on_request(id, &model, kind, now, &mut plan),
             Event::RequestDone { model } => self.on_request_done(&model, now, &mut plan),
+            Event::KeepAliveAfter { model, keep_alive } => {
+                if let Some(e) = self.models.get_mut(&model) {
+                    e.keep_alive_after = keep_alive;
+                }
+            }
             Event::Cancel { id } => self.on_cancel(id, now, &mut plan),
             Event::LoadFinished {
                 model,
@@ -943,6 +951,7 @@ impl Governor {
         let bytes = entry.charged();
         entry.residency = Residency::Unloading;
         entry.cache_bytes = 0;
+        entry.keep_alive_after = None;
         plan.actions.push(Action::Unload {
             model: model.to_string(),
             reason,
@@ -1442,7 +1451,7 @@ impl Governor {
 
 impl Entry {
     fn keep_alive_expired(&self, now: u64) -> bool {
-        match self.spec.keep_alive {
+        match self.keep_alive_after.unwrap_or(self.spec.keep_alive) {
             KeepAlive::Forever => false,
             KeepAlive::Millis(ms) => now.saturating_sub(self.idle_since_ms) >= ms,
         }

@@ -22,6 +22,15 @@ pub enum Event {
         /// The model the request used.
         model: String,
     },
+    /// A request on `model` asked for its own keep-alive (Ollama's per-request `keep_alive`): once the
+    /// model is next idle, it stays resident for `keep_alive` instead of its configured one (None restores
+    /// the configured one). Sent just before that request's `RequestDone`.
+    KeepAliveAfter {
+        /// The model.
+        model: String,
+        /// The keep-alive from its next idle moment.
+        keep_alive: Option<crate::size::KeepAlive>,
+    },
     /// A request still waiting (for a load or for memory) was abandoned by its client.
     Cancel {
         /// The id it was submitted with.

@@ -156,7 +156,7 @@ def test_error_shapes(oa):
         oa.embeddings.create(model="smollm2", input="x")
     assert e.value.body["code"] == "model_not_supported"
     with pytest.raises(openai.BadRequestError) as e:
-        oa.chat.completions.create(model="smollm2", messages=PARIS, n=2)
+        oa.chat.completions.create(model="smollm2", messages=PARIS, n=20)
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="smollm2", messages=PARIS, temperature=-1)

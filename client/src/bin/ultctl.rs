@@ -82,6 +82,12 @@ enum Command {
         /// Keep generating past end-of-sequence tokens (benchmarks).
         #[arg(long)]
         ignore_eos: bool,
+        /// The answer must be JSON valid against the JSON schema in this file.
+        #[arg(long, value_name = "FILE")]
+        json_schema: Option<std::path::PathBuf>,
+        /// The answer must be a JSON object.
+        #[arg(long, conflicts_with = "json_schema")]
+        json_object: bool,
     },
     /// Embed texts.
     Embed {
@@ -284,7 +290,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             stop,
             ignore_eos,
+            json_schema,
+            json_object,
         } => {
+            let json_schema = match json_schema {
+                None => None,
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading the schema {}", path.display()))?;
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?;
+                    Some(text)
+                }
+            };
             let messages = if chat || system.is_some() {
                 let mut m = Vec::new();
                 if let Some(s) = system {
@@ -309,6 +327,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 stop,
                 ignore_eos,
+                json_schema,
+                json_object,
             };
             let stream = client.generate(req).await?;
             futures::pin_mut!(stream);
