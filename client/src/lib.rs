@@ -608,6 +608,7 @@ impl Client {
                     repetition_penalty: s.repetition_penalty,
                     repeat_last_n: None,
                     seed: s.seed,
+                    min_p: None,
                 }),
                 stop: req.stop,
                 ignore_eos: req.ignore_eos,

@@ -51,6 +51,16 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
+/// Where Ollama's API listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OllamaListener {
+    /// The address (Ollama's own default, 127.0.0.1:11434, unless configured).
+    pub addr: SocketAddr,
+    /// Set when the address was configured: failing to bind it stops ultd. The default address is
+    /// often held by Ollama itself; then ultd logs a warning and serves everything else.
+    pub required: bool,
+}
+
 /// `[daemon]`.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -82,6 +92,8 @@ pub struct DaemonConfig {
     pub pressure_dwell_ms: u64,
     /// The OpenAI-compatible HTTP API and `/metrics` (None: off).
     pub http: Option<SocketAddr>,
+    /// Ollama's native API on its own listener (None: off).
+    pub ollama: Option<OllamaListener>,
     /// The largest request body (HTTP) or message (gRPC), in bytes.
     pub max_request_bytes: usize,
     /// A bearer token every request must carry (None: no authentication).
@@ -209,6 +221,7 @@ struct RawDaemon {
     shutdown_grace: Option<SizeValue>,
     pressure_dwell: Option<SizeValue>,
     http: Option<String>,
+    ollama: Option<String>,
     max_request_bytes: Option<SizeValue>,
     auth_token: Option<String>,
     auth_token_file: Option<String>,
@@ -472,6 +485,22 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
             )
         })?),
     };
+    let ollama = match d.ollama.as_deref() {
+        None => Some(OllamaListener {
+            addr: SocketAddr::from(([127, 0, 0, 1], 11434)),
+            required: false,
+        }),
+        Some("" | "none" | "off") => None,
+        Some(s) => Some(OllamaListener {
+            addr: s.parse().map_err(|_| {
+                l.error(
+                    &["daemon", "ollama"],
+                    &format!("{s:?} is not an address like \"127.0.0.1:11434\""),
+                )
+            })?,
+            required: true,
+        }),
+    };
     let max_request_bytes = match &d.max_request_bytes {
         None => 4 << 20,
         Some(v) => {
@@ -590,6 +619,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
         shutdown_grace_ms: duration("shutdown_grace", &d.shutdown_grace, 10_000)?,
         pressure_dwell_ms: duration("pressure_dwell", &d.pressure_dwell, 5_000)?,
         http,
+        ollama,
         max_request_bytes,
         auth_token,
         max_requests_per_client: d.max_requests_per_client.map_or(64, |n| n as usize),

@@ -148,6 +148,7 @@ pub fn decode_request(mut data: &[u8]) -> (Input, Option<u32>, SamplingParams, V
         temperature,
         top_k: (flags & 2 != 0).then_some(usize::from(top_k)),
         top_p: (flags & 4 != 0).then_some(top_p),
+        min_p: None,
         repetition_penalty: if flags & 8 != 0 { penalty } else { 1.0 },
         repeat_last_n: 64,
         seed: Some(u64::from(flags)),

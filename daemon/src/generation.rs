@@ -91,6 +91,9 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Tools the model may call (chat only).
     pub tools: Option<Tools>,
+    /// The positions this request may use, prompt and answer together, when smaller than the model's
+    /// context (Ollama's `num_ctx`).
+    pub window: Option<usize>,
     /// The model's keep-alive once this request ends, until another request sets one (None leaves it as
     /// it is: the configured one, unless an earlier request chose another while it stayed resident).
     pub keep_alive: Option<KeepAlive>,
@@ -109,6 +112,7 @@ impl GenerateRequest {
             format: OutputFormat::Text,
             logprobs: None,
             tools: None,
+            window: None,
             keep_alive: None,
         }
     }
@@ -164,7 +168,9 @@ pub fn prepare_generation(
                 model: name.clone(),
                 reason: r.clone(),
             })?;
-    let context = inspection.context;
+    let context = req
+        .window
+        .map_or(inspection.context, |w| w.clamp(2, inspection.context));
     let tokenizer = &inspection.tokenizer;
     // The prompt must leave room for one generated token; a text longer than that many of the
     // vocabulary's longest pieces cannot fit, so it is refused before any templating or tokenizing.
@@ -296,8 +302,13 @@ pub fn prepare_generation(
         .encode_limited(&text, add_bos, limit)
         .map_err(|e| too_long(text.len(), e.at_least))?;
     Ok(GenerateParams {
+        // A window smaller than the context ends the answer where the window does.
+        max_tokens: if req.window.is_some() {
+            max_tokens.min(context - prompt.len())
+        } else {
+            max_tokens
+        },
         prompt,
-        max_tokens,
         constraint,
         tools: dialect,
     })

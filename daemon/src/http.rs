@@ -53,19 +53,13 @@ pub fn router(state: HttpState, max_body: usize) -> Router {
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let state = auth_state.clone();
                 async move {
-                    if let Some(token) = &state.token {
-                        let ok = req
-                            .headers()
-                            .get(header::AUTHORIZATION)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.strip_prefix("Bearer "))
-                            .is_some_and(|t| {
-                                crate::auth::constant_time_eq(t.as_bytes(), token.as_bytes())
-                            });
-                        if !ok {
-                            state.metrics.unauthenticated("http");
-                            return ApiError::unauthorized().into_response();
-                        }
+                    let header = req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    if !crate::auth::bearer_ok(state.token.as_deref(), header) {
+                        state.metrics.unauthenticated("http");
+                        return ApiError::unauthorized().into_response();
                     }
                     next.run(req).await
                 }
@@ -255,6 +249,21 @@ fn json_error_message(text: &str) -> String {
 }
 
 impl ApiError {
+    /// Its HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// Its message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Seconds a client should wait before retrying, when it should.
+    pub fn retry_after_s(&self) -> Option<u64> {
+        self.retry_after_s
+    }
+
     /// The error as OpenAI writes it.
     pub fn body(&self) -> Value {
         json!({

@@ -12,6 +12,7 @@ pub mod generation;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod probe;
 pub mod registry;

@@ -139,7 +139,8 @@ fn run(config: Config, _device: Option<String>) -> anyhow::Result<()> {
         let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         let socket = running.socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
         let http = running.http.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-        println!("ultd listening on {tcp} (unix socket {socket}, http {http}, device {device}, {} models)", config.models.len());
+        let ollama = running.ollama.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        println!("ultd listening on {tcp} (unix socket {socket}, http {http}, ollama {ollama}, device {device}, {} models)", config.models.len());
         tracing::info!(tcp = %tcp, socket = %socket, device = %device, models = config.models.len(), "ultd started");
         stop.await;
         tracing::info!("shutting down");

@@ -29,11 +29,13 @@ pub struct Running {
     pub socket: Option<PathBuf>,
     /// The bound HTTP address, if the OpenAI-compatible API is on.
     pub http: Option<SocketAddr>,
+    /// The bound address of Ollama's API, if it is on.
+    pub ollama: Option<SocketAddr>,
     /// The state owner.
     pub handle: Handle,
     stop: Vec<oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
-    http_task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    http_tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -65,7 +67,7 @@ impl Running {
             for t in self.tasks {
                 let _ = t.await;
             }
-            if let Some(t) = self.http_task {
+            for t in self.http_tasks {
                 let _ = t.await;
             }
         };
@@ -144,8 +146,9 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
     let mut tasks = Vec::new();
     let mut tcp = None;
     // Each TCP door is capped below the descriptor limit, so the Unix socket always has room.
-    let doors =
-        usize::from(config.daemon.listen.is_some()) + usize::from(config.daemon.http.is_some());
+    let doors = usize::from(config.daemon.listen.is_some())
+        + usize::from(config.daemon.http.is_some())
+        + usize::from(config.daemon.ollama.is_some());
     let fd_limit = crate::conn::raise_fd_limit();
     let cap = crate::conn::connection_cap(guard.max_connections, doors, fd_limit);
     if cap < guard.max_connections {
@@ -199,22 +202,50 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         stop.push(tx);
         socket = Some(path.clone());
     }
+    let http_state = HttpState {
+        core: crate::generation::Core::new(handle.clone(), metrics.clone()),
+        handle: handle.clone(),
+        metrics: metrics.clone(),
+        token: token.clone(),
+    };
+    let mut http_tasks = Vec::new();
+    let mut ollama = None;
+    if let Some(o) = config.daemon.ollama {
+        match tokio::net::TcpListener::bind(o.addr).await {
+            Ok(listener) => {
+                ollama = Some(listener.local_addr().context("reading the bound address")?);
+                let app = crate::ollama::router(http_state.clone(), max);
+                let (tx, rx) = oneshot::channel::<()>();
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let limits = crate::conn::ConnLimits::new("ollama", &guard, cap);
+                tokio::spawn(async move {
+                    let _ = rx.await;
+                    let _ = stop_tx.send(true);
+                });
+                http_tasks.push(tokio::spawn(crate::conn::serve_http(
+                    listener,
+                    limits,
+                    guard.clone(),
+                    app,
+                    stop_rx,
+                )));
+                stop.push(tx);
+            }
+            Err(e) if !o.required => {
+                tracing::warn!("{}", crate::ollama::default_port_taken_message(o.addr, &e));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("binding {} for Ollama's API", o.addr));
+            }
+        }
+    }
     let mut http = None;
-    let mut http_task = None;
     if let Some(addr) = config.daemon.http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         http = Some(listener.local_addr().context("reading the bound address")?);
-        let app = crate::http::router(
-            HttpState {
-                core: crate::generation::Core::new(handle.clone(), metrics.clone()),
-                handle: handle.clone(),
-                metrics: metrics.clone(),
-                token,
-            },
-            max,
-        );
+        let app = crate::http::router(http_state.clone(), max);
         let (tx, rx) = oneshot::channel::<()>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let limits = crate::conn::ConnLimits::new("http", &guard, cap);
@@ -223,7 +254,7 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
             let _ = rx.await;
             let _ = stop_tx.send(true);
         });
-        http_task = Some(tokio::spawn(crate::conn::serve_http(
+        http_tasks.push(tokio::spawn(crate::conn::serve_http(
             listener, limits, guard, app, stop_rx,
         )));
         stop.push(tx);
@@ -232,9 +263,10 @@ async fn serve(config: &Config, handle: Handle) -> anyhow::Result<Running> {
         tcp,
         socket,
         http,
+        ollama,
         handle,
         stop,
         tasks,
-        http_task,
+        http_tasks,
     })
 }

@@ -71,6 +71,7 @@ fn sampling_from(p: Option<pb::SamplingParams>) -> SamplingParams {
         temperature: p.temperature.unwrap_or(d.temperature),
         top_k: p.top_k.map(|k| k as usize),
         top_p: p.top_p,
+        min_p: p.min_p,
         repetition_penalty: p.repetition_penalty.unwrap_or(d.repetition_penalty),
         repeat_last_n: p.repeat_last_n.map_or(d.repeat_last_n, |n| n as usize),
         seed: p.seed,

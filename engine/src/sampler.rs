@@ -12,6 +12,8 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// Keep the smallest set whose probability reaches `p` (None or 1: all).
     pub top_p: Option<f32>,
+    /// Drop tokens less likely than `min_p` times the most likely one (None or 0: none).
+    pub min_p: Option<f32>,
     /// Divides positive (multiplies negative) logits of recently seen tokens; 1 is off.
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
@@ -26,6 +28,7 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: None,
             top_p: None,
+            min_p: None,
             repetition_penalty: 1.0,
             repeat_last_n: 64,
             seed: None,
@@ -55,6 +58,11 @@ impl SamplingParams {
             && !(p.is_finite() && p > 0.0 && p <= 1.0)
         {
             return bad("top_p", format!("{p} is not in (0, 1]"));
+        }
+        if let Some(p) = self.min_p
+            && !(p.is_finite() && (0.0..=1.0).contains(&p))
+        {
+            return bad("min_p", format!("{p} is not in [0, 1]"));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return bad(
@@ -186,6 +194,17 @@ impl Sampler {
         let total: f64 = probs.iter().sum();
         for x in &mut probs {
             *x /= total;
+        }
+        if let Some(min_p) = p.min_p.filter(|&m| m > 0.0) {
+            // Sorted, so the first is the most likely: keep those at least `min_p` times as likely.
+            let floor = probs[0] * f64::from(min_p);
+            let keep = probs.iter().take_while(|&&x| x >= floor).count().max(1);
+            probs.truncate(keep);
+            candidates.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            for x in &mut probs {
+                *x /= total;
+            }
         }
         if let Some(top_p) = p.top_p.filter(|&t| t < 1.0) {
             let mut cumulative = 0.0;
@@ -324,6 +343,21 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
         }
+        // 4.9 is e^-0.1 ≈ 0.9 times as likely as 5.0: min_p 0.95 drops it, 0.5 keeps it.
+        let mut s = Sampler::new(SamplingParams {
+            min_p: Some(0.95),
+            seed: Some(1),
+            ..params(1.0)
+        });
+        for _ in 0..100 {
+            assert_eq!(s.sample(&mut logits.clone(), &[]), 0);
+        }
+        let mut s = Sampler::new(SamplingParams {
+            min_p: Some(0.5),
+            seed: Some(1),
+            ..params(1.0)
+        });
+        assert!((0..100).any(|_| s.sample(&mut logits.clone(), &[]) == 1));
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl ChatMessage {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     /// Whether the template renders a `tools` list (and so knows its model's tool-call format).
     renders_tools: bool,
     /// Whether it writes tool calls as `<tool_call>{json}</tool_call>` (the Hermes format Qwen uses).
@@ -77,11 +78,17 @@ impl ChatTemplate {
             })?;
         Ok(Self {
             env,
+            source: source.to_string(),
             renders_tools: source.contains("tools"),
             hermes_tools: source.contains("<tool_call>"),
             bos_token,
             eos_token,
         })
+    }
+
+    /// The template's source, as the model file carries it.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether the template renders a `tools` list itself.

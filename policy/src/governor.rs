@@ -1442,7 +1442,7 @@ impl Governor {
             load_ms: e.load_ms,
             loads: e.loads,
             requests: e.requests,
-            keep_alive: e.spec.keep_alive,
+            keep_alive: e.keep_alive_after.unwrap_or(e.spec.keep_alive),
             priority: e.spec.priority,
             footprint: e.spec.footprint,
         }

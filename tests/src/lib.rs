@@ -88,14 +88,17 @@ pub struct TestDaemon {
     pub addr: String,
     /// "127.0.0.1:PORT" of the HTTP API.
     pub http: String,
+    /// "127.0.0.1:PORT" of Ollama's API.
+    pub ollama: String,
     /// The directory holding models.toml and the state file.
     pub dir: tempfile::TempDir,
 }
 
-/// `[daemon]` settings for tests: ephemeral ports for gRPC and HTTP, no Unix socket, a state file in `dir`.
+/// `[daemon]` settings for tests: ephemeral ports for gRPC, HTTP and Ollama's API, no Unix socket, a state
+/// file in `dir`.
 pub fn daemon_table(dir: &std::path::Path, extra: &str) -> String {
     format!(
-        "[daemon]\nlisten = \"127.0.0.1:0\"\nsocket = \"off\"\nhttp = \"127.0.0.1:0\"\nstate_file = \"{}\"\n{extra}\n",
+        "[daemon]\nlisten = \"127.0.0.1:0\"\nsocket = \"off\"\nhttp = \"127.0.0.1:0\"\nollama = \"127.0.0.1:0\"\nstate_file = \"{}\"\n{extra}\n",
         dir.join("state.json").display()
     )
 }
@@ -128,10 +131,12 @@ pub async fn start_with(dir: tempfile::TempDir, text: &str, engine: CandleEngine
         .expect("ultd starts");
     let addr = running.tcp.expect("tcp listener").to_string();
     let http = running.http.map(|a| a.to_string()).unwrap_or_default();
+    let ollama = running.ollama.map(|a| a.to_string()).unwrap_or_default();
     TestDaemon {
         running,
         addr,
         http,
+        ollama,
         dir,
     }
 }
