@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests ult with independent clients: the openai package, grpcio stubs generated from proto/, the gRPC
+# Tests ult with independent clients: the openai and ollama packages, grpcio stubs generated from proto/, the gRPC
 # health and reflection clients, and prometheus_client — against two real ultd processes with the real
 # models (one generous, one with a tight ceiling). Installs its own pinned virtual environment.
 set -euo pipefail
@@ -8,7 +8,7 @@ cd "$root"
 cache=${ULT_CACHE:-$HOME/.cache/ult}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$cache/target}
 venv=$cache/pytest-venv
-requirements="openai==3.57.0 grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus_client==0.26.0 pytest==9.2.0 pytest-timeout==2.4.0 requests==2.32.5"
+requirements="openai==3.57.0 ollama==0.6.3 grpcio==1.85.3 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus_client==0.26.0 pytest==9.2.0 pytest-timeout==2.4.0 requests==2.32.5"
 if [ ! -f "$venv/.ready" ] || [ "$(cat "$venv/.ready")" != "$requirements" ]; then
   rm -rf "$venv"
   python3 -m venv "$venv"
@@ -24,7 +24,7 @@ trap cleanup EXIT
 mkdir -p "$work/gen"
 "$venv/bin/python" -m grpc_tools.protoc -I proto --python_out="$work/gen" --grpc_python_out="$work/gen" proto/ult/v1/ult.proto
 
-cargo build --locked -p ultd
+cargo build --locked -p ultd -p ult-client
 ultd=$CARGO_TARGET_DIR/debug/ultd
 
 start() { # name ceiling -> sets ${name}_grpc and ${name}_http
@@ -33,6 +33,7 @@ start() { # name ceiling -> sets ${name}_grpc and ${name}_http
 [daemon]
 listen = "127.0.0.1:0"
 http = "127.0.0.1:0"
+ollama = "127.0.0.1:0"
 socket = "off"
 state_file = "off"
 memory_ceiling = "$ceiling"
@@ -59,10 +60,12 @@ TOML
   grep -q listening "$work/$name.out" || { cat "$work/$name.err" >&2; exit 1; }
   eval "${name}_grpc=$(sed -n 's/^ultd listening on \([^ ]*\) .*/\1/p' "$work/$name.out")"
   eval "${name}_http=$(sed -n 's/.*, http \([^,]*\),.*/\1/p' "$work/$name.out")"
+  eval "${name}_ollama=$(sed -n 's/.*, ollama \([^,]*\),.*/\1/p' "$work/$name.out")"
 }
 start main 8GiB
 start tight 420MiB
 
-export ULT_GRPC=$main_grpc ULT_HTTP=$main_http ULT_TIGHT_GRPC=$tight_grpc ULT_TIGHT_HTTP=$tight_http
+export ULT_GRPC=$main_grpc ULT_HTTP=$main_http ULT_OLLAMA=$main_ollama ULT_TIGHT_GRPC=$tight_grpc ULT_TIGHT_HTTP=$tight_http
+export ULTCTL=$CARGO_TARGET_DIR/debug/ultctl
 export PYTHONPATH=$work/gen
 timeout 900 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/python

@@ -121,8 +121,12 @@ pub struct ModelInfo {
     pub aliases: Vec<String>,
     /// Context window in tokens.
     pub context_tokens: u32,
-    /// Predicted bytes at the full context.
+    /// Predicted bytes at the full context, prefill scratch included.
     pub predicted_bytes: u64,
+    /// The prediction comparable with `measured_bytes`: weights, overhead and KV at the current budget.
+    pub predicted_steady_bytes: u64,
+    /// The transient prefill scratch the ledger reserves beside it.
+    pub predicted_scratch_bytes: u64,
     /// Predicted weight bytes.
     pub predicted_weights_bytes: u64,
     /// Predicted KV bytes at the full context.
@@ -837,6 +841,8 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 aliases: m.aliases,
                 context_tokens: m.context_tokens,
                 predicted_bytes: m.predicted_bytes,
+                predicted_steady_bytes: m.predicted_steady_bytes,
+                predicted_scratch_bytes: m.predicted_scratch_bytes,
                 predicted_weights_bytes: m.predicted_weights_bytes,
                 predicted_kv_bytes: m.predicted_kv_bytes,
                 charged_bytes: m.charged_bytes,

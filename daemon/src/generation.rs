@@ -336,6 +336,15 @@ async fn prepare(
         .await?
 }
 
+/// What an embedding input longer than the model's context gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncate {
+    /// A `PromptTooLong` error (OpenAI's behaviour).
+    Refuse,
+    /// Its first tokens, up to the context (Ollama's default).
+    Keep,
+}
+
 /// What a generation gives its front door, in order: deltas, then the calls (only for requests with
 /// tools, whose answer is read whole), then the end.
 #[derive(Debug)]
@@ -649,9 +658,10 @@ impl Core {
         client: &str,
         model: &str,
         inputs: &[String],
+        truncate: Truncate,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Embedded, ServiceError> {
-        let result = embed(&self.handle, client, model, inputs, keep_alive).await;
+        let result = embed(&self.handle, client, model, inputs, truncate, keep_alive).await;
         match &result {
             Ok(e) => {
                 self.metrics.request(&e.model, "embed", "ok");
@@ -683,6 +693,7 @@ async fn embed(
     client: &str,
     name: &str,
     inputs: &[String],
+    truncate: Truncate,
     keep_alive: Option<KeepAlive>,
 ) -> Result<Embedded, ServiceError> {
     let _slot = handle.limits().acquire(client)?;
@@ -716,9 +727,11 @@ async fn embed(
         if text.is_empty() {
             return Err(ServiceError::invalid("input", "an input is empty"));
         }
-        insp.tokenizer
-            .fits_by_length(text.len(), limit)
-            .map_err(|e| too_long(text.len(), e.at_least))?;
+        if truncate == Truncate::Refuse {
+            insp.tokenizer
+                .fits_by_length(text.len(), limit)
+                .map_err(|e| too_long(text.len(), e.at_least))?;
+        }
     }
     let bytes: usize = inputs.iter().map(String::len).sum();
     let _reservation = handle.work().reserve(RequestWork::estimate(bytes, bytes))?;
@@ -729,11 +742,12 @@ async fn embed(
         .run(move || {
             texts
                 .iter()
-                .map(|t| {
-                    tokenizer_of
+                .map(|t| match truncate {
+                    Truncate::Refuse => tokenizer_of
                         .tokenizer
                         .encode_limited(t, true, limit)
-                        .map_err(|e| (t.len(), e.at_least))
+                        .map_err(|e| (t.len(), e.at_least)),
+                    Truncate::Keep => Ok(tokenizer_of.tokenizer.encode_truncated(t, true, limit)),
                 })
                 .collect::<Result<Vec<_>, _>>()
         })

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use ult_policy::{Rejection, Residency};
 
 use crate::error::ServiceError;
-use crate::generation::Core;
+use crate::generation::{Core, Truncate};
 use crate::limits::client_key;
 use crate::metrics::Metrics;
 use crate::supervisor::Handle;
@@ -390,7 +390,13 @@ async fn embeddings(
         };
         let e = state
             .core
-            .embed(&client_key(Some(peer)), &req.model, &inputs, None)
+            .embed(
+                &client_key(Some(peer)),
+                &req.model,
+                &inputs,
+                Truncate::Refuse,
+                None,
+            )
             .await?;
         if let Some(d) = req.dimensions
             && e.vectors.first().is_some_and(|v| v.len() != d)

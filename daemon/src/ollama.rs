@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use ult_policy::{KeepAlive, RequestKind, Residency};
 
 use crate::error::ServiceError;
-use crate::generation::{Ending, Event, GenerateRequest, Input, pump};
+use crate::generation::{Ending, Event, GenerateRequest, Input, Truncate, pump};
 use crate::http::HttpState;
 use crate::limits::client_key;
 use crate::tools::{ToolCall, ToolChoice, ToolDef, Tools};
@@ -889,15 +889,19 @@ async fn embed(
         };
         let m = resolve(&state, &b.model).await?;
         let started = std::time::Instant::now();
-        // Ollama truncates over-long inputs unless told not to; ult refuses them with a clear error
-        // either way (its embedding path never drops text silently).
-        let _ = b.truncate;
+        // Ollama truncates over-long inputs unless told not to.
+        let truncate = if b.truncate.unwrap_or(true) {
+            Truncate::Keep
+        } else {
+            Truncate::Refuse
+        };
         let e = state
             .core
             .embed(
                 &client_key(Some(peer)),
                 &m.config.name,
                 &inputs,
+                truncate,
                 Some(keep_alive),
             )
             .await?;
@@ -949,6 +953,7 @@ async fn embeddings(
                 &client_key(Some(peer)),
                 &m.config.name,
                 &[b.prompt],
+                Truncate::Keep,
                 Some(keep_alive),
             )
             .await?;

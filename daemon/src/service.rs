@@ -12,7 +12,7 @@ use ult_policy::{LeaseId, PressureLevel, RequestKind, Residency};
 use ult_proto::v1 as pb;
 
 use crate::error::ServiceError;
-use crate::generation::{AtEos, Core, Event, GenerateRequest, Input, pump};
+use crate::generation::{AtEos, Core, Event, GenerateRequest, Input, Truncate, pump};
 use crate::limits::client_key;
 use crate::metrics::Metrics;
 use crate::supervisor::{Handle, ModelStatus, StatusView, WatchEvent};
@@ -177,6 +177,8 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         predicted_kv_bytes: f.kv_bytes(f.context_tokens),
         predicted_overhead_bytes: f.overhead_bytes + f.scratch_bytes,
         predicted_bytes: f.total(),
+        predicted_steady_bytes: f.steady_bytes() + f.kv_bytes(f.context_tokens),
+        predicted_scratch_bytes: f.scratch_bytes,
         kv_bytes_per_token: f.kv_bytes_per_token,
         keep_alive_ms: reg.config.keep_alive.as_wire_ms(),
         completion_only: insp.is_some_and(|i| i.kind == ModelKind::Completion),
@@ -231,6 +233,8 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
             out.measured_bytes = v.measured_bytes.unwrap_or(0);
             out.charged_bytes = v.charged_bytes;
             out.kv_budget_tokens = v.kv_tokens;
+            out.predicted_steady_bytes = f.steady_bytes() + f.kv_bytes(v.kv_tokens);
+            out.keep_alive_ms = v.keep_alive.as_wire_ms();
             out.pinned = v.pinned;
             out.idle_ms = v.idle_ms.unwrap_or(0);
             out.in_flight = v.in_flight;
@@ -500,7 +504,7 @@ impl pb::ult_server::Ult for UltService {
         let req = request.into_inner();
         let e = self
             .core
-            .embed(&client, &req.model, &req.inputs, None)
+            .embed(&client, &req.model, &req.inputs, Truncate::Refuse, None)
             .await?;
         Ok(Response::new(pb::EmbedResponse {
             model: e.model,

@@ -416,6 +416,22 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes `text` keeping at most its first `limit` tokens (a BERT input still ends with [SEP]):
+    /// what a client that asked for truncation gets. Tokenizing stops just past the limit.
+    pub fn encode_truncated(&self, text: &str, add_special: bool, limit: usize) -> Vec<u32> {
+        let (mut ids, over) = self.encode_into(text, add_special, limit);
+        if over {
+            ids.truncate(limit);
+            if add_special
+                && let Some((_, sep)) = self.bert_wrap
+                && let Some(last) = ids.last_mut()
+            {
+                *last = sep;
+            }
+        }
+        ids
+    }
+
     /// Refuses, from its length alone, a text of `bytes` bytes that cannot encode to `limit` tokens or
     /// fewer (no token covers more bytes than the longest piece).
     pub fn fits_by_length(&self, bytes: usize, limit: usize) -> Result<(), TooManyTokens> {

@@ -349,6 +349,56 @@ fn keep_alive_expiry_unloads_idle_models_only() {
 }
 
 #[test]
+fn a_request_keep_alive_replaces_the_configured_one_until_unload() {
+    // Ollama's per-request keep_alive: 0 unloads once idle, a duration replaces the model's own,
+    // and an unload restores the configured one.
+    let mut h = Harness::new(10, vec![spec("m", 1)]);
+    let (_, _) = h.request("m", RequestKind::Use);
+    h.settle();
+    h.event(Event::KeepAliveAfter {
+        model: "m".into(),
+        keep_alive: Some(KeepAlive::Millis(2000)),
+    });
+    h.event(Event::RequestDone { model: "m".into() });
+    assert_eq!(
+        h.gov.model("m", h.now).unwrap().keep_alive,
+        KeepAlive::Millis(2000)
+    );
+    h.now += 1999;
+    h.event(Event::Tick);
+    assert_eq!(h.residency("m"), Residency::Resident);
+    h.now += 1;
+    h.event(Event::Tick);
+    h.settle();
+    assert_eq!(
+        h.residency("m"),
+        Residency::Unloaded,
+        "the request's 2 s, not forever"
+    );
+    assert_eq!(
+        h.gov.model("m", h.now).unwrap().keep_alive,
+        KeepAlive::Forever
+    );
+    // 0: unloaded as soon as the request ends, even though the model's own keep-alive is forever.
+    let (_, _) = h.request("m", RequestKind::Use);
+    h.settle();
+    h.event(Event::KeepAliveAfter {
+        model: "m".into(),
+        keep_alive: Some(KeepAlive::Millis(0)),
+    });
+    h.event(Event::RequestDone { model: "m".into() });
+    h.settle();
+    assert_eq!(h.residency("m"), Residency::Unloaded);
+    assert_eq!(
+        h.evictions()
+            .iter()
+            .filter(|(m, r)| m == "m" && *r == EvictReason::KeepAlive)
+            .count(),
+        2
+    );
+}
+
+#[test]
 fn failed_load_backs_off_then_retries() {
     let mut h = Harness::new(10, vec![spec("bad", 1)]);
     let (id, _) = h.request("bad", RequestKind::Use);

@@ -634,10 +634,11 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
                 m.name.clone(),
                 m.kind.clone(),
                 state,
-                human_bytes(m.predicted_bytes),
+                human_bytes(m.predicted_steady_bytes),
                 m.measured_bytes
                     .map(human_bytes)
                     .unwrap_or_else(|| "-".into()),
+                human_bytes(m.predicted_scratch_bytes),
                 format!("{}", m.kv_budget_tokens),
                 if m.pinned { "yes".into() } else { "".into() },
                 if m.state == ult_client::ModelState::Resident && m.in_flight == 0 {
@@ -689,6 +690,7 @@ fn print_status(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
             "STATE",
             "PREDICTED",
             "MEASURED",
+            "+SCRATCH",
             "KV TOKENS",
             "PIN",
             "IDLE",
