@@ -33,9 +33,10 @@ GREEDY = {"temperature": 0, "num_predict": 24}
 
 
 class City(pydantic.BaseModel):
-    name: str
-    country: str
-    population: int
+    # Bounded, so the grammar ends the answer: a 135M model given an unbounded integer may write 1s forever.
+    name: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    population: int = pydantic.Field(ge=0, le=1_000_000_000)
 
 
 WEATHER = {
@@ -135,15 +136,15 @@ def test_ollama_format_schema_answer_parses(ol):
         model="smollm2",
         messages=[{"role": "user", "content": "Describe Paris as JSON with its name, country and population."}],
         format=City.model_json_schema(),
-        options={"temperature": 0, "num_predict": 80},
+        options={"temperature": 0, "num_predict": 120},
     )
     city = City.model_validate_json(r.message.content)
     assert city.name
     r = ol.generate(model="smollm2", prompt="Reply with a JSON object about a cat.", format="json", options={"temperature": 0, "num_predict": 60})
     assert isinstance(json.loads(r.response), dict)
     # Gemma's SentencePiece vocabulary of 262k pieces, through the same grammar index.
-    r = ol.generate(model="gemma3", prompt="A JSON object describing a cat:", raw=True, format=City.model_json_schema(), options={"temperature": 0, "num_predict": 80})
-    assert r.done_reason == "stop", "the grammar completes well inside 80 tokens"
+    r = ol.generate(model="gemma3", prompt="A JSON object describing a cat:", raw=True, format=City.model_json_schema(), options={"temperature": 0, "num_predict": 120})
+    assert r.done_reason == "stop", "the bounded grammar completes inside 120 tokens"
     City.model_validate_json(r.response)
 
 
@@ -203,7 +204,7 @@ def test_openai_json_schema_output_validates(oa):
         messages=[{"role": "user", "content": "Describe Paris with its name, country and population."}],
         response_format=City,
         temperature=0,
-        max_tokens=80,
+        max_tokens=120,
     )
     city = r.choices[0].message.parsed
     assert isinstance(city, City) and city.name
@@ -254,7 +255,7 @@ def test_ultctl_generate_json_schema(tmp_path):
     schema.write_text(json.dumps(City.model_json_schema()))
     out = subprocess.run(
         [ULTCTL, "--addr", GRPC, "--json", "generate", "smollm2", "Describe Paris with its name, country and population.",
-         "--chat", "--temperature", "0", "--max-tokens", "80", "--json-schema", str(schema)],
+         "--chat", "--temperature", "0", "--max-tokens", "120", "--json-schema", str(schema)],
         capture_output=True, text=True, timeout=120, check=True,
     )
     result = json.loads(out.stdout)
