@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use ult_policy::{Rejection, Residency};
 
 use crate::error::ServiceError;
@@ -266,9 +266,27 @@ impl ApiError {
 
     /// The error as OpenAI writes it.
     pub fn body(&self) -> Value {
-        json!({
-            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code }
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            message: &'a str,
+            #[serde(rename = "type")]
+            kind: &'a str,
+            param: Option<&'a str>,
+            code: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        serde_json::to_value(Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
         })
+        .unwrap_or_default()
     }
 }
 
@@ -406,81 +424,165 @@ async fn embeddings(
                 format!("model {} has {} dimensions", e.model, e.vectors[0].len()),
             ));
         }
-        let data: Vec<Value> = e
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Vector {
+            Floats(Vec<f32>),
+            Base64(String),
+        }
+        #[derive(Serialize)]
+        struct Item {
+            object: &'static str,
+            index: usize,
+            embedding: Vector,
+        }
+        #[derive(Serialize)]
+        struct Tokens {
+            prompt_tokens: usize,
+            total_tokens: usize,
+        }
+        #[derive(Serialize)]
+        struct List {
+            object: &'static str,
+            data: Vec<Item>,
+            model: String,
+            usage: Tokens,
+        }
+        let data = e
             .vectors
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(index, v)| {
-                let embedding = if base64 {
+            .map(|(index, v)| Item {
+                object: "embedding",
+                index,
+                embedding: if base64 {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 } else {
-                    json!(v)
-                };
-                json!({ "object": "embedding", "index": index, "embedding": embedding })
+                    Vector::Floats(v)
+                },
             })
             .collect();
-        Ok(Json(json!({
-            "object": "list", "data": data, "model": e.model,
-            "usage": { "prompt_tokens": e.prompt_tokens, "total_tokens": e.prompt_tokens },
-        }))
+        Ok(Json(List {
+            object: "list",
+            data,
+            model: e.model,
+            usage: Tokens {
+                prompt_tokens: e.prompt_tokens,
+                total_tokens: e.prompt_tokens,
+            },
+        })
         .into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn model_entries(state: &HttpState) -> Result<Vec<Value>, ApiError> {
+/// ult's own view of a model in `/v1/models`, under `"ult"`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum UltView {
+    Model {
+        kind: &'static str,
+        state: &'static str,
+        failure: Option<String>,
+        aliases: Vec<String>,
+        architecture: Option<String>,
+        context_tokens: Option<usize>,
+        predicted_bytes: Option<u64>,
+        measured_bytes: Option<u64>,
+        charged_bytes: Option<u64>,
+        pinned: bool,
+        in_flight: u32,
+        completion_only: bool,
+    },
+    Route {
+        route: Vec<String>,
+        strategy: &'static str,
+    },
+}
+
+#[derive(Debug, Serialize)]
+struct ModelEntry {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    ult: UltView,
+}
+
+async fn model_entries(state: &HttpState) -> Result<Vec<ModelEntry>, ApiError> {
     let status = state.handle.status().await?;
     let created = unix_s().saturating_sub(status.uptime_ms / 1000);
     let mut out = Vec::new();
     for m in &status.models {
         let config = &m.model.config;
         let insp = m.model.inspection.as_ref().ok();
-        let state_name = match (&m.model.inspection, m.view.as_ref().map(|v| v.residency)) {
+        let view = m.view.as_ref();
+        let state_name = match (&m.model.inspection, view.map(|v| v.residency)) {
             (Err(_), _) | (_, Some(Residency::Failed)) => "failed",
             (_, Some(Residency::Loading)) => "loading",
             (_, Some(Residency::Resident)) => "resident",
             (_, Some(Residency::Unloading)) => "unloading",
             _ => "unloaded",
         };
-        out.push(json!({
-            "id": config.name, "object": "model", "created": created, "owned_by": "ult",
-            "ult": {
-                "kind": insp.map_or(config.kind, |i| i.kind).as_str(),
-                "state": state_name,
-                "failure": m.view.as_ref().and_then(|v| v.failure.clone()).or_else(|| m.model.inspection.as_ref().err().cloned()),
-                "aliases": config.aliases,
-                "architecture": insp.map(|i| i.architecture.clone()),
-                "context_tokens": insp.map(|i| i.context),
-                "predicted_bytes": insp.map(|i| i.footprint.total()),
-                "measured_bytes": m.view.as_ref().and_then(|v| v.measured_bytes),
-                "charged_bytes": m.view.as_ref().map(|v| v.charged_bytes),
-                "pinned": m.view.as_ref().is_some_and(|v| v.pinned),
-                "in_flight": m.view.as_ref().map_or(0, |v| v.in_flight),
-                "completion_only": insp.is_some_and(|i| i.kind == ModelKind::Completion),
+        out.push(ModelEntry {
+            id: config.name.clone(),
+            object: "model",
+            created,
+            owned_by: "ult",
+            ult: UltView::Model {
+                kind: insp.map_or(config.kind, |i| i.kind).as_str(),
+                state: state_name,
+                failure: view
+                    .and_then(|v| v.failure.clone())
+                    .or_else(|| m.model.inspection.as_ref().err().cloned()),
+                aliases: config.aliases.clone(),
+                architecture: insp.map(|i| i.architecture.clone()),
+                context_tokens: insp.map(|i| i.context),
+                predicted_bytes: insp.map(|i| i.footprint.total()),
+                measured_bytes: view.and_then(|v| v.measured_bytes),
+                charged_bytes: view.map(|v| v.charged_bytes),
+                pinned: view.is_some_and(|v| v.pinned),
+                in_flight: view.map_or(0, |v| v.in_flight),
+                completion_only: insp.is_some_and(|i| i.kind == ModelKind::Completion),
             },
-        }));
+        });
     }
     for r in &status.routes {
-        out.push(json!({
-            "id": r.name, "object": "model", "created": created, "owned_by": "ult",
-            "ult": { "route": r.models, "strategy": r.strategy.as_str() },
-        }));
+        out.push(ModelEntry {
+            id: r.name.clone(),
+            object: "model",
+            created,
+            owned_by: "ult",
+            ult: UltView::Route {
+                route: r.models.clone(),
+                strategy: r.strategy.as_str(),
+            },
+        });
     }
     Ok(out)
 }
 
 async fn list_models(State(state): State<HttpState>) -> Response {
+    #[derive(Serialize)]
+    struct List {
+        object: &'static str,
+        data: Vec<ModelEntry>,
+    }
     match model_entries(&state).await {
-        Ok(data) => Json(json!({ "object": "list", "data": data })).into_response(),
+        Ok(data) => Json(List {
+            object: "list",
+            data,
+        })
+        .into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 async fn get_model(State(state): State<HttpState>, Path(id): Path<String>) -> Response {
     match model_entries(&state).await {
-        Ok(data) => match data.into_iter().find(|m| m["id"] == id) {
+        Ok(data) => match data.into_iter().find(|m| m.id == id) {
             Some(m) => Json(m).into_response(),
             None => ApiError::from(ServiceError::Rejected(Rejection::UnknownModel {
                 name: id,

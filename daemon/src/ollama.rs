@@ -20,7 +20,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use ult_policy::{KeepAlive, RequestKind, Residency};
@@ -29,11 +29,11 @@ use crate::error::ServiceError;
 use crate::generation::{Ending, Event, GenerateRequest, Input, Truncate, pump};
 use crate::http::HttpState;
 use crate::limits::client_key;
+use crate::openai::LogprobOut;
 use crate::tools::{ToolCall, ToolChoice, ToolDef, Tools};
 use crate::worker::GenStats;
 use ult_engine::constraint::OutputFormat;
 use ult_engine::sampler::SamplingParams;
-use ult_engine::sequence::TokenLogprob;
 use ult_engine::template::ChatMessage;
 use ult_engine::{EngineError, ModelKind};
 
@@ -133,7 +133,17 @@ fn json_body(body: Result<axum::body::Bytes, BytesRejection>) -> Result<Value, O
 
 impl IntoResponse for OllamaError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(json!({ "error": self.message }))).into_response();
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        let mut r = (
+            self.status,
+            Json(Body {
+                error: self.message,
+            }),
+        )
+            .into_response();
         if let Some(s) = self.retry_after_s
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {
@@ -514,48 +524,120 @@ fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, OllamaError> {
     })
 }
 
-fn logprobs_json(lps: &[TokenLogprob]) -> Value {
-    Value::Array(
-        lps.iter()
-            .map(|t| {
-                json!({
-                    "token": String::from_utf8_lossy(&t.bytes),
-                    "logprob": t.logprob,
-                    "bytes": t.bytes,
-                    "top_logprobs": t.top.iter().map(|(_, b, lp)| json!({
-                        "token": String::from_utf8_lossy(b), "logprob": lp, "bytes": b,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    )
+/// A generation's statistics as Ollama writes them, in nanoseconds.
+#[derive(Debug, Serialize)]
+struct Durations {
+    done_reason: &'static str,
+    total_duration: u64,
+    load_duration: u64,
+    prompt_eval_count: usize,
+    prompt_eval_duration: u64,
+    eval_count: usize,
+    eval_duration: u64,
 }
 
-fn done_fields(out: &mut Value, s: &GenStats, ending: Ending, load_ms: Option<u64>) {
-    let ns = |ms: f64| (ms * 1e6) as u64;
-    out["done"] = json!(true);
-    out["done_reason"] = json!(match ending {
-        Ending::Stop | Ending::ToolCalls => "stop",
-        Ending::Length => "length",
-    });
-    out["total_duration"] = json!(ns(s.total_ms));
-    out["load_duration"] = json!(load_ms.map_or(0, |ms| ms * 1_000_000));
-    out["prompt_eval_count"] = json!(s.prompt_tokens);
-    out["prompt_eval_duration"] = json!(ns(s.prefill_ms));
-    out["eval_count"] = json!(s.completion_tokens);
-    out["eval_duration"] = json!(ns(s.decode_ms));
+impl Durations {
+    fn of(s: &GenStats, ending: Ending, load_ms: Option<u64>) -> Self {
+        let ns = |ms: f64| (ms * 1e6) as u64;
+        Self {
+            done_reason: match ending {
+                Ending::Stop | Ending::ToolCalls => "stop",
+                Ending::Length => "length",
+            },
+            total_duration: ns(s.total_ms),
+            load_duration: load_ms.map_or(0, |ms| ms * 1_000_000),
+            prompt_eval_count: s.prompt_tokens,
+            prompt_eval_duration: ns(s.prefill_ms),
+            eval_count: s.completion_tokens,
+            eval_duration: ns(s.decode_ms),
+        }
+    }
 }
 
-fn tool_calls_json(calls: &[ToolCall]) -> Value {
-    Value::Array(
+#[derive(Debug, Serialize)]
+struct FunctionOut {
+    index: usize,
+    name: String,
+    /// An object, as Ollama sends it.
+    arguments: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct ToolCallOut {
+    id: String,
+    function: FunctionOut,
+}
+
+impl ToolCallOut {
+    fn list(calls: &[ToolCall]) -> Vec<Self> {
         calls
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                json!({ "id": c.id, "function": { "index": i, "name": c.name, "arguments": c.arguments } })
+            .map(|(index, c)| Self {
+                id: c.id.clone(),
+                function: FunctionOut {
+                    index,
+                    name: c.name.clone(),
+                    arguments: c.arguments.clone(),
+                },
             })
-            .collect(),
-    )
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct MessageOut {
+    role: &'static str,
+    content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One line of `/api/generate` or `/api/chat` (the whole answer when not streamed).
+#[derive(Debug, Serialize)]
+struct Chunk<'a> {
+    model: &'a str,
+    created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<MessageOut>,
+    done: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    end: Option<Durations>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Vec<LogprobOut>>,
+}
+
+impl<'a> Chunk<'a> {
+    fn new(shape: Shape, model: &'a str, text: String, calls: &[ToolCall]) -> Self {
+        let (response, message) = match shape {
+            Shape::Generate => (Some(text), None),
+            Shape::Chat => (
+                None,
+                Some(MessageOut {
+                    role: "assistant",
+                    content: text,
+                    tool_calls: (!calls.is_empty()).then(|| ToolCallOut::list(calls)),
+                }),
+            ),
+        };
+        Self {
+            model,
+            created_at: rfc3339(now()),
+            response,
+            message,
+            done: false,
+            end: None,
+            logprobs: None,
+        }
+    }
+
+    fn line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_default();
+        s.push('\n');
+        s
+    }
 }
 
 /// Which endpoint's shape a generation answers in.
@@ -582,13 +664,20 @@ async fn load_only(
         grant.keep_alive_after(Some(keep_alive));
         "load"
     };
-    let mut v =
-        json!({ "model": model, "created_at": created_at, "done": true, "done_reason": reason });
-    match shape {
-        Shape::Generate => v["response"] = json!(""),
-        Shape::Chat => v["message"] = json!({ "role": "assistant", "content": "" }),
+    #[derive(Serialize)]
+    struct Loaded<'a> {
+        #[serde(flatten)]
+        chunk: Chunk<'a>,
+        done_reason: &'static str,
     }
-    Ok(Json(v).into_response())
+    let mut chunk = Chunk::new(shape, model, String::new(), &[]);
+    chunk.created_at = created_at;
+    chunk.done = true;
+    Ok(Json(Loaded {
+        chunk,
+        done_reason: reason,
+    })
+    .into_response())
 }
 
 /// Runs `req` and answers in `shape`: one JSON object, or NDJSON lines as Ollama streams them.
@@ -602,17 +691,6 @@ async fn answer(
     let logprobs = req.logprobs.is_some();
     let mut g = state.core.generate(&client, req).await?;
     let model = g.model().to_string();
-    let piece = move |text: &str, lps: &[TokenLogprob]| -> Value {
-        let mut v = json!({ "model": model, "created_at": rfc3339(now()), "done": false });
-        match shape {
-            Shape::Generate => v["response"] = json!(text),
-            Shape::Chat => v["message"] = json!({ "role": "assistant", "content": text }),
-        }
-        if logprobs {
-            v["logprobs"] = logprobs_json(lps);
-        }
-        v
-    };
     if !stream {
         let mut text = String::new();
         let mut lps = Vec::new();
@@ -626,12 +704,11 @@ async fn answer(
                 }
                 Some(Event::ToolCalls(c)) => calls = c,
                 Some(Event::Done(s)) => {
-                    let mut v = piece(&text, &lps);
-                    if !calls.is_empty() {
-                        v["message"]["tool_calls"] = tool_calls_json(&calls);
-                    }
-                    done_fields(&mut v, &s, g.ending(&s), g.load_ms());
-                    return Ok(Json(v).into_response());
+                    let mut c = Chunk::new(shape, &model, text, &calls);
+                    c.done = true;
+                    c.end = Some(Durations::of(&s, g.ending(&s), g.load_ms()));
+                    c.logprobs = logprobs.then(|| LogprobOut::list(&lps));
+                    return Ok(Json(c).into_response());
                 }
             }
         }
@@ -640,24 +717,22 @@ async fn answer(
     let write_timeout = state.handle.write_timeout();
     tokio::spawn(pump(g, tx, write_timeout, move |g, event| {
         let line = match event {
-            Ok(Event::Delta(d)) => piece(&d.text, &d.logprobs),
-            Ok(Event::ToolCalls(calls)) => {
-                let mut v = piece("", &[]);
-                v["message"]["tool_calls"] = tool_calls_json(&calls);
-                v
+            Ok(Event::Delta(d)) => {
+                let mut c = Chunk::new(shape, &model, d.text, &[]);
+                c.logprobs = logprobs.then(|| LogprobOut::list(&d.logprobs));
+                c.line()
             }
+            Ok(Event::ToolCalls(calls)) => Chunk::new(shape, &model, String::new(), &calls).line(),
             Ok(Event::Done(s)) => {
-                let mut v = piece("", &[]);
-                if logprobs {
-                    v.as_object_mut().map(|o| o.remove("logprobs"));
-                }
-                done_fields(&mut v, &s, g.ending(&s), g.load_ms());
-                v
+                let mut c = Chunk::new(shape, &model, String::new(), &[]);
+                c.done = true;
+                c.end = Some(Durations::of(&s, g.ending(&s), g.load_ms()));
+                c.line()
             }
             // Ollama reports a failure mid-stream as an error line.
-            Err(e) => json!({ "error": OllamaError::from(e).message }),
+            Err(e) => format!("{}\n", json!({ "error": OllamaError::from(e).message })),
         };
-        vec![Ok(format!("{line}\n"))]
+        vec![Ok(line)]
     }));
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
@@ -923,13 +998,21 @@ async fn embed(
                 }
             }
         }
-        Ok(Json(json!({
-            "model": e.model,
-            "embeddings": vectors,
-            "total_duration": started.elapsed().as_nanos() as u64,
-            "load_duration": e.load_ms.map_or(0, |ms| ms * 1_000_000),
-            "prompt_eval_count": e.prompt_tokens,
-        }))
+        #[derive(Serialize)]
+        struct Embeddings {
+            model: String,
+            embeddings: Vec<Vec<f32>>,
+            total_duration: u64,
+            load_duration: u64,
+            prompt_eval_count: usize,
+        }
+        Ok(Json(Embeddings {
+            model: e.model,
+            embeddings: vectors,
+            total_duration: started.elapsed().as_nanos() as u64,
+            load_duration: e.load_ms.map_or(0, |ms| ms * 1_000_000),
+            prompt_eval_count: e.prompt_tokens,
+        })
         .into_response())
     }
     .await;
@@ -958,14 +1041,27 @@ async fn embeddings(
             )
             .await?;
         let v = e.vectors.into_iter().next().unwrap_or_default();
-        Ok::<_, OllamaError>(Json(json!({ "embedding": v })).into_response())
+        #[derive(Serialize)]
+        struct Embedding {
+            embedding: Vec<f32>,
+        }
+        Ok::<_, OllamaError>(Json(Embedding { embedding: v }).into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn version() -> Json<Value> {
-    Json(json!({ "version": API_VERSION, "ult": env!("CARGO_PKG_VERSION") }))
+#[derive(Debug, Serialize)]
+struct Version {
+    version: &'static str,
+    ult: &'static str,
+}
+
+async fn version() -> Json<Version> {
+    Json(Version {
+        version: API_VERSION,
+        ult: env!("CARGO_PKG_VERSION"),
+    })
 }
 
 /// A stable identifier of a model's configuration (its name, path and size), shaped as Ollama's digest.
@@ -980,18 +1076,59 @@ fn digest(name: &str, path: &std::path::Path, bytes: u64) -> String {
     out
 }
 
-fn details(m: &crate::registry::RegisteredModel) -> Value {
-    let insp = m.inspection.as_ref().ok();
-    let arch = insp.map(|i| i.architecture.clone()).unwrap_or_default();
-    let format = if m.source.path.extension().is_some_and(|e| e == "gguf") {
-        "gguf"
-    } else {
-        "safetensors"
-    };
-    json!({
-        "parent_model": "", "format": format, "family": arch, "families": [arch],
-        "parameter_size": "", "quantization_level": "",
-    })
+/// A model's `details`. ult reads no parameter count or quantization label from headers, so those
+/// stay empty rather than guessed.
+#[derive(Debug, Serialize)]
+struct Details {
+    parent_model: &'static str,
+    format: &'static str,
+    family: String,
+    families: Vec<String>,
+    parameter_size: &'static str,
+    quantization_level: &'static str,
+}
+
+fn details(m: &crate::registry::RegisteredModel) -> Details {
+    let arch = m
+        .inspection
+        .as_ref()
+        .map(|i| i.architecture.clone())
+        .unwrap_or_default();
+    Details {
+        parent_model: "",
+        format: if m.source.path.extension().is_some_and(|e| e == "gguf") {
+            "gguf"
+        } else {
+            "safetensors"
+        },
+        families: vec![arch.clone()],
+        family: arch,
+        parameter_size: "",
+        quantization_level: "",
+    }
+}
+
+/// An entry of `/api/tags` (without the `ps` fields) or of `/api/ps`.
+#[derive(Debug, Serialize)]
+struct ModelOut {
+    name: String,
+    model: String,
+    size: u64,
+    digest: String,
+    details: Details,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modified_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size_vram: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_length: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct Models {
+    models: Vec<ModelOut>,
 }
 
 fn modified_at(m: &crate::registry::RegisteredModel) -> String {
@@ -1006,20 +1143,27 @@ fn modified_at(m: &crate::registry::RegisteredModel) -> String {
 async fn tags(State(state): State<HttpState>) -> Response {
     let result = async {
         let status = state.handle.status().await?;
-        let models: Vec<Value> = status
+        let models = status
             .models
             .iter()
             .filter(|m| m.model.inspection.is_ok())
             .map(|m| {
                 let size = m.model.inspection.as_ref().map_or(0, |i| i.load_bytes);
-                let name = &m.model.config.name;
-                json!({
-                    "name": name, "model": name, "modified_at": modified_at(&m.model), "size": size,
-                    "digest": digest(name, &m.model.source.path, size), "details": details(&m.model),
-                })
+                let name = m.model.config.name.clone();
+                ModelOut {
+                    digest: digest(&name, &m.model.source.path, size),
+                    model: name.clone(),
+                    name,
+                    size,
+                    details: details(&m.model),
+                    modified_at: Some(modified_at(&m.model)),
+                    size_vram: None,
+                    expires_at: None,
+                    context_length: None,
+                }
             })
             .collect();
-        Ok::<_, OllamaError>(Json(json!({ "models": models })).into_response())
+        Ok::<_, OllamaError>(Json(Models { models }).into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -1031,7 +1175,11 @@ async fn ps(State(state): State<HttpState>) -> Response {
         let on_gpu = !status.device.starts_with("cpu");
         let mut models = Vec::new();
         for m in &status.models {
-            let Some(v) = m.view.as_ref().filter(|v| v.residency == Residency::Resident) else {
+            let Some(v) = m
+                .view
+                .as_ref()
+                .filter(|v| v.residency == Residency::Resident)
+            else {
                 continue;
             };
             let size = v.measured_bytes.unwrap_or(v.charged_bytes);
@@ -1043,15 +1191,21 @@ async fn ps(State(state): State<HttpState>) -> Response {
                     rfc3339(now() + Duration::from_millis(left))
                 }
             };
-            let name = &m.model.config.name;
-            models.push(json!({
-                "name": name, "model": name, "size": size, "size_vram": if on_gpu { size } else { 0 },
-                "digest": digest(name, &m.model.source.path, m.model.inspection.as_ref().map_or(0, |i| i.load_bytes)),
-                "details": details(&m.model), "expires_at": expires_at,
-                "context_length": m.model.inspection.as_ref().map_or(0, |i| i.context),
-            }));
+            let name = m.model.config.name.clone();
+            let file_bytes = m.model.inspection.as_ref().map_or(0, |i| i.load_bytes);
+            models.push(ModelOut {
+                digest: digest(&name, &m.model.source.path, file_bytes),
+                model: name.clone(),
+                name,
+                size,
+                details: details(&m.model),
+                modified_at: None,
+                size_vram: Some(if on_gpu { size } else { 0 }),
+                expires_at: Some(expires_at),
+                context_length: Some(m.model.inspection.as_ref().map_or(0, |i| i.context)),
+            });
         }
-        Ok::<_, OllamaError>(Json(json!({ "models": models })).into_response())
+        Ok::<_, OllamaError>(Json(Models { models }).into_response())
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -1093,16 +1247,29 @@ async fn show(
         info.insert("general.architecture".into(), json!(arch));
         info.insert(format!("{arch}.context_length"), json!(insp.context));
         info.insert("ult.predicted_bytes".into(), json!(insp.footprint.total()));
+        #[derive(Serialize)]
+        struct Show<'a> {
+            modelfile: String,
+            parameters: &'static str,
+            template: &'a str,
+            details: Details,
+            model_info: serde_json::Map<String, Value>,
+            capabilities: Vec<&'static str>,
+            modified_at: String,
+        }
         Ok::<_, OllamaError>(
-            Json(json!({
-                "modelfile": format!("# ult serves this model from models.toml\nFROM {}\n", m.source.path.display()),
-                "parameters": "",
-                "template": insp.template.as_ref().map_or("", |t| t.source()),
-                "details": details(&m),
-                "model_info": info,
-                "capabilities": capabilities,
-                "modified_at": modified_at(&m),
-            }))
+            Json(Show {
+                modelfile: format!(
+                    "# ult serves this model from models.toml\nFROM {}\n",
+                    m.source.path.display()
+                ),
+                parameters: "",
+                template: insp.template.as_ref().map_or("", |t| t.source()),
+                details: details(&m),
+                model_info: info,
+                capabilities,
+                modified_at: modified_at(&m),
+            })
             .into_response(),
         )
     }

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use axum::Json;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -398,74 +398,204 @@ fn finish_reason(e: Ending) -> &'static str {
     }
 }
 
-fn usage(stats: &[GenStats]) -> Value {
-    let prompt = stats.first().map_or(0, |s| s.prompt_tokens);
-    let completion: usize = stats.iter().map(|s| s.completion_tokens).sum();
-    let cached = stats.first().map_or(0, |s| s.cached_tokens);
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": { "cached_tokens": cached },
-    })
+/// Token counts.
+#[derive(Debug, Serialize)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+    prompt_tokens_details: CachedTokens,
 }
 
-fn bytes_json(b: &[u8]) -> Value {
-    Value::Array(b.iter().map(|&x| json!(x)).collect())
+#[derive(Debug, Serialize)]
+struct CachedTokens {
+    cached_tokens: usize,
 }
 
-/// Chat's `logprobs.content` entries.
-fn chat_logprobs(lps: &[TokenLogprob]) -> Vec<Value> {
-    lps.iter()
-        .map(|t| {
-            json!({
-                "token": String::from_utf8_lossy(&t.bytes),
-                "logprob": t.logprob,
-                "bytes": bytes_json(&t.bytes),
-                "top_logprobs": t.top.iter().map(|(_, b, lp)| json!({
-                    "token": String::from_utf8_lossy(b), "logprob": lp, "bytes": bytes_json(b),
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect()
-}
-
-/// The completions endpoint's (legacy) `logprobs` object.
-fn completion_logprobs(lps: &[TokenLogprob], offset: &mut usize) -> Value {
-    let mut tokens = Vec::new();
-    let mut token_logprobs = Vec::new();
-    let mut top = Vec::new();
-    let mut offsets = Vec::new();
-    for t in lps {
-        let text = String::from_utf8_lossy(&t.bytes).into_owned();
-        offsets.push(*offset);
-        *offset += t.bytes.len();
-        tokens.push(json!(text));
-        token_logprobs.push(json!(t.logprob));
-        let mut m = serde_json::Map::new();
-        for (_, b, lp) in &t.top {
-            m.insert(String::from_utf8_lossy(b).into_owned(), json!(lp));
+impl Usage {
+    /// The choices of one request share its prompt.
+    fn of(stats: &[GenStats]) -> Self {
+        let prompt = stats.first().map_or(0, |s| s.prompt_tokens);
+        let completion: usize = stats.iter().map(|s| s.completion_tokens).sum();
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: CachedTokens {
+                cached_tokens: stats.first().map_or(0, |s| s.cached_tokens),
+            },
         }
-        top.push(Value::Object(m));
     }
-    json!({ "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets })
 }
 
-fn tool_calls_json(calls: &[ToolCall], with_index: bool) -> Value {
-    Value::Array(
+/// One token's log-probability as OpenAI (and Ollama) write it.
+#[derive(Debug, Serialize)]
+pub struct LogprobOut {
+    token: String,
+    logprob: f32,
+    bytes: Vec<u8>,
+    top_logprobs: Vec<TopLogprobOut>,
+}
+
+/// An alternative at one position.
+#[derive(Debug, Serialize)]
+pub struct TopLogprobOut {
+    token: String,
+    logprob: f32,
+    bytes: Vec<u8>,
+}
+
+impl LogprobOut {
+    /// The wire form of the engine's log-probabilities.
+    pub fn list(lps: &[TokenLogprob]) -> Vec<Self> {
+        lps.iter()
+            .map(|t| Self {
+                token: String::from_utf8_lossy(&t.bytes).into_owned(),
+                logprob: t.logprob,
+                bytes: t.bytes.clone(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(_, b, lp)| TopLogprobOut {
+                        token: String::from_utf8_lossy(b).into_owned(),
+                        logprob: *lp,
+                        bytes: b.clone(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Chat's `logprobs`.
+#[derive(Debug, Serialize)]
+struct ChatLogprobs {
+    content: Vec<LogprobOut>,
+}
+
+/// The completions endpoint's (legacy) `logprobs`.
+#[derive(Debug, Serialize)]
+struct LegacyLogprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<serde_json::Map<String, Value>>,
+    text_offset: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    fn of(lps: &[TokenLogprob], offset: &mut usize) -> Self {
+        let mut out = Self {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+        };
+        for t in lps {
+            out.text_offset.push(*offset);
+            *offset += t.bytes.len();
+            out.tokens
+                .push(String::from_utf8_lossy(&t.bytes).into_owned());
+            out.token_logprobs.push(t.logprob);
+            let mut m = serde_json::Map::new();
+            for (_, b, lp) in &t.top {
+                m.insert(String::from_utf8_lossy(b).into_owned(), json!(lp));
+            }
+            out.top_logprobs.push(m);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct FunctionOut {
+    name: String,
+    /// A JSON string, as OpenAI sends it.
+    arguments: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionOut,
+}
+
+impl ToolCallOut {
+    /// Calls as a message carries them (`index` only in stream deltas).
+    fn list(calls: &[ToolCall], streamed: bool) -> Vec<Self> {
         calls
             .iter()
             .enumerate()
-            .map(|(i, c)| {
-                let mut v = json!({ "id": c.id, "type": "function",
-                    "function": { "name": c.name, "arguments": c.arguments.to_string() } });
-                if with_index {
-                    v["index"] = json!(i);
-                }
-                v
+            .map(|(i, c)| Self {
+                index: streamed.then_some(i),
+                id: c.id.clone(),
+                kind: "function",
+                function: FunctionOut {
+                    name: c.name.clone(),
+                    arguments: c.arguments.to_string(),
+                },
             })
-            .collect(),
-    )
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct AssistantMessage {
+    role: &'static str,
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct DeltaOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// One choice, in whichever of the four shapes (chat or completion, whole or a stream chunk).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ChoiceOut {
+    Chat {
+        index: usize,
+        message: AssistantMessage,
+        finish_reason: &'static str,
+        logprobs: Option<ChatLogprobs>,
+    },
+    ChatDelta {
+        index: usize,
+        delta: DeltaOut,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<ChatLogprobs>,
+    },
+    Text {
+        index: usize,
+        text: String,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<LegacyLogprobs>,
+    },
+}
+
+/// A whole response or one stream chunk.
+#[derive(Debug, Serialize)]
+struct CompletionOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChoiceOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_fingerprint: Option<&'a str>,
 }
 
 /// One choice's answer, gathered.
@@ -539,49 +669,51 @@ async fn respond(
         .map(|g| g.model().to_string())
         .unwrap_or_default();
     let fingerprint = format!("ult-{}", env!("CARGO_PKG_VERSION"));
+    let want_logprobs = reply.logprobs;
     if !reply.stream {
         let results = futures::future::join_all(gens.into_iter().map(gather)).await;
         let mut choices = Vec::new();
         let mut stats = Vec::new();
         for (index, r) in results.into_iter().enumerate() {
             let r = r?;
-            let ending = r.ending.map_or("stop", finish_reason);
-            let choice = match reply.shape {
-                Shape::Chat => {
-                    let mut message = json!({ "role": "assistant",
-                        "content": if r.calls.is_empty() { json!(r.text) } else { Value::Null } });
-                    if !r.calls.is_empty() {
-                        message["tool_calls"] = tool_calls_json(&r.calls, false);
-                    }
-                    let logprobs = if reply.logprobs {
-                        json!({ "content": chat_logprobs(&r.logprobs) })
-                    } else {
-                        Value::Null
-                    };
-                    json!({ "index": index, "message": message, "finish_reason": ending, "logprobs": logprobs })
-                }
-                Shape::Completion => {
-                    let logprobs = if reply.logprobs {
-                        completion_logprobs(&r.logprobs, &mut 0)
-                    } else {
-                        Value::Null
-                    };
-                    json!({ "index": index, "text": r.text, "finish_reason": ending, "logprobs": logprobs })
-                }
-            };
-            choices.push(choice);
+            let finish_reason = r.ending.map_or("stop", finish_reason);
+            choices.push(match reply.shape {
+                Shape::Chat => ChoiceOut::Chat {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        tool_calls: (!r.calls.is_empty())
+                            .then(|| ToolCallOut::list(&r.calls, false)),
+                        content: r.calls.is_empty().then_some(r.text),
+                    },
+                    finish_reason,
+                    logprobs: want_logprobs.then(|| ChatLogprobs {
+                        content: LogprobOut::list(&r.logprobs),
+                    }),
+                },
+                Shape::Completion => ChoiceOut::Text {
+                    index,
+                    text: r.text,
+                    finish_reason: Some(finish_reason),
+                    logprobs: want_logprobs.then(|| LegacyLogprobs::of(&r.logprobs, &mut 0)),
+                },
+            });
             stats.extend(r.stats);
         }
-        let object = if reply.shape == Shape::Chat {
-            "chat.completion"
-        } else {
-            "text_completion"
+        let body = CompletionOut {
+            id: &id,
+            object: if reply.shape == Shape::Chat {
+                "chat.completion"
+            } else {
+                "text_completion"
+            },
+            created,
+            model: &served,
+            choices,
+            usage: Some(Usage::of(&stats)),
+            system_fingerprint: Some(&fingerprint),
         };
-        return Ok(Json(json!({
-            "id": id, "object": object, "created": created, "model": served,
-            "choices": choices, "usage": usage(&stats), "system_fingerprint": fingerprint,
-        }))
-        .into_response());
+        return Ok(Json(body).into_response());
     }
     // Streaming: each choice's chunks as they come (each names its index), then usage if asked, then
     // [DONE] once every choice has ended.
@@ -594,65 +726,92 @@ async fn respond(
         "text_completion"
     };
     let (stats_tx, mut stats_rx) = mpsc::unbounded_channel::<GenStats>();
-    let pumps = gens.into_iter().enumerate().map(|(index, g)| {
-        let (id, served, tx, stats_tx) = (id.clone(), served.clone(), tx.clone(), stats_tx.clone());
-        let want_logprobs = reply.logprobs;
-        let mut offset = 0usize;
-        let mut first = shape == Shape::Chat;
-        pump(g, tx, write_timeout, move |g, event| {
-            let chunk = |choice: Value| -> Result<SseEvent, Infallible> {
-                Ok(SseEvent::default().data(
-                    json!({ "id": id, "object": object, "created": created, "model": served, "choices": [choice] })
-                        .to_string(),
-                ))
-            };
-            let mut out = Vec::new();
-            if std::mem::take(&mut first) {
-                out.push(chunk(json!({ "index": index,
-                    "delta": { "role": "assistant", "content": "" }, "finish_reason": null, "logprobs": null })));
-            }
-            match event {
-                Ok(Event::Delta(d)) => {
-                    let choice = match shape {
-                        Shape::Chat => {
-                            let logprobs = if want_logprobs {
-                                json!({ "content": chat_logprobs(&d.logprobs) })
-                            } else {
-                                Value::Null
-                            };
-                            json!({ "index": index, "delta": { "content": d.text }, "finish_reason": null, "logprobs": logprobs })
-                        }
-                        Shape::Completion => {
-                            let logprobs = if want_logprobs {
-                                completion_logprobs(&d.logprobs, &mut offset)
-                            } else {
-                                Value::Null
-                            };
-                            json!({ "index": index, "text": d.text, "finish_reason": null, "logprobs": logprobs })
-                        }
+    let pumps: Vec<_> = gens
+        .into_iter()
+        .enumerate()
+        .map(|(index, g)| {
+            let (id, served, tx, stats_tx) =
+                (id.clone(), served.clone(), tx.clone(), stats_tx.clone());
+            let mut offset = 0usize;
+            let mut first = shape == Shape::Chat;
+            pump(g, tx, write_timeout, move |g, event| {
+                let chunk = |choice: ChoiceOut| -> Result<SseEvent, Infallible> {
+                    let c = CompletionOut {
+                        id: &id,
+                        object,
+                        created,
+                        model: &served,
+                        choices: vec![choice],
+                        usage: None,
+                        system_fingerprint: None,
                     };
-                    out.push(chunk(choice));
-                }
-                Ok(Event::ToolCalls(calls)) => out.push(chunk(json!({ "index": index,
-                    "delta": { "tool_calls": tool_calls_json(&calls, true) }, "finish_reason": null, "logprobs": null }))),
-                Ok(Event::Done(s)) => {
-                    let ending = finish_reason(g.ending(&s));
-                    let choice = match shape {
-                        Shape::Chat => json!({ "index": index, "delta": {}, "finish_reason": ending, "logprobs": null }),
-                        Shape::Completion => json!({ "index": index, "text": "", "finish_reason": ending, "logprobs": null }),
+                    Ok(SseEvent::default().data(serde_json::to_string(&c).unwrap_or_default()))
+                };
+                let delta = |delta: DeltaOut, finish_reason, logprobs| ChoiceOut::ChatDelta {
+                    index,
+                    delta,
+                    finish_reason,
+                    logprobs,
+                };
+                let mut out = Vec::new();
+                if std::mem::take(&mut first) {
+                    let opener = DeltaOut {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                        tool_calls: None,
                     };
-                    out.push(chunk(choice));
-                    let _ = stats_tx.send(s);
+                    out.push(chunk(delta(opener, None, None)));
                 }
-                Err(e) => {
-                    let e = ApiError::from(e);
-                    out.push(Ok(SseEvent::default().data(e.body().to_string())));
+                match event {
+                    Ok(Event::Delta(d)) => out.push(chunk(match shape {
+                        Shape::Chat => delta(
+                            DeltaOut {
+                                content: Some(d.text),
+                                ..DeltaOut::default()
+                            },
+                            None,
+                            want_logprobs.then(|| ChatLogprobs {
+                                content: LogprobOut::list(&d.logprobs),
+                            }),
+                        ),
+                        Shape::Completion => ChoiceOut::Text {
+                            index,
+                            text: d.text,
+                            finish_reason: None,
+                            logprobs: want_logprobs
+                                .then(|| LegacyLogprobs::of(&d.logprobs, &mut offset)),
+                        },
+                    })),
+                    Ok(Event::ToolCalls(calls)) => out.push(chunk(delta(
+                        DeltaOut {
+                            tool_calls: Some(ToolCallOut::list(&calls, true)),
+                            ..DeltaOut::default()
+                        },
+                        None,
+                        None,
+                    ))),
+                    Ok(Event::Done(s)) => {
+                        let ending = Some(finish_reason(g.ending(&s)));
+                        out.push(chunk(match shape {
+                            Shape::Chat => delta(DeltaOut::default(), ending, None),
+                            Shape::Completion => ChoiceOut::Text {
+                                index,
+                                text: String::new(),
+                                finish_reason: ending,
+                                logprobs: None,
+                            },
+                        }));
+                        let _ = stats_tx.send(s);
+                    }
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        out.push(Ok(SseEvent::default().data(e.body().to_string())));
+                    }
                 }
-            }
-            out
+                out
+            })
         })
-    });
-    let pumps: Vec<_> = pumps.collect();
+        .collect();
     drop(stats_tx);
     let include_usage = reply.include_usage;
     tokio::spawn(async move {
@@ -665,10 +824,17 @@ async fn respond(
             stats.push(s);
         }
         if include_usage {
-            let last = json!({ "id": id, "object": object, "created": created, "model": served, "choices": [], "usage": usage(&stats) });
-            let _ = tx
-                .send(Ok(SseEvent::default().data(last.to_string())))
-                .await;
+            let last = CompletionOut {
+                id: &id,
+                object,
+                created,
+                model: &served,
+                choices: Vec::new(),
+                usage: Some(Usage::of(&stats)),
+                system_fingerprint: None,
+            };
+            let data = serde_json::to_string(&last).unwrap_or_default();
+            let _ = tx.send(Ok(SseEvent::default().data(data))).await;
         }
         let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
     });
