@@ -39,32 +39,54 @@ pub struct HttpState {
     pub token: Option<Arc<str>>,
 }
 
+/// The bearer-token check of an HTTP front: a request without the configured token gets `refuse()` and
+/// is counted under `front`.
+#[derive(Clone)]
+pub struct BearerCheck {
+    /// The front's state (token and metrics).
+    pub state: HttpState,
+    /// The front's name in metrics.
+    pub front: &'static str,
+    /// The front's refusal.
+    pub refuse: fn() -> Response,
+}
+
+async fn bearer(
+    State(check): State<BearerCheck>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !crate::auth::bearer_ok(check.state.token.as_deref(), header) {
+        check.state.metrics.unauthenticated(check.front);
+        return (check.refuse)();
+    }
+    next.run(req).await
+}
+
+/// `router`'s routes so far, behind `check`.
+pub fn with_bearer(router: Router<HttpState>, check: BearerCheck) -> Router<HttpState> {
+    router.route_layer(axum::middleware::from_fn_with_state(check, bearer))
+}
+
 /// The routes, with a request body limit of `max_body` bytes.
 pub fn router(state: HttpState, max_body: usize) -> Router {
-    let auth_state = state.clone();
-    Router::new()
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
-        .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let state = auth_state.clone();
-                async move {
-                    let header = req
-                        .headers()
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    if !crate::auth::bearer_ok(state.token.as_deref(), header) {
-                        state.metrics.unauthenticated("http");
-                        return ApiError::unauthorized().into_response();
-                    }
-                    next.run(req).await
-                }
-            },
-        ))
+        .route("/metrics", get(metrics));
+    let check = BearerCheck {
+        state: state.clone(),
+        front: "http",
+        refuse: || ApiError::unauthorized().into_response(),
+    };
+    with_bearer(routes, check)
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

@@ -45,8 +45,7 @@ pub const DEFAULT_KEEP_ALIVE: KeepAlive = KeepAlive::Millis(5 * 60 * 1000);
 
 /// Ollama's routes, with a request body limit of `max_body` bytes.
 pub fn router(state: HttpState, max_body: usize) -> Router {
-    let auth_state = state.clone();
-    Router::new()
+    let routes = Router::new()
         .route("/api/generate", post(generate))
         .route("/api/chat", post(chat))
         .route("/api/embed", post(embed))
@@ -63,27 +62,16 @@ pub fn router(state: HttpState, max_body: usize) -> Router {
             "/api/delete",
             axum::routing::delete(unsupported).post(unsupported),
         )
-        .route("/api/blobs/{digest}", post(unsupported).head(unsupported))
-        .route_layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let state = auth_state.clone();
-                async move {
-                    let header = req
-                        .headers()
-                        .get(header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok());
-                    if !crate::auth::bearer_ok(state.token.as_deref(), header) {
-                        state.metrics.unauthenticated("ollama");
-                        return OllamaError::new(
-                            StatusCode::UNAUTHORIZED,
-                            "missing or wrong bearer token",
-                        )
-                        .into_response();
-                    }
-                    next.run(req).await
-                }
-            },
-        ))
+        .route("/api/blobs/{digest}", post(unsupported).head(unsupported));
+    let check = crate::http::BearerCheck {
+        state: state.clone(),
+        front: "ollama",
+        refuse: || {
+            OllamaError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                .into_response()
+        },
+    };
+    crate::http::with_bearer(routes, check)
         .route("/", get(|| async { "Ollama is running" }).head(|| async {}))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -857,14 +845,11 @@ async fn chat(
                             t.kind
                         )));
                     }
-                    defs.push(ToolDef {
-                        name: t.function.name,
-                        description: t.function.description,
-                        parameters: t
-                            .function
-                            .parameters
-                            .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-                    });
+                    defs.push(ToolDef::new(
+                        t.function.name,
+                        t.function.description,
+                        t.function.parameters,
+                    ));
                 }
                 Some(Tools {
                     defs,

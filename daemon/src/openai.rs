@@ -368,14 +368,11 @@ fn tools_from(
                 format!("tools of type {:?} are not supported; use function", t.kind),
             ));
         }
-        defs.push(ToolDef {
-            name: t.function.name,
-            description: t.function.description,
-            parameters: t
-                .function
-                .parameters
-                .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
-        });
+        defs.push(ToolDef::new(
+            t.function.name,
+            t.function.description,
+            t.function.parameters,
+        ));
     }
     Ok(Some(Tools {
         defs,

@@ -84,6 +84,17 @@ pub struct ToolPlan {
     pub format: OutputFormat,
 }
 
+impl ToolDef {
+    /// A function definition; without `parameters` it takes none (an empty object).
+    pub fn new(name: String, description: Option<String>, parameters: Option<Value>) -> Self {
+        Self {
+            name,
+            description,
+            parameters: parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+        }
+    }
+}
+
 impl Tools {
     /// Checks the definitions and the choice, naming the bad one.
     pub fn validate(&self) -> Result<(), ServiceError> {

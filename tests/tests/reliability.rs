@@ -200,6 +200,17 @@ async fn bearer_tokens_are_required_and_refusals_counted() {
             .await
             .starts_with("HTTP/1.1 200")
     );
+    // Ollama's API takes the same token (its clients send headers); its `/` probe stays open.
+    let ollama = reqwest_like_get(&d.ollama, "/api/tags", None).await;
+    assert!(ollama.starts_with("HTTP/1.1 401"), "{ollama}");
+    assert!(ollama.contains("{\"error\":"), "{ollama}");
+    let ok = reqwest_like_get(&d.ollama, "/api/tags", Some(token)).await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert!(
+        reqwest_like_get(&d.ollama, "/", None)
+            .await
+            .contains("Ollama is running")
+    );
     let metrics = reqwest_like_get(&d.http, "/metrics", Some(token)).await;
     assert!(
         metrics.contains("ult_unauthenticated_requests_total{front=\"grpc\"} 2"),
@@ -207,6 +218,10 @@ async fn bearer_tokens_are_required_and_refusals_counted() {
     );
     assert!(
         metrics.contains("ult_unauthenticated_requests_total{front=\"http\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ult_unauthenticated_requests_total{front=\"ollama\"} 1"),
         "{metrics}"
     );
 }
