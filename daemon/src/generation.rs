@@ -16,7 +16,7 @@ use crate::metrics::{Metrics, outcome_of};
 use crate::registry::RegisteredModel;
 use crate::requests::RequestWork;
 use crate::supervisor::{Grant, Handle, check_kind};
-use crate::tools::{Dialect, ToolCall, ToolChoice, Tools};
+use crate::tools::{Dialect, ToolCall, ToolChoice, ToolReading, Tools};
 use crate::worker::{Backlog, Delta, EmbedJob, GenEvent, GenStats, GenerateJob, Job};
 use ult_engine::constraint::{Constraint, OutputFormat};
 use ult_engine::sampler::SamplingParams;
@@ -128,7 +128,7 @@ pub struct GenerateParams {
     /// The output grammar, compiled.
     pub constraint: Option<Constraint>,
     /// How tool calls are read back from the answer, when the request has tools.
-    pub tools: Option<Dialect>,
+    pub tools: Option<ToolReading>,
 }
 
 fn check_format(format: &OutputFormat) -> Result<(), ServiceError> {
@@ -247,7 +247,10 @@ pub fn prepare_generation(
                     };
                     let plan = t.plan(d, messages.clone());
                     format = plan.format;
-                    dialect = Some(d);
+                    dialect = Some(ToolReading {
+                        dialect: d,
+                        parallel: t.parallel,
+                    });
                     template.render_with_tools(
                         &plan.messages,
                         plan.template_tools.as_ref(),
@@ -385,7 +388,7 @@ pub struct Generation {
     /// Set once the outcome is counted.
     counted: bool,
     /// Tools: the answer is held until it ends, then read for calls.
-    tools: Option<Dialect>,
+    tools: Option<ToolReading>,
     held: Delta,
     /// The end, once the calls it follows are given.
     after_calls: Option<GenStats>,
@@ -485,13 +488,17 @@ impl Generation {
                         s.completion_tokens as u64,
                         s.ttft_ms,
                     );
-                    let Some(dialect) = self.tools else {
+                    let Some(reading) = self.tools else {
                         return Ok(Some(Event::Done(s)));
                     };
                     let held = std::mem::take(&mut self.held);
                     let prefix = format!("call_{:x}", s.total_ms.to_bits() ^ s.queue_ms.to_bits());
-                    let parsed =
-                        crate::tools::parse(dialect, &held.text, |i| format!("{prefix}_{i}"));
+                    let mut parsed = crate::tools::parse(reading.dialect, &held.text, |i| {
+                        format!("{prefix}_{i}")
+                    });
+                    if !reading.parallel {
+                        parsed.calls.truncate(1);
+                    }
                     self.tools = None;
                     if parsed.calls.is_empty() {
                         self.after_calls = Some(s);

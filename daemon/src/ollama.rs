@@ -854,6 +854,7 @@ async fn chat(
                 Some(Tools {
                     defs,
                     choice: ToolChoice::Auto,
+                    parallel: true,
                 })
             }
         };

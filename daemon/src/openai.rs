@@ -228,8 +228,7 @@ struct ChatRequest {
     _metadata: Option<Value>,
     #[serde(rename = "service_tier")]
     _service_tier: Option<Value>,
-    #[serde(rename = "parallel_tool_calls")]
-    _parallel_tool_calls: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     #[serde(rename = "prediction")]
     _prediction: Option<Value>,
     #[serde(rename = "safety_identifier")]
@@ -377,6 +376,7 @@ fn tools_from(
     Ok(Some(Tools {
         defs,
         choice: choice.unwrap_or(ToolChoice::Auto),
+        parallel: true,
     }))
 }
 
@@ -881,7 +881,10 @@ pub async fn chat(state: HttpState, client: String, req: Value) -> Result<Respon
             None => OutputFormat::JsonObject,
         },
     };
-    let tools = tools_from(req.tools, req.tool_choice)?;
+    let tools = tools_from(req.tools, req.tool_choice)?.map(|mut t| {
+        t.parallel = req.parallel_tool_calls.unwrap_or(true);
+        t
+    });
     let messages = messages_from(req.messages)?;
     let request = GenerateRequest {
         max_tokens: req.max_completion_tokens.or(req.max_tokens),

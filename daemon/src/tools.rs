@@ -49,6 +49,8 @@ pub struct Tools {
     pub defs: Vec<ToolDef>,
     /// The choice.
     pub choice: ToolChoice,
+    /// Whether one answer may make several calls (OpenAI's `parallel_tool_calls`, default true).
+    pub parallel: bool,
 }
 
 /// A call the model made.
@@ -69,6 +71,15 @@ pub enum Dialect {
     Hermes,
     /// A system message and a JSON answer.
     Generic,
+}
+
+/// How a generation's answer is read back into calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolReading {
+    /// The dialect it was asked in.
+    pub dialect: Dialect,
+    /// Whether several calls may come back (else the first only).
+    pub parallel: bool,
 }
 
 /// What a tool request turns into before tokenizing.
@@ -216,11 +227,14 @@ impl Tools {
                 }
             }
             Dialect::Generic => {
+                let mut list =
+                    json!({ "type": "array", "items": self.call_schema(), "minItems": 1 });
+                if !self.parallel {
+                    list["maxItems"] = json!(1);
+                }
                 let calls = json!({
                     "type": "object",
-                    "properties": { "tool_calls": {
-                        "type": "array", "items": self.call_schema(), "minItems": 1,
-                    }},
+                    "properties": { "tool_calls": list },
                     "required": ["tool_calls"],
                     "additionalProperties": false,
                 });
@@ -395,6 +409,7 @@ mod tests {
                 parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
             }],
             choice: ToolChoice::Auto,
+            parallel: true,
         }
     }
 
@@ -470,7 +485,15 @@ mod tests {
         assert!(plan.messages[2].content.contains("\"tool_calls\""));
         assert_eq!(plan.messages[3].role, "user");
         assert!(plan.messages[3].content.contains("18 C"));
-        assert!(matches!(plan.format, OutputFormat::JsonSchema(_)));
+        assert!(
+            matches!(&plan.format, OutputFormat::JsonSchema(s) if s["anyOf"][0]["properties"]["tool_calls"].get("maxItems").is_none())
+        );
+        let mut single = weather();
+        single.parallel = false;
+        let plan = single.plan(Dialect::Generic, vec![ChatMessage::new("user", "x")]);
+        assert!(
+            matches!(&plan.format, OutputFormat::JsonSchema(s) if s["anyOf"][0]["properties"]["tool_calls"]["maxItems"] == 1)
+        );
         let mut forced = weather();
         forced.choice = ToolChoice::Required;
         let plan = forced.plan(Dialect::Hermes, vec![ChatMessage::new("user", "x")]);

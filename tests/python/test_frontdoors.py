@@ -168,9 +168,10 @@ def test_ollama_refuses_what_ult_does_not_do(ol):
 
 def test_openai_tool_call_round_trip(oa):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    r = oa.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=64)
+    r = oa.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=64)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls) == 1, "parallel_tool_calls=False: one call"
     call = choice.message.tool_calls[0]
     assert call.function.name == "get_weather"
     args = json.loads(call.function.arguments)
