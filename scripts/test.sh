@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs all of ult's tests: fetches the models if missing (cached), checks formatting and lints, then runs
-# every Rust test with cargo-nextest (each test in its own process) and the Python client tests.
+# every Rust test with cargo-nextest (each test in its own process), the Python client tests and the Ray
+# Serve tests (three real ult nodes on a local Ray cluster).
 # The target directory and the models' wheels are cached under ~/.cache/ult, outside the clone.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +33,11 @@ cargo nextest run --workspace --locked --no-fail-fast
 if [ -x scripts/python-tests.sh ]; then
   step "python client tests"
   scripts/python-tests.sh
+fi
+
+if [ -x scale/ray/run-tests.sh ]; then
+  step "ray serve tests (3 local ult nodes)"
+  scale/ray/run-tests.sh
 fi
 
 step "all tests passed"
