@@ -20,6 +20,7 @@ use crate::tools::{Dialect, ToolCall, ToolChoice, ToolReading, Tools};
 use crate::worker::{Backlog, Delta, EmbedJob, GenEvent, GenStats, GenerateJob, Job};
 use ult_engine::constraint::{Constraint, OutputFormat};
 use ult_engine::sampler::SamplingParams;
+use ult_engine::sequence::TokenLogprob;
 use ult_engine::template::ChatMessage;
 use ult_engine::{EngineError, Inspection, ModelKind};
 
@@ -492,7 +493,7 @@ impl Generation {
                         return Ok(Some(Event::Done(s)));
                     };
                     let held = std::mem::take(&mut self.held);
-                    let prefix = format!("call_{:x}", s.total_ms.to_bits() ^ s.queue_ms.to_bits());
+                    let prefix = fresh_id("call");
                     let mut parsed = crate::tools::parse(reading.dialect, &held.text, |i| {
                         format!("{prefix}_{i}")
                     });
@@ -529,6 +530,63 @@ impl Generation {
                 _ => self.events.recv().await,
             },
         })
+    }
+}
+
+/// A fresh id for a response or a tool call: `prefix-` and 16 hex digits from the OS-seeded hasher and
+/// the clock.
+pub fn fresh_id(prefix: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{prefix}-{:016x}", h.finish())
+}
+
+/// A whole answer, for a front door that does not stream.
+#[derive(Debug)]
+pub struct Answer {
+    /// The text.
+    pub text: String,
+    /// Its tokens' log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// The calls, for requests with tools.
+    pub calls: Vec<ToolCall>,
+    /// The statistics.
+    pub stats: GenStats,
+    /// How it ended.
+    pub ending: Ending,
+    /// Set when this request caused the model's load.
+    pub load_ms: Option<u64>,
+}
+
+impl Generation {
+    /// Runs the generation to its end and returns the whole answer.
+    pub async fn gather(mut self) -> Result<Answer, ServiceError> {
+        let (mut text, mut logprobs, mut calls) = (String::new(), Vec::new(), Vec::new());
+        loop {
+            match self.next().await? {
+                None => return Err(ServiceError::Engine(EngineError::WorkerGone)),
+                Some(Event::Delta(d)) => {
+                    text.push_str(&d.text);
+                    logprobs.extend(d.logprobs);
+                }
+                Some(Event::ToolCalls(c)) => calls = c,
+                Some(Event::Done(stats)) => {
+                    return Ok(Answer {
+                        ending: self.ending(&stats),
+                        load_ms: self.load_ms,
+                        text,
+                        logprobs,
+                        calls,
+                        stats,
+                    });
+                }
+            }
+        }
     }
 }
 

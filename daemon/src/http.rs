@@ -332,18 +332,6 @@ pub fn unix_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A fresh response id.
-pub fn request_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    format!("{prefix}-{:016x}", h.finish())
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum EmbeddingInput {
@@ -385,17 +373,22 @@ async fn completions(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// The field a request named that its type (with `deny_unknown_fields`) does not know, from serde's
+/// message ("unknown field `x`, expected one of …").
+pub fn unknown_field(e: &serde_json::Error) -> Option<String> {
+    let text = e.to_string();
+    let rest = text.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
 /// Reads a request from its JSON body. A field the request type does not know is refused by name
 /// (`param` set to it): ult answers only what it can honour.
 pub fn parse_body<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_json::from_value(v).map_err(|e| {
         let text = e.to_string();
-        if let Some(rest) = text.strip_prefix("unknown field `")
-            && let Some(end) = rest.find('`')
-        {
-            let name = &rest[..end];
+        if let Some(name) = unknown_field(&e) {
             return ApiError::bad_request(
-                name.to_string(),
+                name.clone(),
                 format!("unsupported parameter `{name}`: ult does not implement it"),
             );
         }

@@ -27,15 +27,15 @@ use ult_policy::{KeepAlive, RequestKind, Residency};
 
 use crate::error::ServiceError;
 use crate::generation::{Ending, Event, GenerateRequest, Input, Truncate, pump};
-use crate::http::HttpState;
+use crate::http::{HttpState, unknown_field};
 use crate::limits::client_key;
 use crate::openai::LogprobOut;
 use crate::tools::{ToolCall, ToolChoice, ToolDef, Tools};
 use crate::worker::GenStats;
+use ult_engine::ModelKind;
 use ult_engine::constraint::OutputFormat;
 use ult_engine::sampler::SamplingParams;
 use ult_engine::template::ChatMessage;
-use ult_engine::{EngineError, ModelKind};
 
 /// The Ollama API version ult implements (clients gate features on it).
 pub const API_VERSION: &str = "0.12.6";
@@ -188,58 +188,21 @@ fn keep_alive_from(v: &Option<Value>) -> Result<KeepAlive, OllamaError> {
             "keep_alive {s:?} is not a duration: use seconds or a duration like \"5m\", \"1h30m\", 0 or -1"
         ))
     };
-    let seconds = match v {
+    let text = match v {
         None | Some(Value::Null) => return Ok(DEFAULT_KEEP_ALIVE),
-        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| bad(&n.to_string()))?,
-        Some(Value::String(s)) => {
-            let t = s.trim();
-            if let Ok(n) = t.parse::<f64>() {
-                n
-            } else {
-                let (neg, body) = match t.strip_prefix('-') {
-                    Some(b) => (true, b),
-                    None => (false, t),
-                };
-                let mut total = 0.0f64;
-                let mut rest = body;
-                if rest.is_empty() {
-                    return Err(bad(s));
-                }
-                while !rest.is_empty() {
-                    let split = rest
-                        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                        .ok_or_else(|| bad(s))?;
-                    let (num, tail) = rest.split_at(split);
-                    let unit_len = tail
-                        .find(|c: char| c.is_ascii_digit() || c == '.')
-                        .unwrap_or(tail.len());
-                    let (unit, next) = tail.split_at(unit_len);
-                    let n: f64 = num.parse().map_err(|_| bad(s))?;
-                    let scale = match unit {
-                        "ns" => 1e-9,
-                        "us" | "µs" => 1e-6,
-                        "ms" => 1e-3,
-                        "s" => 1.0,
-                        "m" => 60.0,
-                        "h" => 3600.0,
-                        _ => return Err(bad(s)),
-                    };
-                    total += n * scale;
-                    rest = next;
-                }
-                if neg { -total } else { total }
-            }
-        }
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.trim().to_string(),
         Some(other) => return Err(bad(&other.to_string())),
     };
-    if !seconds.is_finite() {
-        return Err(bad(&seconds.to_string()));
+    if let Some(magnitude) = text.strip_prefix('-') {
+        // Any negative duration keeps the model loaded, as in Ollama.
+        return ult_policy::parse_duration_ms(magnitude)
+            .map(|_| KeepAlive::Forever)
+            .map_err(|_| bad(&text));
     }
-    Ok(if seconds < 0.0 {
-        KeepAlive::Forever
-    } else {
-        KeepAlive::Millis((seconds * 1000.0).min(u64::MAX as f64 / 2.0) as u64)
-    })
+    ult_policy::parse_duration_ms(&text)
+        .map(KeepAlive::Millis)
+        .map_err(|_| bad(&text))
 }
 
 /// Ollama's `options`, with Ollama's defaults for what is unset.
@@ -308,15 +271,9 @@ struct Sampled {
 fn options_from(v: Option<Value>, context: usize, model: &str) -> Result<Sampled, OllamaError> {
     let o: Options = match v {
         None | Some(Value::Null) => Options::default(),
-        Some(v) => serde_json::from_value(v).map_err(|e| {
-            let text = e.to_string();
-            match text
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-            {
-                Some(name) => OllamaError::bad(format!("option {name:?} is not supported by ult")),
-                None => OllamaError::bad(format!("invalid options: {text}")),
-            }
+        Some(v) => serde_json::from_value(v).map_err(|e| match unknown_field(&e) {
+            Some(name) => OllamaError::bad(format!("option {name:?} is not supported by ult")),
+            None => OllamaError::bad(format!("invalid options: {e}")),
         })?,
     };
     for (name, v, off) in [
@@ -500,15 +457,9 @@ struct ChatBody {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, OllamaError> {
-    serde_json::from_value(v).map_err(|e| {
-        let text = e.to_string();
-        match text
-            .strip_prefix("unknown field `")
-            .and_then(|r| r.split('`').next())
-        {
-            Some(name) => OllamaError::bad(format!("field {name:?} is not supported by ult")),
-            None => OllamaError::bad(format!("invalid request: {text}")),
-        }
+    serde_json::from_value(v).map_err(|e| match unknown_field(&e) {
+        Some(name) => OllamaError::bad(format!("field {name:?} is not supported by ult")),
+        None => OllamaError::bad(format!("invalid request: {e}")),
     })
 }
 
@@ -677,29 +628,15 @@ async fn answer(
     stream: bool,
 ) -> Result<Response, OllamaError> {
     let logprobs = req.logprobs.is_some();
-    let mut g = state.core.generate(&client, req).await?;
+    let g = state.core.generate(&client, req).await?;
     let model = g.model().to_string();
     if !stream {
-        let mut text = String::new();
-        let mut lps = Vec::new();
-        let mut calls = Vec::new();
-        loop {
-            match g.next().await? {
-                None => return Err(ServiceError::Engine(EngineError::WorkerGone).into()),
-                Some(Event::Delta(d)) => {
-                    text.push_str(&d.text);
-                    lps.extend(d.logprobs);
-                }
-                Some(Event::ToolCalls(c)) => calls = c,
-                Some(Event::Done(s)) => {
-                    let mut c = Chunk::new(shape, &model, text, &calls);
-                    c.done = true;
-                    c.end = Some(Durations::of(&s, g.ending(&s), g.load_ms()));
-                    c.logprobs = logprobs.then(|| LogprobOut::list(&lps));
-                    return Ok(Json(c).into_response());
-                }
-            }
-        }
+        let a = g.gather().await?;
+        let mut c = Chunk::new(shape, &model, a.text, &a.calls);
+        c.done = true;
+        c.end = Some(Durations::of(&a.stats, a.ending, a.load_ms));
+        c.logprobs = logprobs.then(|| LogprobOut::list(&a.logprobs));
+        return Ok(Json(c).into_response());
     }
     let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(64);
     let write_timeout = state.handle.write_timeout();

@@ -14,9 +14,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::error::ServiceError;
-use crate::generation::{AtEos, Ending, Event, GenerateRequest, Generation, Input, pump};
-use crate::http::{ApiError, HttpState, request_id, unix_s};
+use crate::generation::{AtEos, Ending, Event, GenerateRequest, Generation, Input, fresh_id, pump};
+use crate::http::{ApiError, HttpState, unix_s};
 use crate::tools::{ToolCall, ToolChoice, ToolDef, Tools};
 use crate::worker::GenStats;
 use ult_engine::constraint::OutputFormat;
@@ -272,6 +271,24 @@ struct CompletionRequest {
     ignore_eos: bool,
     #[serde(rename = "user")]
     _user: Option<Value>,
+}
+
+/// The sampling fields of either endpoint's request (the two types list them apart, as
+/// `deny_unknown_fields` cannot see through `flatten`).
+macro_rules! common_of {
+    ($req:expr) => {
+        Common {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            seed: $req.seed,
+            top_k: $req.top_k,
+            repetition_penalty: $req.repetition_penalty,
+            frequency_penalty: $req.frequency_penalty,
+            presence_penalty: $req.presence_penalty,
+            logit_bias: $req.logit_bias,
+            n: $req.n,
+        }
+    };
 }
 
 /// The sampling fields shared by both endpoints.
@@ -595,35 +612,6 @@ struct CompletionOut<'a> {
     system_fingerprint: Option<&'a str>,
 }
 
-/// One choice's answer, gathered.
-#[derive(Default)]
-struct Gathered {
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    calls: Vec<ToolCall>,
-    stats: Option<GenStats>,
-    ending: Option<Ending>,
-}
-
-async fn gather(mut g: Generation) -> Result<Gathered, ServiceError> {
-    let mut out = Gathered::default();
-    while let Some(e) = g.next().await? {
-        match e {
-            Event::Delta(d) => {
-                out.text.push_str(&d.text);
-                out.logprobs.extend(d.logprobs);
-            }
-            Event::ToolCalls(c) => out.calls = c,
-            Event::Done(s) => {
-                out.ending = Some(g.ending(&s));
-                out.stats = Some(s);
-                break;
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Starts `n` generations of `req` (seeds `seed`, `seed + 1`, … when one is given, so the choices differ).
 async fn start_all(
     state: &HttpState,
@@ -655,7 +643,7 @@ async fn respond(
     reply: Reply,
 ) -> Result<Response, ApiError> {
     let gens = start_all(&state, &client, req, reply.n).await?;
-    let id = request_id(if reply.shape == Shape::Chat {
+    let id = fresh_id(if reply.shape == Shape::Chat {
         "chatcmpl"
     } else {
         "cmpl"
@@ -668,12 +656,12 @@ async fn respond(
     let fingerprint = format!("ult-{}", env!("CARGO_PKG_VERSION"));
     let want_logprobs = reply.logprobs;
     if !reply.stream {
-        let results = futures::future::join_all(gens.into_iter().map(gather)).await;
+        let results = futures::future::join_all(gens.into_iter().map(Generation::gather)).await;
         let mut choices = Vec::new();
         let mut stats = Vec::new();
         for (index, r) in results.into_iter().enumerate() {
             let r = r?;
-            let finish_reason = r.ending.map_or("stop", finish_reason);
+            let finish_reason = finish_reason(r.ending);
             choices.push(match reply.shape {
                 Shape::Chat => ChoiceOut::Chat {
                     index,
@@ -695,7 +683,7 @@ async fn respond(
                     logprobs: want_logprobs.then(|| LegacyLogprobs::of(&r.logprobs, &mut 0)),
                 },
             });
-            stats.extend(r.stats);
+            stats.push(r.stats);
         }
         let body = CompletionOut {
             id: &id,
@@ -841,18 +829,7 @@ async fn respond(
 /// `POST /v1/chat/completions`.
 pub async fn chat(state: HttpState, client: String, req: Value) -> Result<Response, ApiError> {
     let req: ChatRequest = crate::http::parse_body(req)?;
-    let common = Common {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-        top_k: req.top_k,
-        repetition_penalty: req.repetition_penalty,
-        frequency_penalty: req.frequency_penalty,
-        presence_penalty: req.presence_penalty,
-        logit_bias: req.logit_bias,
-        n: req.n,
-    };
-    let (sampling, n) = common.sampling()?;
+    let (sampling, n) = common_of!(req).sampling()?;
     if let Some(m) = req
         .modalities
         .as_ref()
@@ -929,18 +906,7 @@ pub async fn completions(
             "only best_of = 1 is supported",
         ));
     }
-    let common = Common {
-        temperature: req.temperature,
-        top_p: req.top_p,
-        seed: req.seed,
-        top_k: req.top_k,
-        repetition_penalty: req.repetition_penalty,
-        frequency_penalty: req.frequency_penalty,
-        presence_penalty: req.presence_penalty,
-        logit_bias: req.logit_bias,
-        n: req.n,
-    };
-    let (sampling, n) = common.sampling()?;
+    let (sampling, n) = common_of!(req).sampling()?;
     let prompt = match req.prompt {
         Prompt::One(p) => p,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),

@@ -154,25 +154,40 @@ impl KeepAlive {
     }
 }
 
-/// Parses a duration: "0", "1500ms", "90s", "30m", "2h", "1d" (a bare number is seconds).
+/// Parses a duration: "0", "1500ms", "90s", "30m", "2h", "1d", or several of them run together as Go
+/// writes durations ("1h30m", "2m30.5s"); a bare number is seconds.
 pub fn parse_duration_ms(text: &str) -> Result<u64, SizeError> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| SizeError::Invalid(text.to_string()))?;
-    let ms_per_unit = match unit.trim() {
-        "ms" => 1.0,
-        "" | "s" => 1e3,
-        "m" | "min" => 60e3,
-        "h" => 3600e3,
-        "d" => 86_400e3,
-        _ => return Err(SizeError::Invalid(text.to_string())),
-    };
-    let ms = number * ms_per_unit;
+    let invalid = || SizeError::Invalid(text.to_string());
+    if text.is_empty() {
+        return Err(invalid());
+    }
+    let mut ms = 0.0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(split);
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_len);
+        let number: f64 = number.parse().map_err(|_| invalid())?;
+        let ms_per_unit = match unit.trim() {
+            "" if split == text.len() => 1e3,
+            "ns" => 1e-6,
+            "us" | "µs" => 1e-3,
+            "ms" => 1.0,
+            "s" => 1e3,
+            "m" | "min" => 60e3,
+            "h" => 3600e3,
+            "d" => 86_400e3,
+            _ => return Err(invalid()),
+        };
+        ms += number * ms_per_unit;
+        rest = next;
+    }
     if !ms.is_finite() || ms >= u64::MAX as f64 {
         return Err(SizeError::Overflow(text.to_string()));
     }
@@ -225,6 +240,11 @@ mod tests {
         assert_eq!(KeepAlive::parse("2h"), Ok(KeepAlive::Millis(7_200_000)));
         assert!(KeepAlive::parse("soon").is_err());
         assert!(KeepAlive::parse("5 fortnights").is_err());
+        // Go's compound durations, as Ollama clients send them.
+        assert_eq!(parse_duration_ms("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("2m30.5s"), Ok(150_500));
+        assert!(parse_duration_ms("1h30").is_err());
+        assert!(parse_duration_ms("").is_err());
     }
 
     #[test]
