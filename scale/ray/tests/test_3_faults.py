@@ -18,13 +18,16 @@ def test_ultd_killed_mid_run_then_rejoins(stack):
     def on_done(o):
         with lock:
             done.append(o)
-            if len(done) == 6 and not kill:
-                # The node that holds the hottest model has requests in flight now.
+            if len(done) >= 6 and not kill:
+                # Kill the node holding the hottest model at a moment its ultd reports a request in
+                # flight (asked, not assumed from timing), so the fault hits a running request.
                 victim = next(u for u in stack.ultds if "smollm2" in u.resident())
-                kill["node"], kill["at"] = victim, time.monotonic()
-                victim.kill()
+                if any(m.in_flight > 0 for m in victim.status().models):
+                    kill["node"], kill["at"] = victim, time.monotonic()
+                    victim.kill()
 
     outcomes = run_workload(stack.url("ult"), requests, concurrency=3, on_done=on_done)
+    assert kill, "the victim never had a request in flight after the first 6 answers"
     victim = kill["node"]
     name = victim.name
 
