@@ -52,11 +52,28 @@ export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$cache/target-cuda}
 
 cargo build --release --locked --features cuda -p ultd --bin ultd --example bench --example compare
 cargo build --release --locked -p ult-client --bin ultctl --example bench_grpc
+# The engine's tests that need the GPU (the kernels against the portable ops; batched = alone with
+# ULT_TEST_DEVICE=cuda), built but not run: this machine has no GPU. ULT_CUDA_TESTS=0 skips them.
+tests=()
+if [ "${ULT_CUDA_TESTS:-1}" != 0 ]; then
+  while IFS=' ' read -r name exe; do
+    cp "$exe" "$CARGO_TARGET_DIR/release/$name"
+    tests+=("$CARGO_TARGET_DIR/release/$name")
+  done < <(cargo test --release --locked --features cuda -p ult-engine --lib --test batching --no-run \
+    --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("ult_engine", "batching"):
+        print(("engine-" + ("lib" if m["target"]["name"] == "ult_engine" else "batching") + "-tests"), m["executable"])
+')
+  [ ${#tests[@]} = 2 ] || { echo "build-cuda: the engine test binaries were not built" >&2; exit 1; }
+fi
 
 out=$cache/cuda-bundle
 rm -rf "$out" && mkdir -p "$out"
 cp "$CARGO_TARGET_DIR/release/ultd" "$CARGO_TARGET_DIR/release/ultctl" "$CARGO_TARGET_DIR/release/examples/bench" \
-  "$CARGO_TARGET_DIR/release/examples/bench_grpc" "$CARGO_TARGET_DIR/release/examples/compare" "$out/"
+  "$CARGO_TARGET_DIR/release/examples/bench_grpc" "$CARGO_TARGET_DIR/release/examples/compare" ${tests[@]+"${tests[@]}"} "$out/"
 strip "$out"/*
 # A 64 MiB window: the three CUDA binaries share their kernels, so xz stores those once.
 tar -C "$out" -cf - . | xz -9 -T1 >"$cache/ult-cuda-sm${CUDA_COMPUTE_CAP}.tar.xz"

@@ -111,6 +111,10 @@ fn main() -> anyhow::Result<()> {
             GEMMA_PROMPT,
         ),
     ] {
+        if !std::path::Path::new(&file).exists() {
+            println!("{name:<8} skipped: no {file} on this machine");
+            continue;
+        }
         let source = ModelSource {
             name: name.into(),
             kind: ModelKind::Completion,

@@ -218,6 +218,7 @@ struct ChatRequest {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     ignore_eos: bool,
+    cache_prompt: Option<bool>,
     // Hints OpenAI documents as optional; accepted and ignored (README lists them).
     #[serde(rename = "user")]
     _user: Option<Value>,
@@ -269,6 +270,7 @@ struct CompletionRequest {
     repetition_penalty: Option<f32>,
     #[serde(default)]
     ignore_eos: bool,
+    cache_prompt: Option<bool>,
     #[serde(rename = "user")]
     _user: Option<Value>,
 }
@@ -829,6 +831,7 @@ async fn respond(
 /// `POST /v1/chat/completions`.
 pub async fn chat(state: HttpState, client: String, req: Value) -> Result<Response, ApiError> {
     let req: ChatRequest = crate::http::parse_body(req)?;
+    cache_prompt(req.cache_prompt)?;
     let (sampling, n) = common_of!(req).sampling()?;
     if let Some(m) = req
         .modalities
@@ -887,6 +890,18 @@ pub async fn chat(state: HttpState, client: String, req: Value) -> Result<Respon
     respond(state, client, request, reply).await
 }
 
+/// llama.cpp's `cache_prompt`: `true` (its default) is what ult does anyway; `false` is refused, since ult's
+/// prefix cache is set per model (`prefix_cache` in models.toml), not per request.
+fn cache_prompt(v: Option<bool>) -> Result<(), ApiError> {
+    if v == Some(false) {
+        return Err(ApiError::bad_request(
+            "cache_prompt",
+            "cache_prompt = false is not supported: ult's prefix cache is set per model (prefix_cache in models.toml)",
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/completions`.
 pub async fn completions(
     state: HttpState,
@@ -894,6 +909,7 @@ pub async fn completions(
     req: Value,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = crate::http::parse_body(req)?;
+    cache_prompt(req.cache_prompt)?;
     if req.echo {
         return Err(ApiError::bad_request("echo", "echo is not supported"));
     }

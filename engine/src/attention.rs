@@ -242,6 +242,76 @@ pub fn portable(
     Tensor::cat(&refs, 0)
 }
 
+/// Bit 31 of a key source in [`paged_meta`]'s buffer: the key is row `src & !FRESH` of the step's own keys
+/// and values, not a pool slot.
+pub const FRESH: u32 = 1 << 31;
+
+/// Where the parts of a [`paged_meta`] buffer start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedLayout {
+    /// Rows in the step.
+    pub rows: usize,
+    /// The first write slot (after `2 · rows` words of per-row key ranges).
+    pub slots: usize,
+    /// The first key source.
+    pub keys: usize,
+}
+
+/// The metadata of one layer group's step for the CUDA paged-attention kernels (`kernels/
+/// paged_attention.cu`), as one buffer: per row its first key source and key count (positions
+/// `lo(p)..=p` in order), then per row the slot its key and value are written to (`u32::MAX`: not kept),
+/// then the key sources: a pool slot, or [`FRESH`] with a row of the step. Keys before a sequence's
+/// first position in the step come from the pool through its block table, the step's own from its rows
+/// (the kernel attends before it writes, as [`host`] does). Every index is checked against `rows` and
+/// `pool_slots` here, so the kernels never read or write out of bounds.
+pub fn paged_meta(
+    seqs: &[AttnSeq<'_>],
+    shape: &AttnShape,
+    writes: &[Option<u32>],
+    pool_slots: usize,
+) -> Result<(Vec<u32>, PagedLayout)> {
+    let rows: usize = seqs.iter().map(|s| s.len).sum();
+    if writes.len() != rows || rows >= FRESH as usize || pool_slots >= FRESH as usize {
+        candle_core::bail!("paged attention: {} write slots for {rows} rows", writes.len())
+    }
+    let at = PagedLayout {
+        rows,
+        slots: 2 * rows,
+        keys: 3 * rows,
+    };
+    let mut buf = vec![0u32; at.keys];
+    for (r, w) in writes.iter().enumerate() {
+        buf[at.slots + r] = match *w {
+            Some(s) if (s as usize) < pool_slots => s,
+            Some(s) => candle_core::bail!("paged attention: slot {s} is outside a pool of {pool_slots}"),
+            None => u32::MAX,
+        };
+    }
+    for s in seqs {
+        if s.row + s.len > rows {
+            candle_core::bail!("paged attention: rows {}..{} of {rows}", s.row, s.row + s.len)
+        }
+        let lo_seq = shape.lo(s.start);
+        let base = buf.len() - at.keys;
+        for kp in lo_seq..s.start {
+            let slot = slot_of(kp, s.table, shape.ring, shape.block_tokens)
+                .filter(|&slot| (slot as usize) < pool_slots)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("position {kp} is not in the block table"))
+                })?;
+            buf.push(slot);
+        }
+        buf.extend((s.row..s.row + s.len).map(|r| FRESH | r as u32));
+        for i in 0..s.len {
+            let p = s.start + i;
+            let lo_p = shape.lo(p);
+            buf[2 * (s.row + i)] = (base + lo_p - lo_seq) as u32;
+            buf[2 * (s.row + i) + 1] = (p + 1 - lo_p) as u32;
+        }
+    }
+    Ok((buf, at))
+}
+
 /// The index of the largest value in each row of `(rows, n)` logits.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.to_vec1::<u32>()
@@ -275,6 +345,155 @@ mod tests {
     use super::*;
     use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
     use candle_core::Device;
+
+    /// What the CUDA kernel computes from [`paged_meta`], on the host: the pool in the device layout
+    /// `(slots, n_kv, head_dim)`, keys in the order the metadata lists them.
+    fn by_meta(
+        pool: (&[f32], &[f32]),
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        meta: &[u32],
+        at: &PagedLayout,
+        shape: &AttnShape,
+    ) -> Vec<f32> {
+        let (nh, nkv, hd) = (shape.n_head, shape.n_kv, shape.head_dim);
+        let mut out = vec![0f32; at.rows * nh * hd];
+        for row in 0..at.rows {
+            let (first, count) = (meta[2 * row] as usize, meta[2 * row + 1] as usize);
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                let qv = &q[(row * nh + h) * hd..][..hd];
+                let src = |j: usize, fresh: &[f32], pooled: &[f32]| -> Vec<f32> {
+                    let s = meta[at.keys + first + j];
+                    let (buf, i) = if s & FRESH != 0 {
+                        (fresh, (s & !FRESH) as usize)
+                    } else {
+                        (pooled, s as usize)
+                    };
+                    buf[(i * nkv + g) * hd..][..hd].to_vec()
+                };
+                let scores: Vec<f32> = (0..count)
+                    .map(|j| dot(qv, &src(j, k, pool.0)) * shape.scale)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let w: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = w.iter().sum();
+                let o = &mut out[(row * nh + h) * hd..][..hd];
+                for (j, wj) in w.iter().enumerate() {
+                    axpy(wj / sum, &src(j, v, pool.1), o);
+                }
+            }
+        }
+        out
+    }
+
+    /// The kernels' metadata names the keys the host loops read, for global and sliding-window
+    /// (ring) layers, prefill chunks longer than the ring, a sequence joining mid-way and decode rows;
+    /// its write slots are the pool's: the pool it fills holds what the host pool holds.
+    #[test]
+    fn paged_meta_reads_what_the_host_loops_read() {
+        let dev = Device::Cpu;
+        let (nh, nkv, hd, bt) = (6, 2, 8, 4);
+        for window in [None, Some(6)] {
+            let layout = KvLayout::from_windows([window], nkv, hd, KvDType::F32, bt);
+            let ring = layout.groups[0].ring;
+            let a = vec![vec![5, 0, 3, 1, 7]];
+            let b = vec![vec![2, 4, 6]];
+            let blocks = 8;
+            let mut host_pool = KvPool::new(layout.clone(), vec![blocks], &dev, false).unwrap();
+            let slots = blocks * bt;
+            let (mut pk, mut pv) = (vec![0f32; slots * nkv * hd], vec![0f32; slots * nkv * hd]);
+            let shape = AttnShape {
+                n_head: nh,
+                n_kv: nkv,
+                head_dim: hd,
+                scale: 0.4,
+                window,
+                ring,
+                block_tokens: bt,
+            };
+            // A: 14 positions (past the ring's 3 blocks of 4: the ring laps inside the chunk), then 2,
+            // then 1; B joins at the second step and decodes.
+            type Span<'t> = (usize, usize, &'t Vec<Vec<BlockId>>);
+            let steps: Vec<Vec<Span<'_>>> = vec![
+                vec![(0, 14, &a)],
+                vec![(14, 2, &a), (0, 3, &b)],
+                vec![(16, 1, &a), (3, 1, &b)],
+            ];
+            for spans in steps {
+                let rows: usize = spans.iter().map(|s| s.1).sum();
+                let q = Tensor::randn(0f32, 2.0, (rows, nh, hd), &dev).unwrap();
+                let k = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
+                let v = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let (qf, kf, vf) = (flat(&q), flat(&k), flat(&v));
+                let mut row = 0;
+                let seqs: Vec<AttnSeq<'_>> = spans
+                    .iter()
+                    .map(|&(start, len, t)| {
+                        let s = AttnSeq {
+                            row,
+                            start,
+                            len,
+                            table: &t[0],
+                        };
+                        row += len;
+                        s
+                    })
+                    .collect();
+                let spans_ref: Vec<(usize, usize, &[Vec<BlockId>])> = spans
+                    .iter()
+                    .map(|&(s, l, t)| (s, l, t.as_slice()))
+                    .collect();
+                let m = SlotMap::new(&layout, &spans_ref, None).unwrap();
+                let (meta, at) = paged_meta(&seqs, &shape, &m.rows[0], slots).unwrap();
+                let h = host(&host_pool.host_layer(0).unwrap(), &qf, &kf, &vf, &seqs, &shape);
+                let got = by_meta((&pk, &pv), &qf, &kf, &vf, &meta, &at, &shape);
+                let worst = h
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-5, "window {window:?}: metadata and host differ by {worst}");
+                host_pool.write(0, &k, &v, &m).unwrap();
+                let width = nkv * hd;
+                for r in 0..rows {
+                    let slot = meta[at.slots + r];
+                    if slot != u32::MAX {
+                        let s = slot as usize;
+                        pk[s * width..][..width].copy_from_slice(&kf[r * width..][..width]);
+                        pv[s * width..][..width].copy_from_slice(&vf[r * width..][..width]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Metadata that would index outside the pool is refused, not handed to a kernel.
+    #[test]
+    fn paged_meta_refuses_slots_outside_the_pool() {
+        let shape = AttnShape {
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 4,
+            scale: 1.0,
+            window: None,
+            ring: None,
+            block_tokens: 4,
+        };
+        let table = vec![3];
+        let s = [AttnSeq {
+            row: 0,
+            start: 2,
+            len: 1,
+            table: &table,
+        }];
+        assert!(paged_meta(&s, &shape, &[Some(14)], 16).is_ok());
+        assert!(paged_meta(&s, &shape, &[Some(14)], 12).is_err());
+        assert!(paged_meta(&s, &shape, &[Some(17)], 16).is_err());
+        assert!(paged_meta(&s, &shape, &[], 16).is_err());
+    }
 
     /// The host loops and the portable ops agree, on a grouped-query shape, for a prefill chunk that
     /// reads earlier keys from the pool and for a decode row beside it.

@@ -12,6 +12,8 @@ pub mod bert;
 pub mod constraint;
 #[cfg(feature = "cuda")]
 pub mod cuda_jit;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
 pub mod decoder;
 pub mod device;
 pub mod gguf;

@@ -191,6 +191,10 @@ pub struct Transformer {
     device: Device,
     context: usize,
     layout: KvLayout,
+    /// ult's own paged-attention kernels, on CUDA for the head sizes they are built for (else the
+    /// portable ops attend; `ULT_ATTENTION=portable` forces them, for comparisons).
+    #[cfg(feature = "cuda")]
+    kernels: Option<crate::cuda_kernels::PagedKernels>,
 }
 
 impl Transformer {
@@ -299,7 +303,19 @@ impl Transformer {
         } else {
             None
         };
+        #[cfg(feature = "cuda")]
+        let kernels = match src.device {
+            Device::Cuda(d)
+                if std::env::var_os("ULT_ATTENTION").is_none_or(|v| v != "portable") =>
+            {
+                crate::cuda_kernels::PagedKernels::load(d, hp.head_dim)
+                    .map_err(|e| EngineError::candle("loading the paged-attention kernels".into(), e))?
+            }
+            _ => None,
+        };
         Ok(Self {
+            #[cfg(feature = "cuda")]
+            kernels,
             hp,
             embed,
             blocks,
@@ -333,6 +349,16 @@ impl Transformer {
         &self.device
     }
 
+    /// True when ult's own CUDA kernels attend (and write the pool); false for the portable ops or the
+    /// host loops.
+    pub fn uses_kernels(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        let on = self.kernels.is_some();
+        #[cfg(not(feature = "cuda"))]
+        let on = false;
+        on
+    }
+
     /// Runs one step for every sequence of `input` and returns the logits of those that asked, in order.
     pub fn forward_step(&self, input: &StepInput<'_>, pool: &mut KvPool) -> Result<StepOutput> {
         let hp = &self.hp;
@@ -360,7 +386,8 @@ impl Transformer {
             positions.extend((s.start..s.start + s.tokens.len()).map(|p| p as u32));
         }
         let layout = pool.layout().clone();
-        let portable = pool.host_layer(0).is_none();
+        let kernels = self.uses_kernels();
+        let portable = pool.host_layer(0).is_none() && !kernels;
         let spans: Vec<(usize, usize, &[Vec<crate::sched::BlockId>])> = input
             .seqs
             .iter()
@@ -396,10 +423,19 @@ impl Transformer {
                 } else {
                     Vec::new()
                 };
+                let paged = if kernels {
+                    let pool_slots = pool.blocks()[g] * layout.block_tokens;
+                    let (meta, at) = attention::paged_meta(&seqs, &shape, &slots.rows[g], pool_slots)?;
+                    let n = meta.len();
+                    Some((Tensor::from_vec(meta, n, &self.device)?, at))
+                } else {
+                    None
+                };
                 Ok(GroupStep {
                     shape,
                     seqs,
                     gathers,
+                    paged,
                 })
             })
             .collect::<Result<_>>()?;
@@ -547,7 +583,20 @@ impl Transformer {
             shape,
             seqs,
             gathers,
+            paged,
         } = &ctx.groups[g];
+        #[cfg(feature = "cuda")]
+        if let (Some(kern), Some((meta, at))) = (&self.kernels, paged) {
+            let (pk, pv) = pool
+                .device_layer(il)
+                .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
+            // Attend first, then write: the kernel reads the step's own keys from `k` and `v`.
+            let out = kern.attend(&q, &k, &v, pk, pv, meta, at, shape)?;
+            kern.write(&k, &v, pk, pv, meta, at)?;
+            return b.wo.forward(&out.reshape((1, n, nh * hd))?);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = paged;
         let out = match pool.host_layer(il) {
             Some(layer) => {
                 let qh = q.flatten_all()?.to_vec1::<f32>()?;
@@ -584,6 +633,8 @@ struct GroupStep<'a> {
     shape: AttnShape,
     seqs: Vec<AttnSeq<'a>>,
     gathers: Vec<Option<Tensor>>,
+    /// With ult's CUDA kernels: the step's [`attention::paged_meta`] on the device, and its layout.
+    paged: Option<(Tensor, attention::PagedLayout)>,
 }
 
 /// What every layer of one step shares.

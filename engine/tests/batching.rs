@@ -31,6 +31,26 @@ fn models() -> PathBuf {
     )
 }
 
+/// The device these tests run on: `ULT_TEST_DEVICE` (a GPU machine runs this file with `cuda`), else the
+/// CPU.
+fn device() -> String {
+    std::env::var("ULT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
+/// The engine of the tests that compare batched with alone.
+fn engine() -> CandleEngine {
+    CandleEngine::new(&device()).unwrap()
+}
+
+/// The engine whose attention computes each query row alone over its keys in position order: the CPU's
+/// block loops, or on CUDA ult's own paged-attention kernel.
+fn row_exact_engine() -> CandleEngine {
+    match device().as_str() {
+        "cpu" => CandleEngine::host_loops("cpu").unwrap(),
+        d => CandleEngine::new(d).unwrap(),
+    }
+}
+
 fn source(name: &str, max_sequences: u32) -> ModelSource {
     let (path, context) = match name {
         "smollm2" => ("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 1024),
@@ -188,7 +208,7 @@ fn check(name: &str, alone: &[Vec<u32>], batched: &[Vec<u32>], cancelled: Option
 }
 
 fn batched_equals_alone(name: &str) {
-    let engine = CandleEngine::new("cpu").unwrap();
+    let engine = engine();
     let src = source(name, 8);
     let (mut model, inspection) = load(&engine, &src, 1024);
     // Mixed lengths: under a block, several blocks, and beyond the 512-token step budget (chunked).
@@ -221,7 +241,7 @@ fn gemma3_batched_equals_alone() {
 fn gemma3_crosses_its_sliding_window_in_a_batch() {
     // Prompts around the 512-token window, run together: one crosses it while decoding, the other in its
     // prefill (chunked: the two prompts exceed the 512-token step budget).
-    let engine = CandleEngine::new("cpu").unwrap();
+    let engine = engine();
     let src = source("gemma3", 3);
     let (mut model, inspection) = load(&engine, &src, 1024);
     let ps = prompts(&inspection, &[505, 520]);
@@ -242,7 +262,7 @@ fn gemma3_crosses_its_sliding_window_in_a_batch() {
 fn sequences_that_outgrow_the_pool_are_preempted_and_complete() {
     // A pool of 4 sequences × 48 tokens (12 blocks) for 4 sequences that each grow to ~60 positions:
     // they cannot all fit, so the newest are preempted, recomputed, and still give their tokens.
-    let engine = CandleEngine::new("cpu").unwrap();
+    let engine = engine();
     let src = source("smollm2", 4);
     let (mut model, inspection) = load(&engine, &src, 48);
     let ps = prompts(&inspection, &[30, 35, 28, 40]);
@@ -295,7 +315,7 @@ fn the_cpu_block_loops_batched_equal_alone() {
 /// computed in a different chunk can differ in the last bits — from cached blocks as from a different
 /// chunking of a cold prompt. The daemon's end-to-end test checks the served text on that path.
 fn a_cached_prefix_gives_the_cold_tokens(name: &str, prefix: usize) {
-    let engine = CandleEngine::host_loops("cpu").unwrap();
+    let engine = row_exact_engine();
     let src = source(name, 4);
     let (mut model, inspection) = load(&engine, &src, 1024);
     let shared = &prompts(&inspection, &[prefix])[0];

@@ -238,6 +238,12 @@ def test_openai_n_choices_and_named_refusals(oa):
     with pytest.raises(openai.BadRequestError) as e:
         oa.chat.completions.create(model="smollm2", messages=PARIS, frequency_penalty=0.5)
     assert e.value.body["param"] == "frequency_penalty"
+    # llama.cpp's cache_prompt: true is what ult does, false is refused by name.
+    ok = oa.completions.create(model="smollm2", prompt="The sky is", max_tokens=2, extra_body={"cache_prompt": True})
+    assert ok.choices[0].text is not None
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model="smollm2", prompt="The sky is", max_tokens=2, extra_body={"cache_prompt": False})
+    assert e.value.body["param"] == "cache_prompt"
     # Hints OpenAI documents as ignorable are accepted.
     ok = oa.chat.completions.create(model="smollm2", messages=PARIS, user="u1", store=False, metadata={"k": "v"}, temperature=0, max_tokens=4)
     assert ok.choices[0].message.content

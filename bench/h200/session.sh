@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU lease in two chained calls (run from the repository root on the device; each call's files come in
+# the carried folder .cuda-out/<stage>, since one call carries at most 64 MiB and the model alone is 98 MB):
+#   start  .cuda-out/a: llama-src.tar.xz (the trimmed vendor/llama.cpp of the llama-cpp-python 0.3.36 sdist),
+#          ult-cuda-sm90.tar.xz (scripts/build-cuda.sh) and model.part-aa. Starts the CUDA build of
+#          llama-server in its own process session, unpacks ult, and runs the engine's GPU unit tests (ult's
+#          paged-attention kernels against the portable Candle ops, and chunking invariance).
+#   run    .cuda-out/b: model.part-ab; joins and checks the model (bench/h200/parts/model.sha256), runs the
+#          engine's batched = alone tests on CUDA (SmolLM2), `compare` (logits against the f32 reference),
+#          waits for llama-server, then scripts/bench-h200.sh (kernels; both servers) and the concurrency
+#          phase again with ULT_ATTENTION=portable (Candle's ops, the previous path) for the A/B.
+# Everything it prints also lands in $OUT (logs and summaries).
+set -u
+stage=$1
+u=/tmp/ult
+mkdir -p "$u/models/smollm2" "$u/bin"
+libs=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export ULT_CACHE=$u/cache
+case $stage in
+start)
+  d=.cuda-out/a
+  cat "$d/model.part-aa" >"$u/model.gguf"
+  rm -rf "$u/src" && mkdir -p "$u/src" && tar -xJf "$d/llama-src.tar.xz" -C "$u/src"
+  cat >"$u/build-llama.sh" <<'SH'
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+cmake -S /tmp/ult/src/llama.cpp -B /tmp/ult/llama-build "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DBUILD_SHARED_LIBS=OFF && cmake --build /tmp/ult/llama-build --config Release -j 14 --target llama-server
+echo $? >/tmp/ult/llama-build.rc
+SH
+  date +%s >"$u/llama-build.t0"
+  setsid nohup bash "$u/build-llama.sh" >"$u/llama-build.log" 2>&1 </dev/null &
+  xz -dc "$d/ult-cuda-sm90.tar.xz" | tar -xf - -C "$u/bin"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  nvcc --version | tail -1; nproc
+  set -o pipefail
+  "$u/bin/engine-lib-tests" cuda_kernels --test-threads 1 2>&1 | tee "$OUT/gpu-unit-tests.txt"
+  ;;
+run)
+  cat .cuda-out/b/model.part-ab >>"$u/model.gguf"
+  mv "$u/model.gguf" "$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  sum=$(sha256sum <"$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1)
+  [ "$sum" = "$(cat bench/h200/parts/model.sha256)" ] || { echo "model checksum $sum differs" >&2; exit 1; }
+  {
+    echo "== engine batched = alone on CUDA (SmolLM2)"
+    ULT_TEST_DEVICE=cuda ULT_MODELS_DIR=$u/models timeout 200 "$u/bin/engine-batching-tests" smollm2 --test-threads 1
+    echo "== compare (logits against the f32 reference)"
+    timeout 120 "$u/bin/compare" --reference cpu --device cuda --models-dir "$u/models" --tokens 32
+  } 2>&1 | tee "$OUT/gpu-correctness.txt"
+  while [ ! -f "$u/llama-build.rc" ]; do sleep 2; done
+  echo "llama-server build: rc $(cat "$u/llama-build.rc") in $(($(date +%s) - $(cat "$u/llama-build.t0"))) s" | tee "$OUT/llama-build.txt"
+  tail -5 "$u/llama-build.log" >>"$OUT/llama-build.txt"
+  CUDA_LIBS=$libs timeout 330 bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-kernels" 2>&1 | tail -25
+  cp "$u/out-kernels/summary.txt" "$OUT/summary-kernels.txt" 2>/dev/null
+  ULT_ATTENTION=portable SKIP_LLAMA=1 PHASES=concurrency CUDA_LIBS=$libs timeout 150 \
+    bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-portable" 2>&1 | tail -8
+  cp "$u/out-portable/summary.txt" "$OUT/summary-portable.txt" 2>/dev/null
+  (cd "$u" && tar -cJf "$OUT/bench-logs.tar.xz" out-kernels out-portable 2>/dev/null)
+  ;;
+esac
