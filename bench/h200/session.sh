@@ -5,10 +5,13 @@
 #          ult-cuda-sm90.tar.xz (scripts/build-cuda.sh) and model.part-aa. Starts the CUDA build of
 #          llama-server in its own process session, unpacks ult, and runs the engine's GPU unit tests (ult's
 #          paged-attention kernels against the portable Candle ops, and chunking invariance).
-#   run    .cuda-out/b: model.part-ab; joins and checks the model (bench/h200/parts/model.sha256), runs the
-#          engine's batched = alone tests on CUDA (SmolLM2), `compare` (logits against the f32 reference),
-#          waits for llama-server, then scripts/bench-h200.sh (kernels; both servers) and the concurrency
-#          phase again with ULT_ATTENTION=portable (Candle's ops, the previous path) for the A/B.
+#   run    .cuda-out/b: model.part-ab; joins and checks the model (bench/h200/parts/model.sha256), then what
+#          DO lists (default tests,correctness,batching,portable): correctness = `compare` (logits against
+#          the f32 reference), with tests also the engine's batched = alone tests on CUDA (SmolLM2); diag = the same tests
+#          with ULT_ATTENTION=portable; depth = `bench` prompt and decode at 512 (and batches of 1/4/16/32)
+#          and 4,000 positions, kernels and portable; after llama-server is built: batching = scripts/bench-h200.sh (both phases, both
+#          servers); prefix = its prefix phase alone; portable = its concurrency phase again for ult with
+#          ULT_ATTENTION=portable (Candle's ops, the previous path) for the A/B.
 # Everything it prints also lands in $OUT (logs and summaries).
 set -u
 stage=$1
@@ -43,20 +46,47 @@ run)
   mv "$u/model.gguf" "$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   sum=$(sha256sum <"$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | cut -d' ' -f1)
   [ "$sum" = "$(cat bench/h200/parts/model.sha256)" ] || { echo "model checksum $sum differs" >&2; exit 1; }
-  {
-    echo "== engine batched = alone on CUDA (SmolLM2)"
-    ULT_TEST_DEVICE=cuda ULT_MODELS_DIR=$u/models timeout 200 "$u/bin/engine-batching-tests" smollm2 --test-threads 1
-    echo "== compare (logits against the f32 reference)"
-    timeout 120 "$u/bin/compare" --reference cpu --device cuda --models-dir "$u/models" --tokens 32
-  } 2>&1 | tee "$OUT/gpu-correctness.txt"
+  do=",${DO:-tests,correctness,batching,portable},"
+  has() { [[ $do == *",$1,"* ]]; }
+  batching() { ULT_TEST_DEVICE=cuda ULT_MODELS_DIR=$u/models timeout 200 "$u/bin/engine-batching-tests" smollm2 --test-threads 1; }
+  if has correctness; then
+    {
+      has tests && { echo "== engine batched = alone on CUDA (SmolLM2)"; batching; }
+      echo "== compare (logits against the f32 reference)"
+      timeout 120 "$u/bin/compare" --reference cpu --device cuda --models-dir "$u/models" --tokens 32
+    } 2>&1 | tee "$OUT/gpu-correctness.txt"
+  fi
+  if has diag; then
+    # Which op makes a batch differ from alone on CUDA: with Candle's portable attention too?
+    { echo "== engine batched = alone on CUDA, ULT_ATTENTION=portable"; ULT_ATTENTION=portable batching; } 2>&1 | tee "$OUT/gpu-diag.txt"
+  fi
+  if has depth; then
+    for a in ${DEPTH_MODES:-kernels portable}; do
+      for p in 512 4000; do
+        echo "== bench: attention $a, prompt $p, decode 128"
+        if [ $a = portable ]; then export ULT_ATTENTION=portable; else unset ULT_ATTENTION; fi
+        batch=1; [ $p = 512 ] && batch=1,4,16,32
+        timeout 120 "$u/bin/bench" --device cuda --models smollm2 --models-dir "$u/models" --prompt $p --decode 128 --reps 3 --batch $batch 2>&1 | tail -8
+      done
+    done 2>&1 | tee "$OUT/gpu-depth.txt"
+    unset ULT_ATTENTION
+  fi
   while [ ! -f "$u/llama-build.rc" ]; do sleep 2; done
   echo "llama-server build: rc $(cat "$u/llama-build.rc") in $(($(date +%s) - $(cat "$u/llama-build.t0"))) s" | tee "$OUT/llama-build.txt"
   tail -5 "$u/llama-build.log" >>"$OUT/llama-build.txt"
-  CUDA_LIBS=$libs timeout 330 bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-kernels" 2>&1 | tail -25
-  cp "$u/out-kernels/summary.txt" "$OUT/summary-kernels.txt" 2>/dev/null
-  ULT_ATTENTION=portable SKIP_LLAMA=1 PHASES=concurrency CUDA_LIBS=$libs timeout 150 \
-    bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-portable" 2>&1 | tail -8
-  cp "$u/out-portable/summary.txt" "$OUT/summary-portable.txt" 2>/dev/null
-  (cd "$u" && tar -cJf "$OUT/bench-logs.tar.xz" out-kernels out-portable 2>/dev/null)
+  if has batching; then
+    CUDA_LIBS=$libs timeout 330 bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-kernels" 2>&1 | tail -25
+    cp "$u/out-kernels/summary.txt" "$OUT/summary-kernels.txt" 2>/dev/null
+  fi
+  if has prefix; then
+    PHASES=prefix CUDA_LIBS=$libs timeout 200 bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-prefix" 2>&1 | tail -25
+    cp "$u/out-prefix/summary.txt" "$OUT/summary-prefix.txt" 2>/dev/null
+  fi
+  if has portable; then
+    ULT_ATTENTION=portable SKIP_LLAMA=1 PHASES=concurrency CUDA_LIBS=$libs timeout 150 \
+      bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-portable" 2>&1 | tail -8
+    cp "$u/out-portable/summary.txt" "$OUT/summary-portable.txt" 2>/dev/null
+  fi
+  (cd "$u" && tar -cJf "$OUT/bench-logs.tar.xz" out-* 2>/dev/null)
   ;;
 esac

@@ -1,6 +1,8 @@
 //! In-process speed and memory benchmark: loads each model with ult's engine and times a prefill of
 //! `--prompt` tokens and `--decode` greedy decode steps (end-of-sequence ignored), `--reps` times; prints
 //! the median. `--ids-out DIR` writes the prompt's token ids so a baseline can run the same tokens.
+//! `--batch 1,4,16` adds the aggregate decode speed of that many sequences stepping together (each step one
+//! decode row per sequence, through the step scheduler, as ultd batches them), and its ratio to one.
 //!
 //! `cargo run --release -p ultd --example bench -- --device cpu --prompt 128 --decode 64 --reps 3`
 #![allow(clippy::unwrap_used)] // a benchmark may unwrap
@@ -10,6 +12,8 @@ use common::{arg, median};
 
 use std::time::Instant;
 
+use ult_engine::decoder::{LoadedDecoder, StepInput};
+use ult_engine::sched::{Scheduler, SchedulerConfig, SeqId};
 use ult_engine::solo::Solo;
 use ult_engine::{CandleEngine, Engine, ModelKind, ModelSource, PREFILL_CHUNK};
 
@@ -59,6 +63,12 @@ fn main() -> anyhow::Result<()> {
     // `--attention host`: the CPU's block loops instead of the portable Candle ops (see
     // CandleEngine::host_loops).
     let attention = arg(&args, "--attention", "portable");
+    let batches: Vec<usize> = arg(&args, "--batch", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
     let opened = Instant::now();
     let engine = if attention == "host" {
         CandleEngine::host_loops(&device)?
@@ -83,8 +93,15 @@ fn main() -> anyhow::Result<()> {
     ];
     models.retain(|(n, _)| only.split(',').any(|o| o == n));
     models.extend(extra);
+    let attention_label = if attention == "host" {
+        "CPU block loops"
+    } else if std::env::var_os("ULT_ATTENTION").is_some_and(|v| v == "portable") || !device.starts_with("cuda") {
+        "portable ops"
+    } else {
+        "ult's CUDA kernels"
+    };
     println!(
-        "device {}, attention {attention}, prompt {prompt_len} tokens, decode {decode} tokens, median of {reps}",
+        "device {}, attention {attention_label}, prompt {prompt_len} tokens, decode {decode} tokens, median of {reps}",
         engine.device_name()
     );
     println!(
@@ -104,7 +121,7 @@ fn main() -> anyhow::Result<()> {
             kind: ModelKind::Completion,
             path: path.into(),
             context: Some(context),
-            max_sequences: 1,
+            max_sequences: max_batch as u32,
             chat_template: None,
         };
         let inspection = engine.inspect(&source)?;
@@ -131,6 +148,13 @@ fn main() -> anyhow::Result<()> {
         if !ids_out.is_empty() {
             let joined: Vec<String> = ids.iter().map(u32::to_string).collect();
             std::fs::write(format!("{ids_out}/{name}.ids"), joined.join(","))?;
+        }
+        let mut batch_rates = Vec::new();
+        for &b in &batches {
+            let rates: Vec<f64> = (0..reps)
+                .map(|_| batch_decode(&mut loaded, &ids, b, decode))
+                .collect::<anyhow::Result<_>>()?;
+            batch_rates.push((b, median(rates)));
         }
         let mut model = Solo::new(&mut loaded, PREFILL_CHUNK);
         let mut prompt_rates = Vec::new();
@@ -188,9 +212,76 @@ fn main() -> anyhow::Result<()> {
             measured as f64 / 1048576.0,
             predicted as f64 / 1048576.0
         );
+        if let Some(&(b0, r0)) = batch_rates.first() {
+            for &(b, r) in &batch_rates {
+                println!(
+                    "{name:<10} batch {b:>3}: aggregate decode {r:>8.1} tok/s, {:.2}x batch {b0}",
+                    r / r0
+                );
+            }
+        }
         println!(
             "{{\"model\":\"{name}\",\"load_ms\":{load_ms:.1},\"prompt_tok_s\":{p:.2},\"decode_tok_s\":{d:.2},\"decode_host_argmax_tok_s\":{h:.2},\"measured_bytes\":{measured},\"predicted_bytes\":{predicted}}}"
         );
     }
     Ok(())
+}
+
+/// Aggregate greedy decode tok/s of `batch` sequences of `prompt` stepping together: every sequence is
+/// prefilled and has its first token before the clock starts, then `decode` steps each add one token to
+/// every sequence.
+fn batch_decode(
+    model: &mut LoadedDecoder,
+    prompt: &[u32],
+    batch: usize,
+    decode: usize,
+) -> anyhow::Result<f64> {
+    let layout = model.pool.layout().clone();
+    let mut sched = Scheduler::new(SchedulerConfig {
+        max_running: batch,
+        step_tokens: PREFILL_CHUNK,
+        block_tokens: layout.block_tokens,
+        context: model.decoder.context(),
+        groups: layout.group_configs(model.pool.blocks()),
+        prefix_cache: false,
+    });
+    let mut tokens: Vec<Vec<u32>> = vec![prompt.to_vec(); batch];
+    for id in 0..batch {
+        sched
+            .add(id as SeqId, prompt)
+            .map_err(|e| anyhow::anyhow!("sequence {id}: {e:?}"))?;
+    }
+    // One step; returns how many sequences got a token.
+    let mut step = |sched: &mut Scheduler, tokens: &mut Vec<Vec<u32>>| -> anyhow::Result<usize> {
+        let plan = sched.schedule();
+        anyhow::ensure!(
+            plan.stalled.is_empty() && !plan.items.is_empty(),
+            "the pool cannot hold {batch} sequences"
+        );
+        let (rows, next) = {
+            let input = StepInput::from_plan(&plan, |id| tokens[id as usize].as_slice());
+            let out = model.decoder.forward(&input, &mut model.pool)?;
+            (out.rows.clone(), out.argmax()?)
+        };
+        sched.step_done();
+        for (&id, t) in rows.iter().zip(next) {
+            tokens[id as usize].push(t);
+            sched.push_token(id, t);
+        }
+        Ok(rows.len())
+    };
+    let mut started = 0;
+    while started < batch {
+        started += step(&mut sched, &mut tokens)?;
+    }
+    let t = Instant::now();
+    let mut produced = 0;
+    for _ in 0..decode {
+        produced += step(&mut sched, &mut tokens)?;
+    }
+    let rate = produced as f64 / t.elapsed().as_secs_f64();
+    for id in 0..batch {
+        sched.remove(id as SeqId);
+    }
+    Ok(rate)
 }

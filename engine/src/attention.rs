@@ -246,11 +246,25 @@ pub fn portable(
 /// and values, not a pool slot.
 pub const FRESH: u32 = 1 << 31;
 
+/// The CUDA kernel's split-K: a row of `count` keys is attended in [`splits_of`]`(count)` runs, one block
+/// each, so one decode row of a long context still spreads over many multiprocessors.
+pub const SPLIT_KEYS: usize = 256;
+/// The most runs a row's keys are cut into.
+pub const MAX_SPLITS: usize = 16;
+
+/// How many runs the kernel cuts a row of `count` keys into: it depends on the row alone (so a row's
+/// result does not depend on what else is in its step).
+pub fn splits_of(count: usize) -> usize {
+    count.div_ceil(SPLIT_KEYS).clamp(1, MAX_SPLITS)
+}
+
 /// Where the parts of a [`paged_meta`] buffer start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedLayout {
     /// Rows in the step.
     pub rows: usize,
+    /// The most runs any row's keys are cut into ([`splits_of`]).
+    pub splits: usize,
     /// The first write slot (after `2 · rows` words of per-row key ranges).
     pub slots: usize,
     /// The first key source.
@@ -274,8 +288,9 @@ pub fn paged_meta(
     if writes.len() != rows || rows >= FRESH as usize || pool_slots >= FRESH as usize {
         candle_core::bail!("paged attention: {} write slots for {rows} rows", writes.len())
     }
-    let at = PagedLayout {
+    let mut at = PagedLayout {
         rows,
+        splits: 1,
         slots: 2 * rows,
         keys: 3 * rows,
     };
@@ -307,6 +322,7 @@ pub fn paged_meta(
             let lo_p = shape.lo(p);
             buf[2 * (s.row + i)] = (base + lo_p - lo_seq) as u32;
             buf[2 * (s.row + i) + 1] = (p + 1 - lo_p) as u32;
+            at.splits = at.splits.max(splits_of(p + 1 - lo_p));
         }
     }
     Ok((buf, at))
@@ -493,6 +509,44 @@ mod tests {
         assert!(paged_meta(&s, &shape, &[Some(14)], 12).is_err());
         assert!(paged_meta(&s, &shape, &[Some(17)], 16).is_err());
         assert!(paged_meta(&s, &shape, &[], 16).is_err());
+    }
+
+    /// Split-K runs: one up to `SPLIT_KEYS` keys, then one per `SPLIT_KEYS`, at most `MAX_SPLITS`; a
+    /// step's layout carries its longest row's count.
+    #[test]
+    fn split_k_runs_follow_the_key_count() {
+        let runs: Vec<usize> = [1, 256, 257, 1000, 4096, 4097, 100_000]
+            .into_iter()
+            .map(splits_of)
+            .collect();
+        assert_eq!(runs, [1, 1, 2, 4, 16, 16, 16]);
+        let shape = AttnShape {
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 4,
+            scale: 1.0,
+            window: None,
+            ring: None,
+            block_tokens: 16,
+        };
+        let long: Vec<BlockId> = (0..40).collect();
+        let short = vec![40];
+        let s = [
+            AttnSeq {
+                row: 0,
+                start: 600,
+                len: 1,
+                table: &long,
+            },
+            AttnSeq {
+                row: 1,
+                start: 3,
+                len: 1,
+                table: &short,
+            },
+        ];
+        let (_, at) = paged_meta(&s, &shape, &[None, None], 41 * 16).unwrap();
+        assert_eq!(at.splits, 3, "601 keys are three runs");
     }
 
     /// The host loops and the portable ops agree, on a grouped-query shape, for a prefill chunk that

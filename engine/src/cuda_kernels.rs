@@ -16,7 +16,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, DType, Layout, Result, Storage, Tensor};
 use half::f16;
 
-use crate::attention::{AttnShape, PagedLayout};
+use crate::attention::{AttnShape, MAX_SPLITS, PagedLayout, SPLIT_KEYS};
 
 static CUBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/paged_attention.cubin"));
 
@@ -29,6 +29,7 @@ const ATTEND_THREADS: u32 = 128;
 /// The loaded paged-attention kernels of one device.
 pub struct PagedKernels {
     attend: CudaFunction,
+    combine: CudaFunction,
     write: CudaFunction,
     stream: Arc<CudaStream>,
     device: CudaDevice,
@@ -49,9 +50,13 @@ impl PagedKernels {
         let attend = module
             .load_function(&format!("paged_attention_hd{head_dim}"))
             .w()?;
+        let combine = module
+            .load_function(&format!("paged_combine_hd{head_dim}"))
+            .w()?;
         let write = module.load_function("paged_write").w()?;
         Ok(Some(Self {
             attend,
+            combine,
             write,
             stream,
             device: device.clone(),
@@ -90,11 +95,20 @@ impl PagedKernels {
         let row_meta = ms.slice(0..at.slots);
         let keys = ms.slice(at.keys..);
         let n = rows * shape.n_head * shape.head_dim;
-        // SAFETY: every element is written by the kernel (one block per row and head writes its head).
+        // SAFETY: every element is written: a row of one split by its attention block, a row of several
+        // by the combine kernel.
         let out = unsafe { self.device.alloc::<f32>(n) }?;
+        // Split-K partials: accumulators, then (max, sum) pairs, per row, head and split.
+        let part = if at.splits > 1 {
+            // SAFETY: each split's block writes its part before the combine kernel reads it.
+            Some(unsafe { self.device.alloc::<f32>(n * at.splits + rows * shape.n_head * at.splits * 2) }?)
+        } else {
+            None
+        };
         let (nh, nkv) = (shape.n_head as i32, shape.n_kv as i32);
+        let (split_keys, max_splits, splits) = (SPLIT_KEYS as u32, MAX_SPLITS as u32, at.splits as u32);
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, shape.n_head as u32, 1),
+            grid_dim: (rows as u32, shape.n_head as u32, splits),
             block_dim: (ATTEND_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -107,12 +121,34 @@ impl PagedKernels {
             .arg(&row_meta)
             .arg(&keys)
             .arg(&out)
+            .arg(part.as_ref().unwrap_or(&out))
             .arg(&nh)
             .arg(&nkv)
-            .arg(&shape.scale);
+            .arg(&shape.scale)
+            .arg(&split_keys)
+            .arg(&max_splits)
+            .arg(&splits);
         // SAFETY: the arguments match the kernel's signature; `meta` was built for these rows and this
-        // pool, so every index it holds is in bounds (checked by `paged_meta`).
+        // pool, so every index it holds is in bounds (checked by `paged_meta`), and `part` holds every
+        // split of every row when there are several (a row of one split never touches it).
         unsafe { b.launch(cfg) }.w()?;
+        if let Some(part) = &part {
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, shape.n_head as u32, 1),
+                block_dim: (ATTEND_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.combine);
+            b.arg(&row_meta)
+                .arg(part)
+                .arg(&out)
+                .arg(&nh)
+                .arg(&split_keys)
+                .arg(&max_splits)
+                .arg(&splits);
+            // SAFETY: as above; it runs after the attention kernel on the same stream.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.device.clone()));
         Ok(Tensor::from_storage(
             storage,
@@ -243,7 +279,7 @@ mod tests {
                 let bt = 16;
                 let layout = KvLayout::from_windows([window], nkv, hd, KvDType::F16, bt);
                 let ring = layout.groups[0].ring;
-                let blocks = 40;
+                let blocks = 120;
                 let mut port = KvPool::new(layout.clone(), vec![blocks], &dev, true).unwrap();
                 let mut mine = KvPool::new(layout.clone(), vec![blocks], &dev, true).unwrap();
                 let shape = AttnShape {
@@ -258,11 +294,13 @@ mod tests {
                 let a: Vec<Vec<BlockId>> = vec![(0..12).map(|i| (i * 3) % 37).collect()];
                 let b: Vec<Vec<BlockId>> = vec![vec![1, 4, 7, 10, 13, 16]];
                 let c: Vec<Vec<BlockId>> = vec![vec![38, 39, 2, 5]];
+                // d: 1,100 positions, so its rows are cut into several split-K runs (global layers).
+                let d: Vec<Vec<BlockId>> = vec![(40..110).collect()];
                 let steps: Vec<Vec<Span<'_>>> = vec![
-                    vec![(0, 70, &a), (0, 1, &c)],
-                    vec![(70, 1, &a), (0, 33, &b), (1, 1, &c)],
-                    vec![(71, 1, &a), (33, 1, &b), (2, 17, &c)],
-                    vec![(72, 1, &a), (34, 1, &b), (19, 1, &c)],
+                    vec![(0, 70, &a), (0, 1, &c), (0, 600, &d)],
+                    vec![(70, 1, &a), (0, 33, &b), (1, 1, &c), (600, 499, &d)],
+                    vec![(71, 1, &a), (33, 1, &b), (2, 17, &c), (1099, 1, &d)],
+                    vec![(72, 1, &a), (34, 1, &b), (19, 1, &c), (1100, 1, &d)],
                 ];
                 for spans in steps {
                     let rows: usize = spans.iter().map(|s| s.1).sum();
@@ -304,8 +342,9 @@ mod tests {
     }
 
     /// A row's result does not depend on how its sequence was chunked or what else is in the step: the
-    /// last rows of 80 positions computed as one chunk, as 50 + 30, and as 79 + 1 beside another
-    /// sequence are equal bit for bit.
+    /// last row of 80 positions (one split-K run) and of 4,300 (the most runs, each longer than
+    /// `SPLIT_KEYS`) computed as one chunk, as two, and as all but one + 1 beside another sequence are
+    /// equal bit for bit.
     #[test]
     fn a_row_is_the_same_however_the_sequence_is_chunked() {
         let dev = Device::new_cuda(0).expect("a CUDA device");
@@ -314,7 +353,7 @@ mod tests {
         };
         let (hd, nh, nkv, bt) = (64, 9, 3, 16);
         let kern = PagedKernels::load(cuda, hd).unwrap().unwrap();
-        for window in [None, Some(24)] {
+        for (window, total) in [(None, 80usize), (Some(24), 80), (None, 4300)] {
             let layout = KvLayout::from_windows([window], nkv, hd, KvDType::F16, bt);
             let shape = AttnShape {
                 n_head: nh,
@@ -325,14 +364,17 @@ mod tests {
                 ring: layout.groups[0].ring,
                 block_tokens: bt,
             };
-            let q = Tensor::randn(0f32, 2.0, (80, nh, hd), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (80, nkv, hd), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (80, nkv, hd), &dev).unwrap();
-            let a: Vec<Vec<BlockId>> = vec![vec![3, 0, 5, 1, 4, 2]];
-            let other: Vec<Vec<BlockId>> = vec![vec![6]];
+            let q = Tensor::randn(0f32, 2.0, (total, nh, hd), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (total, nkv, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (total, nkv, hd), &dev).unwrap();
+            let n_blocks = total.div_ceil(bt);
+            // The sequence's blocks in a scrambled order, then one for the other sequence.
+            let a: Vec<Vec<BlockId>> = vec![(0..n_blocks as u32).map(|i| (i * 7) % n_blocks as u32).collect()];
+            let other: Vec<Vec<BlockId>> = vec![vec![n_blocks as u32]];
+            let blocks = n_blocks + 1;
             let mut last = Vec::new();
-            for cuts in [vec![80], vec![50, 30], vec![79, 1]] {
-                let mut pool = KvPool::new(layout.clone(), vec![8], &dev, true).unwrap();
+            for cuts in [vec![total], vec![total * 5 / 8, total - total * 5 / 8], vec![total - 1, 1]] {
+                let mut pool = KvPool::new(layout.clone(), vec![blocks], &dev, true).unwrap();
                 let mut start = 0;
                 let mut out = None;
                 for len in cuts.iter().copied() {
@@ -350,7 +392,7 @@ mod tests {
                     let (qc, kc, vc) = (cat(&qs), cat(&ks), cat(&vs));
                     let seqs = seqs_of(&spans);
                     let m = SlotMap::new(&layout, &spans, None).unwrap();
-                    let (meta, at) = paged_meta(&seqs, &shape, &m.rows[0], 8 * bt).unwrap();
+                    let (meta, at) = paged_meta(&seqs, &shape, &m.rows[0], blocks * bt).unwrap();
                     let n = meta.len();
                     let meta = Tensor::from_vec(meta, n, &dev).unwrap();
                     let (pk, pv) = pool.device_layer(0).unwrap();
@@ -363,8 +405,8 @@ mod tests {
                 let tail = o.narrow(0, o.dim(0).unwrap() - 1, 1).unwrap();
                 last.push(tail.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
-            assert_eq!(last[0], last[1], "window {window:?}: 80 vs 50 + 30");
-            assert_eq!(last[0], last[2], "window {window:?}: 80 vs 79 + 1 in a batch");
+            assert_eq!(last[0], last[1], "window {window:?}, {total}: one chunk vs two");
+            assert_eq!(last[0], last[2], "window {window:?}, {total}: one chunk vs + 1 in a batch");
         }
     }
 }
