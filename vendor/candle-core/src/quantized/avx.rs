@@ -1,6 +1,8 @@
-//! Candle 0.11.1 `quantized/avx.rs`, unchanged from upstream (vendored for one patch in utils.rs).
+//! Candle 0.11.1 `quantized/avx.rs`, vendored, with one addition: an AVX2 `vec_dot_q4_1_q8_1` (upstream
+//! runs Q4_1 through its scalar loop; this is ggml's x86 kernel, in its order of operations).
 use super::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0,
+    BlockQ8_1, QK8_0, QK8_1, QK_K,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -67,6 +69,72 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
             acc = _mm256_fmadd_ps(d, q, acc);
         }
         hsum_float_8(acc)
+    }
+}
+
+/// ggml's `ggml_vec_dot_q4_1_q8_1` for AVX2: the nibbles (0..15) as unsigned bytes against the signed
+/// activations, per-block scales fused into one vector accumulator, the min terms summed apart.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
+    debug_assert!(
+        n.is_multiple_of(QK8_1),
+        "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}"
+    );
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        for (x, y) in xs.iter().zip(ys.iter()) {
+            summs += f16::to_f32(x.m) * f16::to_f32(y.s);
+            let d0d1 = _mm256_mul_ps(
+                _mm256_set1_ps(f16::to_f32(x.d)),
+                _mm256_set1_ps(f16::to_f32(y.d)),
+            );
+            let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let xy = mul_sum_us8_pairs_float(qx, qy);
+            acc = _mm256_fmadd_ps(d0d1, xy, acc);
+        }
+        hsum_float_8(acc) + summs
+    }
+}
+
+/// Four rows of Q4_1 weights against one row of activations: `vec_dot_q4_1_q8_1` of each, in exactly its
+/// order of operations per row (so the results are the same bits), with the activations' load and
+/// scales shared and four independent accumulators in flight.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn vec_dot_4_q4_1_q8_1(
+    n: usize,
+    xs: [&[BlockQ4_1]; 4],
+    ys: &[BlockQ8_1],
+) -> [f32; 4] {
+    debug_assert!(
+        n.is_multiple_of(QK8_1),
+        "vec_dot_4_q4_1_q8_1: {n} is not divisible by {QK8_1}"
+    );
+    let nb = ys.len().min(xs.iter().map(|x| x.len()).min().unwrap_or(0));
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        for ib in 0..nb {
+            let y = ys.get_unchecked(ib);
+            let (yd, ys_) = (f16::to_f32(y.d), f16::to_f32(y.s));
+            let d1v = _mm256_set1_ps(yd);
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            for r in 0..4 {
+                let x = xs[r].get_unchecked(ib);
+                summs[r] += f16::to_f32(x.m) * ys_;
+                let d0d1 = _mm256_mul_ps(_mm256_set1_ps(f16::to_f32(x.d)), d1v);
+                let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+                let xy = mul_sum_us8_pairs_float(qx, qy);
+                acc[r] = _mm256_fmadd_ps(d0d1, xy, acc[r]);
+            }
+        }
+        [
+            hsum_float_8(acc[0]) + summs[0],
+            hsum_float_8(acc[1]) + summs[1],
+            hsum_float_8(acc[2]) + summs[2],
+            hsum_float_8(acc[3]) + summs[3],
+        ]
     }
 }
 

@@ -1,4 +1,4 @@
-//! Candle 0.11.1 `quantized/k_quants.rs`, unchanged from upstream (vendored for one patch in utils.rs).
+//! Candle 0.11.1 `quantized/k_quants.rs`, vendored: upstream but for Q4_1's `vec_dot`, which dispatches to the AVX2 kernel ult adds in avx.rs.
 use super::utils::{
     get_scale_min_k4, group_for_dequantization, group_for_quantization, make_q3_quants,
     make_qkx1_quants, make_qx_quants, nearest_int,
@@ -307,8 +307,35 @@ impl GgmlType for BlockQ4_1 {
     const BLCK_SIZE: usize = QK4_1;
     type VecDotType = BlockQ8_1;
 
+    #[allow(unreachable_code)]
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // ult: the AVX2 kernel (vendored addition in avx.rs); upstream has only the scalar loop.
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma() {
+            return unsafe { super::avx::vec_dot_q4_1_q8_1(n, xs, ys) };
+        }
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    #[allow(unreachable_code)]
+    fn vec_dot_4(
+        n: usize,
+        xs0: &[Self],
+        xs1: &[Self],
+        xs2: &[Self],
+        xs3: &[Self],
+        ys: &[Self::VecDotType],
+    ) -> (f32, f32, f32, f32) {
+        // ult: four weight rows per activation load (vendored addition in avx.rs).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma() {
+            let [d0, d1, d2, d3] =
+                unsafe { super::avx::vec_dot_4_q4_1_q8_1(n, [xs0, xs1, xs2, xs3], ys) };
+            return (d0, d1, d2, d3);
+        }
+        let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
+        let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
+        (d0, d1, d2, d3)
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
