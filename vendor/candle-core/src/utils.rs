@@ -1,4 +1,6 @@
-//! Useful functions for checking features.
+//! Candle 0.11.1 `utils.rs`, vendored with ult's patches to the CPU barrier pool: waits spin a little then
+//! yield (`backoff`), and a shared-cursor fork-join no longer waits for workers that never started
+//! (`claim`/`close`), so an oversubscribed machine costs decode its share instead of collapsing it.
 use std::any::Any;
 use std::cell::UnsafeCell;
 use std::hint::spin_loop;
@@ -16,12 +18,58 @@ struct Slot {
     go: AtomicUsize,
     /// `Release`-stored by worker (and its subtree) when done. `Acquire`-loaded by parent.
     done: AtomicUsize,
+    /// ult's patch: the generation this worker took part in (`gen`), or `gen | CLOSED` when its parent
+    /// finished a closable generation without it (see `claim` and `close`).
+    claim: AtomicUsize,
+}
+
+/// ult's patch: marks a generation a parent closed before the worker claimed it.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
+/// ult's patch, worker side: takes part in generation `g` unless its parent already closed it.
+fn claim(slot: &Slot, g: usize) -> bool {
+    let mut cur = slot.claim.load(Ordering::Acquire);
+    loop {
+        // Closed, or the parent has already closed a later generation: `g`'s work is gone.
+        if cur & !CLOSED >= g {
+            return false;
+        }
+        match slot
+            .claim
+            .compare_exchange_weak(cur, g, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return true,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// ult's patch, parent side, for a closable generation `g` (every item taken from a shared cursor, so the
+/// parent's own loop leaves no work undone): closes it for a worker that has not claimed it yet, which
+/// then skips it; true when the worker did claim it (the parent must wait for its `done`). A descheduled
+/// worker no longer makes every fork-join wait for its next time slice on a busy machine.
+fn close(slot: &Slot, g: usize) -> bool {
+    let mut cur = slot.claim.load(Ordering::Acquire);
+    loop {
+        if cur == g {
+            return true;
+        }
+        match slot
+            .claim
+            .compare_exchange_weak(cur, g | CLOSED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return false,
+            Err(actual) => cur = actual,
+        }
+    }
 }
 
 /// Closure pointer written by main before the `Release` on each root slot's `go`.
 struct WorkDesc {
     trampoline: unsafe fn(*const (), usize),
     data: *const (),
+    /// ult's patch: the work is a shared cursor, so a parent may close it for workers not yet started.
+    closable: bool,
 }
 
 struct BarrierPoolInner {
@@ -132,6 +180,7 @@ impl BarrierPool {
                 .map(|_| Slot {
                     go: AtomicUsize::new(0),
                     done: AtomicUsize::new(0),
+                    claim: AtomicUsize::new(0),
                 })
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
@@ -139,6 +188,7 @@ impl BarrierPool {
             work: UnsafeCell::new(WorkDesc {
                 trampoline: |_, _| {},
                 data: std::ptr::null(),
+                closable: false,
             }),
             stop: AtomicBool::new(false),
             panic_payload: Mutex::new(None),
@@ -185,6 +235,12 @@ impl BarrierPool {
                             if inner.stop.load(Ordering::Relaxed) {
                                 break;
                             }
+                            // ult's patch: a generation the parent closed is skipped whole (its work
+                            // description may already be gone); the children were never signalled.
+                            if !claim(slot, gen) {
+                                continue;
+                            }
+                            let closable = unsafe { (*inner.work.get()).closable };
 
                             // Fan work out to children.
                             let handles = inner.handles.get().unwrap();
@@ -206,8 +262,12 @@ impl BarrierPool {
                                 }
                             }
 
-                            // Reduce: wait for all children before signalling parent.
+                            // Reduce: wait for all children before signalling parent (a closable
+                            // generation only for those that claimed it).
                             for &child in &children {
+                                if closable && !close(&inner.slots[child], gen) {
+                                    continue;
+                                }
                                 let mut spins = 0u32;
                                 while inner.slots[child].done.load(Ordering::Acquire) != gen {
                                     backoff(&mut spins);
@@ -251,11 +311,15 @@ struct BarrierGuard<'a> {
     inner: &'a BarrierPoolInner,
     roots: &'a [usize],
     gen: usize,
+    closable: bool,
 }
 
 impl Drop for BarrierGuard<'_> {
     fn drop(&mut self) {
         for &root in self.roots {
+            if self.closable && !close(&self.inner.slots[root], self.gen) {
+                continue;
+            }
             let mut spins = 0u32;
             while self.inner.slots[root].done.load(Ordering::Acquire) != self.gen {
                 backoff(&mut spins);
@@ -273,6 +337,12 @@ impl Drop for BarrierGuard<'_> {
 
 impl BarrierPool {
     pub fn execute<F: Fn(usize) + Sync>(&self, f: F) {
+        self.execute_with(f, false)
+    }
+
+    /// `execute`; with `closable`, `f` takes its items from a shared cursor, so when the caller's own
+    /// `f` returns the work is done or held by workers that started, and those not started are skipped.
+    fn execute_with<F: Fn(usize) + Sync>(&self, f: F, closable: bool) {
         let n = self.threads.len();
         if n == 0 {
             f(0);
@@ -280,13 +350,15 @@ impl BarrierPool {
         }
 
         let mut guard = self.call_lock.lock().unwrap();
-        let new_gen = guard.wrapping_add(1);
+        // Never 0 (a worker's first generation) and never with the CLOSED bit.
+        let new_gen = (guard.wrapping_add(1) & !CLOSED).max(1);
         *guard = new_gen;
 
         unsafe {
             let work = &mut *self.inner.work.get();
             work.trampoline = call_trampoline::<F>;
             work.data = &f as *const F as *const ();
+            work.closable = closable;
         }
 
         let handles = self.inner.handles.get().unwrap();
@@ -300,6 +372,7 @@ impl BarrierPool {
             inner: &self.inner,
             roots: &self.root_workers,
             gen: new_gen,
+            closable,
         };
 
         // Main thread participates as worker n (workers are 0..n-1).
@@ -345,13 +418,16 @@ impl BarrierPool {
         // ~8 grabs per thread amortizes cursor contention while keeping tail imbalance small
         let chunk = n_items.div_ceil(n_threads * 8).max(1);
         let cursor = AtomicUsize::new(0);
-        self.execute(|_| loop {
-            let start = cursor.fetch_add(chunk, Ordering::Relaxed);
-            if start >= n_items {
-                break;
-            }
-            f(start..n_items.min(start + chunk));
-        });
+        self.execute_with(
+            |_| loop {
+                let start = cursor.fetch_add(chunk, Ordering::Relaxed);
+                if start >= n_items {
+                    break;
+                }
+                f(start..n_items.min(start + chunk));
+            },
+            true,
+        );
     }
 }
 
