@@ -1,8 +1,9 @@
-//! Candle 0.11.1 `quantized/avx.rs`, vendored, with one addition: an AVX2 `vec_dot_q4_1_q8_1` (upstream
-//! runs Q4_1 through its scalar loop; this is ggml's x86 kernel, in its order of operations).
+//! Candle 0.11.1 `quantized/avx.rs`, vendored, with ult's additions: AVX2 dot products for Q4_1 and Q5_0
+//! (upstream runs both through scalar loops; these are ggml's x86 kernels, in its order of operations),
+//! each with a four-row variant that shares the activation load.
 use super::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0,
-    BlockQ8_1, QK8_0, QK8_1, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K,
+    BlockQ8_0, BlockQ8_1, QK8_0, QK8_1, QK_K,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -134,6 +135,89 @@ pub(crate) fn vec_dot_4_q4_1_q8_1(
             hsum_float_8(acc[1]) + summs[1],
             hsum_float_8(acc[2]) + summs[2],
             hsum_float_8(acc[3]) + summs[3],
+        ]
+    }
+}
+
+/// ggml's `bytes_from_bits_32`: byte i is 0xFF where bit i of the 32 bits at `x` is set, else 0.
+///
+/// # Safety
+/// `x` must point to at least 4 readable bytes.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bytes_from_bits_32(x: *const u8) -> __m256i {
+    let x32 = unsafe { std::ptr::read_unaligned(x as *const u32) } as i32;
+    let shuf_mask = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuf_mask);
+    let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+    let bytes = _mm256_or_si256(bytes, bit_mask);
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// A Q5_0 block's 32 weights as signed bytes (the nibble plus its fifth bit, minus 16), as ggml builds
+/// them.
+///
+/// # Safety
+/// `x` must be a valid block.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q5_0_bytes(x: &BlockQ5_0) -> __m256i {
+    let qx = unsafe { bytes_from_nibbles_32(x.qs.as_ptr()) };
+    let bxhi = unsafe { bytes_from_bits_32(x.qh.as_ptr()) };
+    let bxhi = _mm256_andnot_si256(bxhi, _mm256_set1_epi8(0xF0u8 as i8));
+    _mm256_or_si256(qx, bxhi)
+}
+
+/// ggml's `ggml_vec_dot_q5_0_q8_0` for AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn vec_dot_q5_0_q8_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
+    debug_assert!(
+        n.is_multiple_of(QK8_0),
+        "vec_dot_q5_0_q8_0: {n} is not divisible by {QK8_0}"
+    );
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in xs.iter().zip(ys.iter()) {
+            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let qx = q5_0_bytes(x);
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let q = mul_sum_i8_pairs_float(qx, qy);
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+        hsum_float_8(acc)
+    }
+}
+
+/// Four rows of Q5_0 weights against one row of activations, each in `vec_dot_q5_0_q8_0`'s order of
+/// operations (the same bits), the activations loaded once per block.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn vec_dot_4_q5_0_q8_0(n: usize, xs: [&[BlockQ5_0]; 4], ys: &[BlockQ8_0]) -> [f32; 4] {
+    debug_assert!(
+        n.is_multiple_of(QK8_0),
+        "vec_dot_4_q5_0_q8_0: {n} is not divisible by {QK8_0}"
+    );
+    let nb = ys.len().min(xs.iter().map(|x| x.len()).min().unwrap_or(0));
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for ib in 0..nb {
+            let y = ys.get_unchecked(ib);
+            let yd = f16::to_f32(y.d);
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            for r in 0..4 {
+                let x = xs[r].get_unchecked(ib);
+                let d = _mm256_set1_ps(f16::to_f32(x.d) * yd);
+                let q = mul_sum_i8_pairs_float(q5_0_bytes(x), qy);
+                acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+            }
+        }
+        [
+            hsum_float_8(acc[0]),
+            hsum_float_8(acc[1]),
+            hsum_float_8(acc[2]),
+            hsum_float_8(acc[3]),
         ]
     }
 }

@@ -1,4 +1,5 @@
-//! Candle 0.11.1 `quantized/k_quants.rs`, vendored: upstream but for Q4_1's `vec_dot`, which dispatches to the AVX2 kernel ult adds in avx.rs.
+//! Candle 0.11.1 `quantized/k_quants.rs`, vendored: upstream but for Q4_1's and Q5_0's `vec_dot` and
+//! `vec_dot_4`, which dispatch to the AVX2 kernels ult adds in avx.rs.
 use super::utils::{
     get_scale_min_k4, group_for_dequantization, group_for_quantization, make_q3_quants,
     make_qkx1_quants, make_qx_quants, nearest_int,
@@ -446,7 +447,32 @@ impl GgmlType for BlockQ5_0 {
             (n / qk).is_multiple_of(2),
             "vec_dot_q5_0_q8_0: {n}, nb is not divisible by 2"
         );
+        // ult: the AVX2 kernel (vendored addition in avx.rs); upstream has only the scalar loop.
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma() {
+            return unsafe { super::avx::vec_dot_q5_0_q8_0(n, xs, ys) };
+        }
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    fn vec_dot_4(
+        n: usize,
+        xs0: &[Self],
+        xs1: &[Self],
+        xs2: &[Self],
+        xs3: &[Self],
+        ys: &[Self::VecDotType],
+    ) -> (f32, f32, f32, f32) {
+        // ult: four weight rows per activation load (vendored addition in avx.rs).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma() {
+            let [d0, d1, d2, d3] =
+                unsafe { super::avx::vec_dot_4_q5_0_q8_0(n, [xs0, xs1, xs2, xs3], ys) };
+            return (d0, d1, d2, d3);
+        }
+        let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
+        let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
+        (d0, d1, d2, d3)
     }
 
     fn vec_dot_unopt(_n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
