@@ -15,7 +15,12 @@ fn main() {
     for k in KERNELS {
         println!("cargo:rerun-if-changed=kernels/{k}.cu");
     }
-    for v in ["NVCC", "CUDA_HOME", "CUDA_COMPUTE_CAP", "CARGO_FEATURE_CUDA"] {
+    for v in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_COMPUTE_CAP",
+        "CARGO_FEATURE_CUDA",
+    ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -95,7 +95,9 @@ fn main() -> anyhow::Result<()> {
     models.extend(extra);
     let attention_label = if attention == "host" {
         "CPU block loops"
-    } else if std::env::var_os("ULT_ATTENTION").is_some_and(|v| v == "portable") || !device.starts_with("cuda") {
+    } else if std::env::var_os("ULT_ATTENTION").is_some_and(|v| v == "portable")
+        || !device.starts_with("cuda")
+    {
         "portable ops"
     } else {
         "ult's CUDA kernels"

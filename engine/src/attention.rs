@@ -286,7 +286,10 @@ pub fn paged_meta(
 ) -> Result<(Vec<u32>, PagedLayout)> {
     let rows: usize = seqs.iter().map(|s| s.len).sum();
     if writes.len() != rows || rows >= FRESH as usize || pool_slots >= FRESH as usize {
-        candle_core::bail!("paged attention: {} write slots for {rows} rows", writes.len())
+        candle_core::bail!(
+            "paged attention: {} write slots for {rows} rows",
+            writes.len()
+        )
     }
     let mut at = PagedLayout {
         rows,
@@ -298,13 +301,19 @@ pub fn paged_meta(
     for (r, w) in writes.iter().enumerate() {
         buf[at.slots + r] = match *w {
             Some(s) if (s as usize) < pool_slots => s,
-            Some(s) => candle_core::bail!("paged attention: slot {s} is outside a pool of {pool_slots}"),
+            Some(s) => {
+                candle_core::bail!("paged attention: slot {s} is outside a pool of {pool_slots}")
+            }
             None => u32::MAX,
         };
     }
     for s in seqs {
         if s.row + s.len > rows {
-            candle_core::bail!("paged attention: rows {}..{} of {rows}", s.row, s.row + s.len)
+            candle_core::bail!(
+                "paged attention: rows {}..{} of {rows}",
+                s.row,
+                s.row + s.len
+            )
         }
         let lo_seq = shape.lo(s.start);
         let base = buf.len() - at.keys;
@@ -361,6 +370,24 @@ mod tests {
     use super::*;
     use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
     use candle_core::Device;
+
+    /// A step's sequences, rows in order, from `(start, len, tables)` spans (each one's first group).
+    fn seqs_of<'t>(spans: &[(usize, usize, &'t Vec<Vec<BlockId>>)]) -> Vec<AttnSeq<'t>> {
+        let mut row = 0;
+        spans
+            .iter()
+            .map(|&(start, len, t)| {
+                let s = AttnSeq {
+                    row,
+                    start,
+                    len,
+                    table: &t[0],
+                };
+                row += len;
+                s
+            })
+            .collect()
+    }
 
     /// What the CUDA kernel computes from [`paged_meta`], on the host: the pool in the device layout
     /// `(slots, n_kv, head_dim)`, keys in the order the metadata lists them.
@@ -444,34 +471,31 @@ mod tests {
                 let v = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
                 let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let (qf, kf, vf) = (flat(&q), flat(&k), flat(&v));
-                let mut row = 0;
-                let seqs: Vec<AttnSeq<'_>> = spans
-                    .iter()
-                    .map(|&(start, len, t)| {
-                        let s = AttnSeq {
-                            row,
-                            start,
-                            len,
-                            table: &t[0],
-                        };
-                        row += len;
-                        s
-                    })
-                    .collect();
+                let seqs = seqs_of(&spans);
                 let spans_ref: Vec<(usize, usize, &[Vec<BlockId>])> = spans
                     .iter()
                     .map(|&(s, l, t)| (s, l, t.as_slice()))
                     .collect();
                 let m = SlotMap::new(&layout, &spans_ref, None).unwrap();
                 let (meta, at) = paged_meta(&seqs, &shape, &m.rows[0], slots).unwrap();
-                let h = host(&host_pool.host_layer(0).unwrap(), &qf, &kf, &vf, &seqs, &shape);
+                let h = host(
+                    &host_pool.host_layer(0).unwrap(),
+                    &qf,
+                    &kf,
+                    &vf,
+                    &seqs,
+                    &shape,
+                );
                 let got = by_meta((&pk, &pv), &qf, &kf, &vf, &meta, &at, &shape);
                 let worst = h
                     .iter()
                     .zip(&got)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
-                assert!(worst < 1e-5, "window {window:?}: metadata and host differ by {worst}");
+                assert!(
+                    worst < 1e-5,
+                    "window {window:?}: metadata and host differ by {worst}"
+                );
                 host_pool.write(0, &k, &v, &m).unwrap();
                 let width = nkv * hd;
                 for r in 0..rows {
@@ -577,20 +601,7 @@ mod tests {
             let q = Tensor::randn(0f32, 3.0, (rows, nh, hd), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (rows, nkv, hd), &dev).unwrap();
-            let mut row = 0;
-            let seqs: Vec<AttnSeq<'_>> = spans
-                .iter()
-                .map(|&(start, len, t)| {
-                    let s = AttnSeq {
-                        row,
-                        start,
-                        len,
-                        table: &t[0],
-                    };
-                    row += len;
-                    s
-                })
-                .collect();
+            let seqs = seqs_of(&spans);
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let h = host(
                 &host_pool.host_layer(0).unwrap(),

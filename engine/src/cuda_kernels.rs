@@ -101,12 +101,16 @@ impl PagedKernels {
         // Split-K partials: accumulators, then (max, sum) pairs, per row, head and split.
         let part = if at.splits > 1 {
             // SAFETY: each split's block writes its part before the combine kernel reads it.
-            Some(unsafe { self.device.alloc::<f32>(n * at.splits + rows * shape.n_head * at.splits * 2) }?)
+            Some(unsafe {
+                self.device
+                    .alloc::<f32>(n * at.splits + rows * shape.n_head * at.splits * 2)
+            }?)
         } else {
             None
         };
         let (nh, nkv) = (shape.n_head as i32, shape.n_kv as i32);
-        let (split_keys, max_splits, splits) = (SPLIT_KEYS as u32, MAX_SPLITS as u32, at.splits as u32);
+        let (split_keys, max_splits, splits) =
+            (SPLIT_KEYS as u32, MAX_SPLITS as u32, at.splits as u32);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, shape.n_head as u32, splits),
             block_dim: (ATTEND_THREADS, 1, 1),
@@ -333,7 +337,10 @@ mod tests {
                     let (pk, pv) = port.device_layer(0).unwrap();
                     let (mk, mv) = mine.device_layer(0).unwrap();
                     for (x, y) in [(pk, mk), (pv, mv)] {
-                        let d = max_diff(&x.to_dtype(DType::F32).unwrap(), &y.to_dtype(DType::F32).unwrap());
+                        let d = max_diff(
+                            &x.to_dtype(DType::F32).unwrap(),
+                            &y.to_dtype(DType::F32).unwrap(),
+                        );
                         assert!(d == 0.0, "hd {hd} window {window:?}: pools differ by {d}");
                     }
                 }
@@ -369,11 +376,19 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (total, nkv, hd), &dev).unwrap();
             let n_blocks = total.div_ceil(bt);
             // The sequence's blocks in a scrambled order, then one for the other sequence.
-            let a: Vec<Vec<BlockId>> = vec![(0..n_blocks as u32).map(|i| (i * 7) % n_blocks as u32).collect()];
+            let a: Vec<Vec<BlockId>> = vec![
+                (0..n_blocks as u32)
+                    .map(|i| (i * 7) % n_blocks as u32)
+                    .collect(),
+            ];
             let other: Vec<Vec<BlockId>> = vec![vec![n_blocks as u32]];
             let blocks = n_blocks + 1;
             let mut last = Vec::new();
-            for cuts in [vec![total], vec![total * 5 / 8, total - total * 5 / 8], vec![total - 1, 1]] {
+            for cuts in [
+                vec![total],
+                vec![total * 5 / 8, total - total * 5 / 8],
+                vec![total - 1, 1],
+            ] {
                 let mut pool = KvPool::new(layout.clone(), vec![blocks], &dev, true).unwrap();
                 let mut start = 0;
                 let mut out = None;
@@ -396,7 +411,9 @@ mod tests {
                     let n = meta.len();
                     let meta = Tensor::from_vec(meta, n, &dev).unwrap();
                     let (pk, pv) = pool.device_layer(0).unwrap();
-                    let o = kern.attend(&qc, &kc, &vc, pk, pv, &meta, &at, &shape).unwrap();
+                    let o = kern
+                        .attend(&qc, &kc, &vc, pk, pv, &meta, &at, &shape)
+                        .unwrap();
                     kern.write(&kc, &vc, pk, pv, &meta, &at).unwrap();
                     out = Some(o.narrow(0, 0, len).unwrap());
                     start += len;
@@ -405,8 +422,14 @@ mod tests {
                 let tail = o.narrow(0, o.dim(0).unwrap() - 1, 1).unwrap();
                 last.push(tail.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
-            assert_eq!(last[0], last[1], "window {window:?}, {total}: one chunk vs two");
-            assert_eq!(last[0], last[2], "window {window:?}, {total}: one chunk vs + 1 in a batch");
+            assert_eq!(
+                last[0], last[1],
+                "window {window:?}, {total}: one chunk vs two"
+            );
+            assert_eq!(
+                last[0], last[2],
+                "window {window:?}, {total}: one chunk vs + 1 in a batch"
+            );
         }
     }
 }

@@ -308,8 +308,9 @@ impl Transformer {
             Device::Cuda(d)
                 if std::env::var_os("ULT_ATTENTION").is_none_or(|v| v != "portable") =>
             {
-                crate::cuda_kernels::PagedKernels::load(d, hp.head_dim)
-                    .map_err(|e| EngineError::candle("loading the paged-attention kernels".into(), e))?
+                crate::cuda_kernels::PagedKernels::load(d, hp.head_dim).map_err(|e| {
+                    EngineError::candle("loading the paged-attention kernels".into(), e)
+                })?
             }
             _ => None,
         };
@@ -425,7 +426,8 @@ impl Transformer {
                 };
                 let paged = if kernels {
                     let pool_slots = pool.blocks()[g] * layout.block_tokens;
-                    let (meta, at) = attention::paged_meta(&seqs, &shape, &slots.rows[g], pool_slots)?;
+                    let (meta, at) =
+                        attention::paged_meta(&seqs, &shape, &slots.rows[g], pool_slots)?;
                     let n = meta.len();
                     Some((Tensor::from_vec(meta, n, &self.device)?, at))
                 } else {
