@@ -140,8 +140,12 @@ def test_ollama_format_schema_answer_parses(ol):
     )
     city = City.model_validate_json(r.message.content)
     assert city.name
-    r = ol.generate(model="smollm2", prompt="Reply with a JSON object about a cat.", format="json", options={"temperature": 0, "num_predict": 60})
-    assert isinstance(json.loads(r.response), dict)
+    # A free-form object has no bound: it parses when it ends, or num_predict cut it (then only by length).
+    r = ol.generate(model="smollm2", prompt="Reply with a JSON object about a cat.", format="json", options={"temperature": 0, "num_predict": 200})
+    if r.done_reason == "stop":
+        assert isinstance(json.loads(r.response), dict)
+    else:
+        assert r.done_reason == "length" and r.response.lstrip().startswith("{"), r
     # Gemma's SentencePiece vocabulary of 262k pieces, through the same grammar index.
     r = ol.generate(model="gemma3", prompt="A JSON object describing a cat:", raw=True, format=City.model_json_schema(), options={"temperature": 0, "num_predict": 120})
     assert r.done_reason == "stop", "the bounded grammar completes inside 120 tokens"
