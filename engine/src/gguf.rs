@@ -28,17 +28,21 @@ pub enum Arch {
     Qwen3Moe,
     /// Phi-3: fused QKV and gate-up matrices, NeoX rope.
     Phi3,
+    /// DeepSeek V2/V3 (and R1): multi-head latent attention over a compressed KV, dense leading layers,
+    /// then shared plus routed experts.
+    DeepSeek2,
 }
 
 impl Arch {
     /// Every family, in the order errors list them.
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Self::Llama,
         Self::Gemma3,
         Self::Qwen2,
         Self::Qwen3,
         Self::Qwen3Moe,
         Self::Phi3,
+        Self::DeepSeek2,
     ];
 
     /// The GGUF `general.architecture` string.
@@ -50,6 +54,7 @@ impl Arch {
             Self::Qwen3 => "qwen3",
             Self::Qwen3Moe => "qwen3moe",
             Self::Phi3 => "phi3",
+            Self::DeepSeek2 => "deepseek2",
         }
     }
 
@@ -61,7 +66,7 @@ impl Arch {
     /// Whether rope rotates the two halves of each head (GPT-NeoX style) rather than adjacent pairs
     /// (llama.cpp's `LLAMA_ROPE_TYPE_NEOX` against `LLAMA_ROPE_TYPE_NORM`).
     pub fn neox_rope(&self) -> bool {
-        !matches!(self, Self::Llama)
+        !matches!(self, Self::Llama | Self::DeepSeek2)
     }
 }
 
@@ -91,7 +96,16 @@ pub enum RopeScaling {
     },
 }
 
-/// Mixture-of-experts shape (Qwen3-MoE).
+/// How a router's logits become expert probabilities (`{arch}.expert_gating_func`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gating {
+    /// Softmax over all experts (Qwen3-MoE, DeepSeek V2).
+    Softmax,
+    /// A sigmoid per expert (DeepSeek V3 and R1).
+    Sigmoid,
+}
+
+/// Mixture-of-experts shape (Qwen3-MoE, DeepSeek).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeParams {
     /// Routed experts per layer.
@@ -104,6 +118,32 @@ pub struct MoeParams {
     pub norm_weights: bool,
     /// A factor on the gates (1 when the file sets none).
     pub weights_scale: f32,
+    /// Router logits to probabilities.
+    pub gating: Gating,
+    /// Shared experts every token runs (one gated feed-forward of `n_shared · n_ff_exp`; DeepSeek).
+    pub n_shared: usize,
+    /// The first layers are dense feed-forwards of `n_ff`, not experts (DeepSeek).
+    pub n_dense_lead: usize,
+    /// Group-limited routing (DeepSeek V3): the experts fall into `.0` equal groups, and a token chooses
+    /// among the `.1` groups whose two best experts score highest.
+    pub groups: Option<(usize, usize)>,
+}
+
+/// Multi-head latent attention (DeepSeek V2/V3): keys and values are decompressed per head from one
+/// normalised latent of `kv_lora_rank` per token, which the KV cache holds with the shared rope key. ult
+/// attends in the latent space: each head's query is multiplied into it through `attn_k_b`, every head
+/// attends over the cached latent plus rope key (one KV head of `kv_lora_rank + rope_dim`, the value being
+/// the latent itself), and `attn_v_b` maps each head's result out, as llama.cpp's MLA path does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MlaParams {
+    /// The rank of the query's low-rank projection (0: one `attn_q` matrix).
+    pub q_lora_rank: usize,
+    /// The latent's size.
+    pub kv_lora_rank: usize,
+    /// Each head's key dimensions without rope.
+    pub qk_nope: usize,
+    /// Each head's value size.
+    pub v_head_dim: usize,
 }
 
 /// Transformer hyper-parameters from GGUF metadata.
@@ -119,8 +159,10 @@ pub struct HParams {
     pub n_head: usize,
     /// Key/value heads.
     pub n_head_kv: usize,
-    /// Per-head dimension.
+    /// Per-head dimension of the cached keys (with MLA: the latent plus the rope key).
     pub head_dim: usize,
+    /// The dimensions of each head that rope rotates (the whole head, except with MLA).
+    pub rope_dim: usize,
     /// Feed-forward size.
     pub n_ff: usize,
     /// RMSNorm epsilon.
@@ -145,6 +187,8 @@ pub struct HParams {
     pub attn_scale: f64,
     /// Routed experts, for mixture-of-experts families.
     pub moe: Option<MoeParams>,
+    /// Multi-head latent attention (DeepSeek).
+    pub mla: Option<MlaParams>,
 }
 
 impl HParams {
@@ -322,7 +366,7 @@ impl GgufHeader {
             Arch::Gemma3 => 2,
             _ => 1,
         };
-        let rope = rope_tables * 2 * context * (hp.head_dim / 2) * 4;
+        let rope = rope_tables * 2 * context * (hp.rope_dim / 2) * 4;
         let level = if cpu {
             super::repack::x86_level()
         } else {
@@ -352,13 +396,16 @@ impl GgufHeader {
             |t: &TensorMeta| matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         let f32_bytes = |t: &TensorMeta| t.dims.iter().product::<usize>() as u64 * 4;
         let tied = !self.tensors.contains_key("output.weight");
+        // MLA's per-head attn_k_b and attn_v_b are batched matrix products: held as f32 tensors.
+        let mla_f32 =
+            |name: &str| name.ends_with(".attn_k_b.weight") || name.ends_with(".attn_v_b.weight");
         let dequantized: u64 = self
             .tensors
             .iter()
             .filter(|(name, t)| {
                 (name.starts_with("blk.") || name.as_str() == "output.weight")
                     && t.dims.len() >= 2
-                    && is_float(t)
+                    && (is_float(t) || mla_f32(name))
             })
             .map(|(_, t)| f32_bytes(t).saturating_sub(t.bytes))
             .chain(
@@ -491,6 +538,12 @@ impl From<String> for HParamsError {
     }
 }
 
+impl From<&str> for HParamsError {
+    fn from(s: &str) -> Self {
+        Self::Corrupt(s.to_string())
+    }
+}
+
 fn read_hparams(
     arch: Arch,
     md: &std::collections::HashMap<String, Value>,
@@ -504,7 +557,9 @@ fn read_hparams(
             .map(|v| v as usize)
             .ok_or_else(|| format!("missing {a}.{k}"))
     };
-    let n_layer = req("block_count")?;
+    // DeepSeek V3's multi-token-prediction layers follow the decoder's; ult does not run them.
+    let n_layer = req("block_count")?
+        .saturating_sub(get_u64(md, &key("nextn_predict_layers")).map_or(0, |v| v as usize));
     let n_embd = req("embedding_length")?;
     let n_head = req("attention.head_count")?;
     let n_head_kv = get_u64(md, &key("attention.head_count_kv")).map_or(n_head, |v| v as usize);
@@ -529,7 +584,14 @@ fn read_hparams(
     let head_dim =
         get_u64(md, &key("attention.key_length")).map_or(n_embd / n_head, |v| v as usize);
     let value_dim = get_u64(md, &key("attention.value_length")).map_or(head_dim, |v| v as usize);
-    if value_dim != head_dim {
+    let rope_dim = get_u64(md, &key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
+    let mla = match arch {
+        Arch::DeepSeek2 => Some(read_mla(
+            md, &key, n_head_kv, head_dim, value_dim, rope_dim,
+        )?),
+        _ => None,
+    };
+    if mla.is_none() && value_dim != head_dim {
         return Err(HParamsError::Unsupported(format!(
             "value heads of {value_dim} beside key heads of {head_dim}"
         )));
@@ -537,8 +599,7 @@ fn read_hparams(
     if head_dim == 0 || !head_dim.is_multiple_of(2) || head_dim > 4096 {
         return Err(format!("implausible head size {head_dim}").into());
     }
-    let rope_dim = get_u64(md, &key("rope.dimension_count")).map_or(head_dim, |v| v as usize);
-    if rope_dim != head_dim {
+    if mla.is_none() && rope_dim != head_dim {
         return Err(HParamsError::Unsupported(format!(
             "rope over {rope_dim} of {head_dim} head dimensions (partial rotary)"
         )));
@@ -580,6 +641,7 @@ fn read_hparams(
         }
     };
     let moe = match arch {
+        Arch::DeepSeek2 => Some(read_deepseek_moe(md, &key, n_ff, n_layer)?),
         Arch::Qwen3Moe => {
             let n_expert = req("expert_count")?;
             let n_expert_used = req("expert_used_count")?;
@@ -602,6 +664,10 @@ fn read_hparams(
                     .map(|v| v as f32)
                     .filter(|&v| v != 0.0)
                     .unwrap_or(1.0),
+                gating: Gating::Softmax,
+                n_shared: 0,
+                n_dense_lead: 0,
+                groups: None,
             })
         }
         _ => None,
@@ -624,6 +690,10 @@ fn read_hparams(
         }
         _ => (None, 0, rope_base, 1.0 / (head_dim as f64).sqrt()),
     };
+    let (rope_scaling, attn_scale) = match mla {
+        Some(m) => deepseek_yarn(md, &key, rope_scaling, m.qk_nope + rope_dim),
+        None => (rope_scaling, attn_scale),
+    };
     Ok(HParams {
         arch,
         n_layer,
@@ -631,6 +701,7 @@ fn read_hparams(
         n_head,
         n_head_kv,
         head_dim,
+        rope_dim,
         n_ff,
         rms_eps,
         rope_base,
@@ -643,5 +714,158 @@ fn read_hparams(
         vocab_size,
         attn_scale,
         moe,
+        mla,
     })
+}
+
+/// DeepSeek's MLA shape, in the layout llama.cpp's converter writes since its MLA support: one KV head of
+/// `kv_lora_rank + rope` (`attention.key_length`), values of `kv_lora_rank`, and the per-head sizes in
+/// `attention.key_length_mla` / `value_length_mla` with the split `attn_k_b` / `attn_v_b` tensors.
+fn read_mla(
+    md: &std::collections::HashMap<String, Value>,
+    key: &dyn Fn(&str) -> String,
+    n_head_kv: usize,
+    head_dim: usize,
+    value_dim: usize,
+    rope_dim: usize,
+) -> Result<MlaParams, HParamsError> {
+    let get = |k: &str| get_u64(md, &key(k)).map(|v| v as usize);
+    let (Some(k_mla), Some(v_mla)) = (
+        get("attention.key_length_mla"),
+        get("attention.value_length_mla"),
+    ) else {
+        return Err(HParamsError::Unsupported(
+            "a DeepSeek GGUF without attention.key_length_mla (the legacy attn_kv_b layout); \
+             convert it again with llama.cpp's convert_hf_to_gguf.py of 2025 or later"
+                .into(),
+        ));
+    };
+    let kv_lora_rank = get("attention.kv_lora_rank").ok_or("missing attention.kv_lora_rank")?;
+    let q_lora_rank = get("attention.q_lora_rank").unwrap_or(0);
+    if n_head_kv != 1
+        || value_dim != kv_lora_rank
+        || head_dim != kv_lora_rank + rope_dim
+        || k_mla <= rope_dim
+        || rope_dim == 0
+        || !rope_dim.is_multiple_of(2)
+        || v_mla == 0
+        || kv_lora_rank == 0
+    {
+        return Err(format!(
+            "inconsistent MLA shape: {n_head_kv} KV heads of {head_dim} (values {value_dim}), latent \
+             {kv_lora_rank}, rope {rope_dim}, heads {k_mla}/{v_mla}"
+        )
+        .into());
+    }
+    Ok(MlaParams {
+        q_lora_rank,
+        kv_lora_rank,
+        qk_nope: k_mla - rope_dim,
+        v_head_dim: v_mla,
+    })
+}
+
+/// DeepSeek's experts: shared and routed, after `leading_dense_block_count` dense layers.
+fn read_deepseek_moe(
+    md: &std::collections::HashMap<String, Value>,
+    key: &dyn Fn(&str) -> String,
+    n_ff: usize,
+    n_layer: usize,
+) -> Result<MoeParams, HParamsError> {
+    let get = |k: &str| get_u64(md, &key(k)).map(|v| v as usize);
+    let n_expert = get("expert_count").ok_or("missing expert_count")?;
+    let n_expert_used = get("expert_used_count").ok_or("missing expert_used_count")?;
+    if n_expert == 0 || n_expert_used == 0 || n_expert_used > n_expert || n_expert > 4096 {
+        return Err(format!("implausible experts: {n_expert_used} of {n_expert} per token").into());
+    }
+    let gating = match get("expert_gating_func") {
+        // llama.cpp reads a missing function as DeepSeek V2's softmax.
+        None | Some(0) | Some(1) => Gating::Softmax,
+        Some(2) => Gating::Sigmoid,
+        Some(other) => {
+            return Err(HParamsError::Unsupported(format!(
+                "expert gating function {other} (ult runs softmax and sigmoid)"
+            )));
+        }
+    };
+    let groups = match (get("expert_group_count"), get("expert_group_used_count")) {
+        (Some(g), Some(used)) if g > 1 => {
+            if !n_expert.is_multiple_of(g) || used == 0 || used >= g {
+                return Err(format!(
+                    "implausible expert groups: {used} of {g} for {n_expert} experts"
+                )
+                .into());
+            }
+            Some((g, used))
+        }
+        _ => None,
+    };
+    Ok(MoeParams {
+        n_expert,
+        n_expert_used,
+        n_ff_exp: get("expert_feed_forward_length").ok_or("missing expert_feed_forward_length")?,
+        norm_weights: get_bool(md, &key("expert_weights_norm")).unwrap_or(false),
+        weights_scale: get_f64(md, &key("expert_weights_scale"))
+            .map(|v| v as f32)
+            .filter(|&v| v != 0.0)
+            .unwrap_or(1.0),
+        gating,
+        n_shared: get("expert_shared_count").unwrap_or(0),
+        n_dense_lead: get("leading_dense_block_count").unwrap_or(0).min(n_layer),
+        groups,
+    })
+    .and_then(|m| {
+        if m.n_dense_lead > 0 && n_ff == 0 {
+            Err("dense leading layers without feed_forward_length"
+                .to_string()
+                .into())
+        } else {
+            Ok(m)
+        }
+    })
+}
+
+/// DeepSeek's YaRN, as llama.cpp computes it (`llama_context`'s yarn_attn_factor and the deepseek2
+/// graph's kq_scale): rope's magnitude and the attention scale over the per-head key size `k_mla`. The
+/// file's `rope.scaling.yarn_log_multiplier` is 0.1 × DeepSeek's `mscale_all_dim`.
+fn deepseek_yarn(
+    md: &std::collections::HashMap<String, Value>,
+    key: &dyn Fn(&str) -> String,
+    scaling: RopeScaling,
+    k_mla: usize,
+) -> (RopeScaling, f64) {
+    let log_mul = get_f64(md, &key("rope.scaling.yarn_log_multiplier")).unwrap_or(0.0) / 0.1;
+    let rope_attn = get_f64(md, &key("rope.scaling.attn_factor")).unwrap_or(1.0);
+    let (factor, yarn) = match scaling {
+        RopeScaling::None => (1.0, false),
+        RopeScaling::Linear { factor } => (f64::from(factor), false),
+        RopeScaling::Yarn { factor, .. } => (f64::from(factor), true),
+    };
+    let ln = if factor > 1.0 { factor.ln() } else { 0.0 };
+    // The factor rope is given (its tables then carry it times 1 + 0.1·ln(factor) under YaRN).
+    let rope_factor = if yarn {
+        // With a log multiplier, llama.cpp's mscale ratio is 1; without, it is 1 + 0.1·ln(factor).
+        let ratio = if log_mul != 0.0 { 1.0 } else { 1.0 + 0.1 * ln };
+        ratio / (1.0 + 0.1 * ln) * rope_attn
+    } else {
+        rope_attn
+    };
+    let mscale = rope_factor * (1.0 + 0.1 * ln) * (1.0 + 0.1 * log_mul * ln);
+    let scaling = match scaling {
+        RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            ..
+        } => RopeScaling::Yarn {
+            factor,
+            original_context,
+            beta_fast,
+            beta_slow,
+            attn_factor: rope_factor as f32,
+        },
+        other => other,
+    };
+    (scaling, mscale * mscale / (k_mla as f64).sqrt())
 }

@@ -11,6 +11,10 @@
 //! `[slot][kv head][dim]` with slot = block · block_tokens + offset), written with `scatter_set` and read
 //! by gathering slots (or by a kernel). f32 on the CPU because converting every key on every step costs
 //! more there than the memory it saves on the small models CPUs serve; f16 on GPUs, as llama.cpp and vLLM.
+//!
+//! Multi-head latent attention (DeepSeek) caches one vector per position and layer, the latent plus the
+//! rope key, and reads its values from the same vector ([`KvLayout::values_in_keys`]): the pool then holds
+//! keys only, and hands them out as the values too.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -79,6 +83,9 @@ pub struct KvLayout {
     pub head_dim: usize,
     /// The layer groups (global first).
     pub groups: Vec<LayerGroup>,
+    /// The values are the keys themselves (MLA: the value is the latent, the key's first part), so only
+    /// keys are stored.
+    pub values_in_keys: bool,
     /// For each layer, its group and its index within the group.
     place: Vec<(usize, usize)>,
 }
@@ -91,13 +98,15 @@ impl KvLayout {
             hp.sliding_window
                 .filter(|&w| hp.is_local(il) && w < context)
         };
-        Self::from_windows(
+        let mut layout = Self::from_windows(
             (0..hp.n_layer).map(window_of),
             hp.n_head_kv,
             hp.head_dim,
             dtype,
             block_tokens,
-        )
+        );
+        layout.values_in_keys = hp.mla.is_some();
+        layout
     }
 
     /// A layout from each layer's window.
@@ -137,6 +146,7 @@ impl KvLayout {
             kv_heads,
             head_dim,
             groups,
+            values_in_keys: false,
             place,
         }
     }
@@ -148,7 +158,8 @@ impl KvLayout {
 
     /// Bytes of keys and values for one position of one layer.
     pub fn token_layer_bytes(&self) -> usize {
-        2 * self.kv_heads * self.head_dim * self.dtype.size()
+        let arrays = if self.values_in_keys { 1 } else { 2 };
+        arrays * self.kv_heads * self.head_dim * self.dtype.size()
     }
 
     /// Bytes of one block of group `g`.
@@ -214,9 +225,11 @@ impl KvLayout {
 enum Storage {
     /// Freed (the model is idle); allocated again by [`KvPool::ensure`].
     Released,
-    /// Host memory, one buffer per layer for keys and one for values: `[block][kv head][offset][dim]`.
+    /// Host memory, one buffer per layer for keys and one for values: `[block][kv head][offset][dim]`
+    /// (no value buffers when the values are the keys).
     Host { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
-    /// Device tensors `(slots, kv_heads, head_dim)`, one per layer.
+    /// Device tensors `(slots, kv_heads, head_dim)`, one per layer (no value tensors when the values are
+    /// the keys).
     Device { k: Vec<Tensor>, v: Vec<Tensor> },
 }
 
@@ -295,11 +308,12 @@ impl KvPool {
         let l = &self.layout;
         let per_layer = |il: usize| self.blocks[l.place(il).0] * l.block_tokens;
         let n_layers = l.place.len();
+        let v_layers = if l.values_in_keys { 0 } else { n_layers };
         self.storage = if self.device.is_cpu() && !self.portable {
             let buf = |il: usize| vec![0f32; per_layer(il) * l.kv_heads * l.head_dim];
             Storage::Host {
                 k: (0..n_layers).map(buf).collect(),
-                v: (0..n_layers).map(buf).collect(),
+                v: (0..v_layers).map(buf).collect(),
             }
         } else {
             let t = |il: usize| {
@@ -311,33 +325,36 @@ impl KvPool {
             };
             Storage::Device {
                 k: (0..n_layers).map(t).collect::<Result<_>>()?,
-                v: (0..n_layers).map(t).collect::<Result<_>>()?,
+                v: (0..v_layers).map(t).collect::<Result<_>>()?,
             }
         };
         Ok(())
     }
 
-    /// Host buffers of layer `il`, when the pool lives in host memory.
+    /// Host buffers of layer `il`, when the pool lives in host memory (the keys twice when the values
+    /// are the keys).
     pub fn host_layer(&self, il: usize) -> Option<HostLayer<'_>> {
         match &self.storage {
             Storage::Host { k, v } => Some(HostLayer {
                 k: &k[il],
-                v: &v[il],
+                v: v.get(il).unwrap_or(&k[il]),
             }),
             _ => None,
         }
     }
 
-    /// Device tensors `(slots, kv_heads, head_dim)` of layer `il`, when the pool is device tensors.
+    /// Device tensors `(slots, kv_heads, head_dim)` of layer `il`, when the pool is device tensors (the
+    /// keys twice when the values are the keys).
     pub fn device_layer(&self, il: usize) -> Option<(&Tensor, &Tensor)> {
         match &self.storage {
-            Storage::Device { k, v } => Some((&k[il], &v[il])),
+            Storage::Device { k, v } => Some((&k[il], v.get(il).unwrap_or(&k[il]))),
             _ => None,
         }
     }
 
     /// Writes keys and values `(n, kv_heads, head_dim)` of layer `il` for positions whose slots are
-    /// `slots` (one per row; `None` for a position a ring has already passed, which is skipped).
+    /// `slots` (one per row; `None` for a position a ring has already passed, which is skipped). When the
+    /// values are the keys, `v` is not read.
     pub fn write(&mut self, il: usize, k: &Tensor, v: &Tensor, slots: &SlotMap) -> Result<()> {
         let l = &self.layout;
         let (kvh, hd, bt) = (l.kv_heads, l.head_dim, l.block_tokens);
@@ -346,7 +363,10 @@ impl KvPool {
             Storage::Released => candle_core::bail!("writing to a released KV pool"),
             Storage::Host { k: kb, v: vb } => {
                 let kh = k.flatten_all()?.to_vec1::<f32>()?;
-                let vh = v.flatten_all()?.to_vec1::<f32>()?;
+                let vh = match vb.get(il) {
+                    Some(_) => v.flatten_all()?.to_vec1::<f32>()?,
+                    None => Vec::new(),
+                };
                 let row = kvh * hd;
                 for (r, slot) in slots.rows[g].iter().enumerate() {
                     let Some(slot) = *slot else { continue };
@@ -355,7 +375,9 @@ impl KvPool {
                         let dst = ((block * kvh + h) * bt + off) * hd;
                         let src = r * row + h * hd;
                         kb[il][dst..dst + hd].copy_from_slice(&kh[src..src + hd]);
-                        vb[il][dst..dst + hd].copy_from_slice(&vh[src..src + hd]);
+                        if let Some(vl) = vb.get_mut(il) {
+                            vl[dst..dst + hd].copy_from_slice(&vh[src..src + hd]);
+                        }
                     }
                 }
                 Ok(())
@@ -374,7 +396,9 @@ impl KvPool {
                 };
                 let flat = |t: &Tensor| t.reshape((t.dim(0)?, kvh * hd));
                 flat(&kt[il])?.scatter_set(index, &pick(k)?, 0)?;
-                flat(&vt[il])?.scatter_set(index, &pick(v)?, 0)?;
+                if let Some(vl) = vt.get(il) {
+                    flat(vl)?.scatter_set(index, &pick(v)?, 0)?;
+                }
                 Ok(())
             }
         }
@@ -392,9 +416,9 @@ impl KvPool {
         match &mut self.storage {
             Storage::Released => {}
             Storage::Host { k, v } => {
-                for il in 0..l.place.len() {
+                for (il, kl) in k.iter_mut().enumerate() {
                     let g = l.place(il).0;
-                    for buf in [&mut k[il], &mut v[il]] {
+                    for buf in std::iter::once(kl).chain(v.get_mut(il)) {
                         for m in moves.iter().filter(|m| m.group == g) {
                             let (from, to) = (m.from as usize, m.to as usize);
                             buf.copy_within(
@@ -406,9 +430,9 @@ impl KvPool {
                 }
             }
             Storage::Device { k, v } => {
-                for il in 0..l.place.len() {
+                for (il, kl) in k.iter_mut().enumerate() {
                     let g = l.place(il).0;
-                    for t in [&mut k[il], &mut v[il]] {
+                    for t in std::iter::once(kl).chain(v.get_mut(il)) {
                         for m in moves.iter().filter(|m| m.group == g) {
                             // A copy: `slice_set` refuses a source that shares the pool's storage.
                             let src = t.narrow(0, m.from as usize * bt, bt)?.copy()?;
@@ -431,18 +455,18 @@ impl KvPool {
         match &mut self.storage {
             Storage::Released => {}
             Storage::Host { k, v } => {
-                for il in 0..l.place.len() {
+                for (il, kl) in k.iter_mut().enumerate() {
                     let g = l.place(il).0;
-                    for buf in [&mut k[il], &mut v[il]] {
+                    for buf in std::iter::once(kl).chain(v.get_mut(il)) {
                         buf.resize(blocks[g] * block_elems, 0.0);
                         buf.shrink_to_fit();
                     }
                 }
             }
             Storage::Device { k, v } => {
-                for il in 0..l.place.len() {
+                for (il, kl) in k.iter_mut().enumerate() {
                     let g = l.place(il).0;
-                    for t in [&mut k[il], &mut v[il]] {
+                    for t in std::iter::once(kl).chain(v.get_mut(il)) {
                         let new = blocks[g] * bt;
                         let old = t.dim(0)?;
                         *t = if new <= old {

@@ -70,8 +70,8 @@ pub enum EngineError {
     },
     /// The file is valid but ult cannot run its architecture.
     #[error(
-        "unsupported architecture {arch:?} in {path} (ult runs llama, gemma3, qwen2, qwen3, qwen3moe \
-         and phi3 from GGUF, and bert from safetensors)"
+        "unsupported architecture {arch:?} in {path} (ult runs llama, gemma3, qwen2, qwen3, qwen3moe, \
+         phi3 and deepseek2 from GGUF, and bert from safetensors)"
     )]
     UnsupportedArchitecture {
         /// The file.

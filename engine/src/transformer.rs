@@ -1,6 +1,7 @@
 //! ult's own decoder forward pass for quantized GGUF models: Llama (Llama 3, Mistral, SmolLM2), Gemma 3,
-//! Qwen2, Qwen3, Qwen3-MoE and Phi-3 — one code path, with the families' differences as data (fused or
-//! split projections, biases, QK-norms, rope style and scaling, dense or routed feed-forward).
+//! Qwen2, Qwen3, Qwen3-MoE, Phi-3 and DeepSeek V2/V3 — one code path, with the families' differences as
+//! data (fused or split projections, biases, QK-norms, full or latent attention, rope style and scaling,
+//! dense, routed or shared-plus-routed feed-forward).
 //!
 //! Owning it lets ult size everything to the configured context (rope tables, KV caches with rings for
 //! sliding-window layers), compute logits for the last position only, embed straight from the quantized
@@ -18,7 +19,7 @@ use candle_nn::rotary_emb::{rope, rope_i};
 use crate::EngineError;
 use crate::attention::{self, AttnSeq, AttnShape};
 use crate::decoder::{Decoder, StepInput, StepOutput};
-use crate::gguf::{Arch, GgufHeader, HParams, MoeParams, RopeScaling};
+use crate::gguf::{Arch, Gating, GgufHeader, HParams, MlaParams, MoeParams, RopeScaling};
 use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
 
 /// Reads tensors out of a mapped GGUF file onto a device, counting bytes for progress reports.
@@ -147,7 +148,7 @@ enum Ffn {
     },
     /// Phi-3: one `ffn_up` whose first half is the gate, second half the up projection.
     FusedGateUp { gate_up: QMatMul, down: QMatMul },
-    /// Routed experts (Qwen3-MoE).
+    /// Routed experts (Qwen3-MoE, DeepSeek).
     Moe(Moe),
 }
 
@@ -155,7 +156,12 @@ enum Ffn {
 /// chose (every expert is resident; none is touched unless routed to).
 struct Moe {
     router: QMatMul,
+    /// A bias added to the probabilities to choose experts, not to weigh them (DeepSeek V3's
+    /// `exp_probs_b`).
+    selection_bias: Option<Vec<f32>>,
     experts: Vec<Expert>,
+    /// The shared experts every token runs, as one gated feed-forward (DeepSeek).
+    shared: Option<Expert>,
     params: MoeParams,
 }
 
@@ -165,14 +171,50 @@ struct Expert {
     down: QMatMul,
 }
 
+/// A layer's attention projections.
+enum Attn {
+    /// Query, key and value heads (multi-head or grouped-query attention).
+    Full {
+        qkv: Qkv,
+        /// Q, K and V biases (Qwen2).
+        qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+        q_norm: Option<Tensor>,
+        k_norm: Option<Tensor>,
+    },
+    /// Multi-head latent attention (DeepSeek; see [`MlaParams`]).
+    Latent(Mla),
+}
+
+/// The query of latent attention: one matrix, or a low-rank pair with a norm between (`q_lora_rank`).
+enum MlaQuery {
+    Plain(QMatMul),
+    LowRank {
+        a: QMatMul,
+        norm: Tensor,
+        b: QMatMul,
+    },
+}
+
+/// Latent attention's weights.
+struct Mla {
+    q: MlaQuery,
+    /// Hidden state to the latent and the rope key (`attn_kv_a_mqa`).
+    kv_a: QMatMul,
+    /// The latent's RMSNorm.
+    kv_a_norm: Tensor,
+    /// `attn_k_b` transposed per head, `(heads, qk_nope, kv_lora_rank)`: multiplies a head's query into
+    /// the latent space.
+    k_b: Tensor,
+    /// `attn_v_b` transposed per head, `(heads, kv_lora_rank, v_head_dim)`: maps a head's latent result
+    /// to its value.
+    v_b: Tensor,
+    params: MlaParams,
+}
+
 struct Block {
     attn_norm: Tensor,
-    qkv: Qkv,
-    /// Q, K and V biases (Qwen2).
-    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    attn: Attn,
     wo: QMatMul,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     ffn: Ffn,
@@ -207,29 +249,47 @@ impl Transformer {
         for il in 0..hp.n_layer {
             let p = |t: &str| format!("blk.{il}.{t}.weight");
             let has = |t: &str| src.header.tensors.contains_key(&p(t));
-            let qkv = if has("attn_qkv") {
-                Qkv::Fused(src.qmatmul(&p("attn_qkv"))?)
-            } else {
-                Qkv::Split {
-                    q: src.qmatmul(&p("attn_q"))?,
-                    k: src.qmatmul(&p("attn_k"))?,
-                    v: src.qmatmul(&p("attn_v"))?,
-                }
-            };
-            let bias = |t: &str| src.optional_vector(&format!("blk.{il}.{t}.bias"));
-            let qkv_bias = match (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?) {
-                (Some(q), Some(k), Some(v)) => Some((q, k, v)),
-                (None, None, None) => None,
-                _ => {
-                    return Err(EngineError::CorruptModel {
-                        path: src.header.path.display().to_string(),
-                        reason: format!("layer {il} has some but not all of the Q/K/V biases"),
-                    });
-                }
+            let attn = match hp.mla {
+                Some(params) => Attn::Latent(Mla::load(src, il, &hp, params)?),
+                None => Attn::Full {
+                    qkv: if has("attn_qkv") {
+                        Qkv::Fused(src.qmatmul(&p("attn_qkv"))?)
+                    } else {
+                        Qkv::Split {
+                            q: src.qmatmul(&p("attn_q"))?,
+                            k: src.qmatmul(&p("attn_k"))?,
+                            v: src.qmatmul(&p("attn_v"))?,
+                        }
+                    },
+                    qkv_bias: {
+                        let bias = |t: &str| src.optional_vector(&format!("blk.{il}.{t}.bias"));
+                        match (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?) {
+                            (Some(q), Some(k), Some(v)) => Some((q, k, v)),
+                            (None, None, None) => None,
+                            _ => {
+                                return Err(EngineError::CorruptModel {
+                                    path: src.header.path.display().to_string(),
+                                    reason: format!(
+                                        "layer {il} has some but not all of the Q/K/V biases"
+                                    ),
+                                });
+                            }
+                        }
+                    },
+                    q_norm: src.optional_vector(&p("attn_q_norm"))?,
+                    k_norm: src.optional_vector(&p("attn_k_norm"))?,
+                },
             };
             let ffn = match hp.moe {
-                Some(params) => Ffn::Moe(Moe {
+                Some(params) if il >= params.n_dense_lead => Ffn::Moe(Moe {
                     router: src.qmatmul(&p("ffn_gate_inp"))?,
+                    selection_bias: src
+                        .optional_vector(&format!("blk.{il}.exp_probs_b.bias"))?
+                        .map(|b| b.flatten_all()?.to_vec1::<f32>())
+                        .transpose()
+                        .map_err(|e| {
+                            EngineError::candle(format!("reading layer {il}'s exp_probs_b"), e)
+                        })?,
                     experts: {
                         let gate = src.expert_matmuls(&p("ffn_gate_exps"), params.n_expert)?;
                         let up = src.expert_matmuls(&p("ffn_up_exps"), params.n_expert)?;
@@ -240,13 +300,23 @@ impl Transformer {
                             .map(|((gate, up), down)| Expert { gate, up, down })
                             .collect()
                     },
+                    shared: if params.n_shared > 0 {
+                        Some(Expert {
+                            gate: src.qmatmul(&p("ffn_gate_shexp"))?,
+                            up: src.qmatmul(&p("ffn_up_shexp"))?,
+                            down: src.qmatmul(&p("ffn_down_shexp"))?,
+                        })
+                    } else {
+                        None
+                    },
                     params,
                 }),
-                None if !has("ffn_gate") && hp.arch == Arch::Phi3 => Ffn::FusedGateUp {
+                _ if !has("ffn_gate") && hp.arch == Arch::Phi3 => Ffn::FusedGateUp {
                     gate_up: src.qmatmul(&p("ffn_up"))?,
                     down: src.qmatmul(&p("ffn_down"))?,
                 },
-                None => Ffn::Gated {
+                // Dense: every layer of a dense family, DeepSeek's leading layers.
+                _ => Ffn::Gated {
                     gate: src.qmatmul(&p("ffn_gate"))?,
                     up: src.qmatmul(&p("ffn_up"))?,
                     down: src.qmatmul(&p("ffn_down"))?,
@@ -254,11 +324,8 @@ impl Transformer {
             };
             blocks.push(Block {
                 attn_norm: src.vector(&p("attn_norm"))?,
-                qkv,
-                qkv_bias,
+                attn,
                 wo: src.qmatmul(&p("attn_output"))?,
-                q_norm: src.optional_vector(&p("attn_q_norm"))?,
-                k_norm: src.optional_vector(&p("attn_k_norm"))?,
                 post_attn_norm: src.optional_vector(&p("post_attention_norm"))?,
                 ffn_norm: src.vector(&p("ffn_norm"))?,
                 ffn,
@@ -279,13 +346,13 @@ impl Transformer {
                 .flatten_all()
                 .and_then(|f| f.to_vec1::<f32>())
                 .map_err(|e| EngineError::candle("reading rope_freqs.weight".into(), e))?;
-            if f.len() != hp.head_dim / 2 {
+            if f.len() != hp.rope_dim / 2 {
                 return Err(EngineError::CorruptModel {
                     path: src.header.path.display().to_string(),
                     reason: format!(
-                        "rope_freqs.weight has {} values for a head of {}",
+                        "rope_freqs.weight has {} values for a rope of {}",
                         f.len(),
-                        hp.head_dim
+                        hp.rope_dim
                     ),
                 });
             }
@@ -294,7 +361,7 @@ impl Transformer {
             None
         };
         let tables = |base: f32, scaling: RopeScaling, factors: Option<&[f32]>| {
-            rope_tables(hp.head_dim, context, base, scaling, factors, src.device)
+            rope_tables(hp.rope_dim, context, base, scaling, factors, src.device)
                 .map_err(|e| EngineError::candle("building rope tables".into(), e))
         };
         let rope_global = tables(hp.rope_base, hp.rope_scaling, freq_factors.as_deref())?;
@@ -305,8 +372,10 @@ impl Transformer {
         };
         #[cfg(feature = "cuda")]
         let kernels = match src.device {
+            // Latent attention's values live in its keys: the kernels read separate values.
             Device::Cuda(d)
-                if std::env::var_os("ULT_ATTENTION").is_none_or(|v| v != "portable") =>
+                if hp.mla.is_none()
+                    && std::env::var_os("ULT_ATTENTION").is_none_or(|v| v != "portable") =>
             {
                 crate::cuda_kernels::PagedKernels::load(d, hp.head_dim).map_err(|e| {
                     EngineError::candle("loading the paged-attention kernels".into(), e)
@@ -443,7 +512,7 @@ impl Transformer {
             .collect::<Result<_>>()?;
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let gather = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-            let half = hp.head_dim / 2;
+            let half = hp.rope_dim / 2;
             Ok((
                 cos.index_select(&pos, 0)?.reshape((n, 1, half))?,
                 sin.index_select(&pos, 0)?.reshape((n, 1, half))?,
@@ -469,7 +538,19 @@ impl Transformer {
                 rope,
                 layout: &layout,
             };
-            let mut a = self.attention(il, b, &h, &ctx, pool)?;
+            let mut a = match &b.attn {
+                Attn::Full {
+                    qkv,
+                    qkv_bias,
+                    q_norm,
+                    k_norm,
+                } => {
+                    let (q, k, v) = self.project(qkv, qkv_bias, q_norm, k_norm, &h, ctx.rope)?;
+                    let out = self.attend(il, &q, &k, &v, &ctx, pool)?;
+                    b.wo.forward(&out)?
+                }
+                Attn::Latent(mla) => mla.forward(self, il, &h, &ctx, pool, &b.wo)?,
+            };
             if let Some(n) = &b.post_attn_norm {
                 a = rms_norm(&a, n, eps)?;
             }
@@ -529,18 +610,21 @@ impl Transformer {
         }
     }
 
-    fn attention(
+    /// Full attention's queries `(rows, heads, head_dim)`, keys and values `(rows, kv heads, head_dim)`
+    /// of `h`, with biases, QK-norms and rope applied.
+    fn project(
         &self,
-        il: usize,
-        b: &Block,
+        qkv: &Qkv,
+        qkv_bias: &Option<(Tensor, Tensor, Tensor)>,
+        q_norm: &Option<Tensor>,
+        k_norm: &Option<Tensor>,
         h: &Tensor,
-        ctx: &StepContext<'_>,
-        pool: &mut KvPool,
-    ) -> Result<Tensor> {
+        (cos, sin): &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let hp = &self.hp;
         let (_, n, _) = h.dims3()?;
         let (nh, nkv, hd) = (hp.n_head, hp.n_head_kv, hp.head_dim);
-        let (mut q, mut k, mut v) = match &b.qkv {
+        let (mut q, mut k, mut v) = match qkv {
             Qkv::Split { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
             Qkv::Fused(w) => {
                 let qkv = w.forward(h)?;
@@ -551,7 +635,7 @@ impl Transformer {
                 )
             }
         };
-        if let Some((bq, bk, bv)) = &b.qkv_bias {
+        if let Some((bq, bk, bv)) = qkv_bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
@@ -560,13 +644,12 @@ impl Transformer {
         let mut k = k.contiguous()?.reshape((n, nkv, 1, hd))?;
         let v = v.contiguous()?.reshape((n, nkv, hd))?;
         let eps = hp.rms_eps as f32;
-        if let Some(w) = &b.q_norm {
+        if let Some(w) = q_norm {
             q = rms_norm(&q.contiguous()?, w, eps)?;
         }
-        if let Some(w) = &b.k_norm {
+        if let Some(w) = k_norm {
             k = rms_norm(&k.contiguous()?, w, eps)?;
         }
-        let (cos, sin) = ctx.rope;
         let (q, k) = if hp.arch.neox_rope() {
             (
                 rope(&q.contiguous()?, cos, sin)?,
@@ -578,8 +661,24 @@ impl Transformer {
                 rope_i(&k.contiguous()?, cos, sin)?,
             )
         };
-        let q = q.reshape((n, nh, hd))?;
-        let k = k.reshape((n, nkv, hd))?;
+        Ok((q.reshape((n, nh, hd))?, k.reshape((n, nkv, hd))?, v))
+    }
+
+    /// Attention of layer `il` over the pool for queries `q` `(rows, heads, head_dim)`, with the step's
+    /// keys and values `k`, `v` `(rows, kv heads, head_dim)` (written into the pool here); returns
+    /// `(1, rows, heads · head_dim)`.
+    fn attend(
+        &self,
+        il: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &StepContext<'_>,
+        pool: &mut KvPool,
+    ) -> Result<Tensor> {
+        let hp = &self.hp;
+        let n = q.dim(0)?;
+        let (nh, hd) = (hp.n_head, hp.head_dim);
         let (g, _) = ctx.layout.place(il);
         let GroupStep {
             shape,
@@ -593,9 +692,9 @@ impl Transformer {
                 .device_layer(il)
                 .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
             // Attend first, then write: the kernel reads the step's own keys from `k` and `v`.
-            let out = kern.attend(&q, &k, &v, pk, pv, meta, at, shape)?;
-            kern.write(&k, &v, pk, pv, meta, at)?;
-            return b.wo.forward(&out.reshape((1, n, nh * hd))?);
+            let out = kern.attend(q, k, v, pk, pv, meta, at, shape)?;
+            kern.write(k, v, pk, pv, meta, at)?;
+            return out.reshape((1, n, nh * hd));
         }
         #[cfg(not(feature = "cuda"))]
         let _ = paged;
@@ -612,21 +711,21 @@ impl Transformer {
                 // may not hold a long chunk's early keys, so it attends first and writes after.
                 let in_pool = shape.ring.is_none();
                 if in_pool {
-                    pool.write(il, &k, &v, ctx.slots)?;
+                    pool.write(il, k, v, ctx.slots)?;
                 }
                 let (pk, pv) = pool
                     .device_layer(il)
                     .ok_or_else(|| candle_core::Error::Msg("the KV pool is released".into()))?;
-                let out = attention::portable(pk, pv, &q, &k, &v, seqs, gathers, shape, in_pool)?
+                let out = attention::portable(pk, pv, q, k, v, seqs, gathers, shape, in_pool)?
                     .reshape((1, n, nh * hd))?;
                 if !in_pool {
-                    pool.write(il, &k, &v, ctx.slots)?;
+                    pool.write(il, k, v, ctx.slots)?;
                 }
-                return b.wo.forward(&out);
+                return Ok(out);
             }
         };
-        pool.write(il, &k, &v, ctx.slots)?;
-        b.wo.forward(&out)
+        pool.write(il, k, v, ctx.slots)?;
+        Ok(out)
     }
 }
 
@@ -761,38 +860,197 @@ fn rope_tables(
     ))
 }
 
+impl Mla {
+    fn load(
+        src: &WeightSource<'_>,
+        il: usize,
+        hp: &HParams,
+        params: MlaParams,
+    ) -> std::result::Result<Self, EngineError> {
+        let p = |t: &str| format!("blk.{il}.{t}.weight");
+        let q = if params.q_lora_rank > 0 {
+            MlaQuery::LowRank {
+                a: src.qmatmul(&p("attn_q_a"))?,
+                norm: src.vector(&p("attn_q_a_norm"))?,
+                b: src.qmatmul(&p("attn_q_b"))?,
+            }
+        } else {
+            MlaQuery::Plain(src.qmatmul(&p("attn_q"))?)
+        };
+        // (heads, rows, cols) in the file, transposed to (heads, cols, rows) for `x · W^T` per head.
+        let per_head = |name: &str, rows: usize, cols: usize| {
+            let t = src.vector(&p(name))?;
+            if t.dims() != [hp.n_head, rows, cols] {
+                return Err(EngineError::CorruptModel {
+                    path: src.header.path.display().to_string(),
+                    reason: format!(
+                        "{} is {:?}, not {} heads of {rows}×{cols}",
+                        p(name),
+                        t.dims(),
+                        hp.n_head
+                    ),
+                });
+            }
+            t.transpose(1, 2)
+                .and_then(|t| t.contiguous())
+                .map_err(|e| EngineError::candle(format!("preparing {}", p(name)), e))
+        };
+        Ok(Self {
+            q,
+            kv_a: src.qmatmul(&p("attn_kv_a_mqa"))?,
+            kv_a_norm: src.vector(&p("attn_kv_a_norm"))?,
+            k_b: per_head("attn_k_b", params.kv_lora_rank, params.qk_nope)?,
+            v_b: per_head("attn_v_b", params.v_head_dim, params.kv_lora_rank)?,
+            params,
+        })
+    }
+
+    /// Latent attention of `h` `(1, rows, hidden)` for layer `il`, through the output projection `wo`.
+    /// Each head's query is multiplied into the latent space (`q_nope · k_b`) and joined by its rope
+    /// part; all heads attend over one KV head of latent and rope key (the pool's keys, which are also its
+    /// values); each head's latent result leaves through `v_b`.
+    fn forward(
+        &self,
+        t: &Transformer,
+        il: usize,
+        h: &Tensor,
+        ctx: &StepContext<'_>,
+        pool: &mut KvPool,
+        wo: &QMatMul,
+    ) -> Result<Tensor> {
+        let hp = &t.hp;
+        let (_, n, _) = h.dims3()?;
+        let eps = hp.rms_eps as f32;
+        let (nh, rope_d) = (hp.n_head, hp.rope_dim);
+        let MlaParams {
+            kv_lora_rank: lora,
+            qk_nope: nope,
+            v_head_dim: vd,
+            ..
+        } = self.params;
+        let q = match &self.q {
+            MlaQuery::Plain(w) => w.forward(h)?,
+            MlaQuery::LowRank { a, norm, b } => b.forward(&rms_norm(&a.forward(h)?, norm, eps)?)?,
+        };
+        let q = q.reshape((n, nh, nope + rope_d))?;
+        let kv = self.kv_a.forward(h)?.reshape((n, lora + rope_d))?;
+        let latent = rms_norm(&kv.narrow(1, 0, lora)?.contiguous()?, &self.kv_a_norm, eps)?;
+        let (cos, sin) = ctx.rope;
+        let q_pe = q
+            .narrow(2, nope, rope_d)?
+            .contiguous()?
+            .reshape((n, nh, 1, rope_d))?;
+        let q_pe = rope_i(&q_pe, cos, sin)?.reshape((n, nh, rope_d))?;
+        let k_pe = kv
+            .narrow(1, lora, rope_d)?
+            .contiguous()?
+            .reshape((n, 1, 1, rope_d))?;
+        let k_pe = rope_i(&k_pe, cos, sin)?.reshape((n, 1, rope_d))?;
+        // (heads, rows, nope) · (heads, nope, lora) → (rows, heads, lora).
+        let q_latent = q
+            .narrow(2, 0, nope)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.k_b)?
+            .transpose(0, 1)?;
+        let q = Tensor::cat(&[&q_latent, &q_pe], 2)?.contiguous()?;
+        let k = Tensor::cat(&[&latent.reshape((n, 1, lora))?, &k_pe], 2)?.contiguous()?;
+        // Values are the keys: each head's result is a mix of latents (its first `lora` dimensions).
+        let out = t.attend(il, &q, &k, &k, ctx, pool)?;
+        let o = out
+            .reshape((n, nh, lora + rope_d))?
+            .narrow(2, 0, lora)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.v_b)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((1, n, nh * vd))?;
+        wo.forward(&o)
+    }
+}
+
 impl Moe {
+    /// Each row's chosen experts and their gates, from the router's logits `(rows, experts)`, as
+    /// llama.cpp's `build_moe_ffn` chooses them: probabilities by the gating function; the selection
+    /// bias added to choose (not to weigh); with groups, only the best groups' experts (a group scores the
+    /// sum of its two best); the top `n_expert_used`, highest first with ties to the lower expert; gates
+    /// from the unbiased probabilities, renormalised and scaled as the file says.
+    fn route(&self, logits: &Tensor) -> Result<Vec<Vec<(usize, f32)>>> {
+        let m = &self.params;
+        let probs = match m.gating {
+            Gating::Softmax => candle_nn::ops::softmax_last_dim(logits)?.to_vec2::<f32>()?,
+            Gating::Sigmoid => logits
+                .to_vec2::<f32>()?
+                .into_iter()
+                .map(|row| row.into_iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect())
+                .collect(),
+        };
+        let mut order: Vec<usize> = Vec::with_capacity(m.n_expert);
+        let mut groups: Vec<(usize, f32)> = Vec::new();
+        let by_score = |s: &[f32], a: usize, b: usize| s[b].total_cmp(&s[a]).then(a.cmp(&b));
+        let mut routes = Vec::with_capacity(probs.len());
+        for p in &probs {
+            let mut sel: Vec<f32> = match &self.selection_bias {
+                Some(bias) => p.iter().zip(bias).map(|(x, b)| x + b).collect(),
+                None => p.clone(),
+            };
+            if let Some((n_groups, used)) = m.groups {
+                let per = sel.len() / n_groups;
+                groups.clear();
+                for g in 0..n_groups {
+                    let mut best = sel[g * per..(g + 1) * per].to_vec();
+                    best.sort_by(|a, b| b.total_cmp(a));
+                    groups.push((g, best.iter().take(2).sum()));
+                }
+                groups.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                for &(g, _) in &groups[used.min(groups.len())..] {
+                    sel[g * per..(g + 1) * per].fill(f32::NEG_INFINITY);
+                }
+            }
+            order.clear();
+            order.extend(0..sel.len());
+            order.sort_by(|&a, &b| by_score(&sel, a, b));
+            let top = &order[..m.n_expert_used.min(order.len())];
+            // llama.cpp clamps the sum at f16's smallest normal.
+            let sum = top.iter().map(|&e| p[e]).sum::<f32>().max(6.103_515_6e-5);
+            routes.push(
+                top.iter()
+                    .map(|&e| {
+                        let mut w = p[e];
+                        if m.norm_weights {
+                            w /= sum;
+                        }
+                        (e, w * m.weights_scale)
+                    })
+                    .collect(),
+            );
+        }
+        Ok(routes)
+    }
+
     /// Routes every row of `h` `(1, rows, hidden)` to its top experts and runs each chosen expert once
-    /// over the rows that chose it; experts nobody chose are not touched.
+    /// over the rows that chose it; experts nobody chose are not touched. Shared experts run on every row.
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (_, n, d) = h.dims3()?;
         let x = h.squeeze(0)?;
-        let probs =
-            candle_nn::ops::softmax_last_dim(&self.router.forward(&x)?.to_dtype(DType::F32)?)?;
-        let probs = probs.to_vec2::<f32>()?;
-        let k = self.params.n_expert_used;
+        let routes = self.route(&self.router.forward(&x)?.to_dtype(DType::F32)?)?;
         // Per expert: the rows that chose it and their gates.
         let mut chosen: Vec<(Vec<u32>, Vec<f32>)> =
             vec![(Vec::new(), Vec::new()); self.experts.len()];
-        let mut order: Vec<usize> = Vec::with_capacity(self.experts.len());
-        for (row, p) in probs.iter().enumerate() {
-            order.clear();
-            order.extend(0..p.len());
-            // Highest probability first; ties to the lower expert.
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            let top = &order[..k.min(order.len())];
-            let sum: f32 = top.iter().map(|&e| p[e]).sum();
-            for &e in top {
-                let mut w = p[e];
-                if self.params.norm_weights {
-                    w /= sum;
-                }
-                w *= self.params.weights_scale;
+        for (row, route) in routes.iter().enumerate() {
+            for &(e, w) in route {
                 chosen[e].0.push(row as u32);
                 chosen[e].1.push(w);
             }
         }
-        let mut out = Tensor::zeros((n, d), DType::F32, h.device())?;
+        let mut out = match &self.shared {
+            Some(s) => s
+                .down
+                .forward(&(s.gate.forward(&x)?.silu()? * s.up.forward(&x)?)?)?
+                .to_dtype(DType::F32)?,
+            None => Tensor::zeros((n, d), DType::F32, h.device())?,
+        };
         for (expert, (rows, gates)) in self.experts.iter().zip(chosen) {
             if rows.is_empty() {
                 continue;

@@ -159,6 +159,26 @@ MODELS = {
     "phi3": dict(arch="phi3", shape=(2, 256, 4, 2, 64, 512), rope_base=10000.0, fused=True, eps=1e-5, types=ALL_TYPES),
     # Gemma 3: 6 layers (5 local, 1 global), a 12-token window, and a local rope base read from metadata.
     "gemma3": dict(arch="gemma3", shape=(6, 256, 4, 1, 64, 512), rope_base=1000000.0, rope_base_swa=20000.0, window=12, eps=1e-6, types=ALL_TYPES),
+    # DeepSeek-V3-style deepseek2 (as llama.cpp's converter writes it since MLA: attn_k_b/attn_v_b, one
+    # KV head of kv_lora + rope): 3 layers, the first dense; Q through a q_lora_rank; routed experts with
+    # sigmoid gates, a selection bias (exp_probs_b), group-limited routing, normalised and scaled gates,
+    # and a shared expert. The shape's head size (4th and 5th) is unused: see "mla".
+    "deepseek2": dict(
+        arch="deepseek2", shape=(3, 256, 4, 1, 0, 512), rope_base=10000.0, eps=1e-6, types=["F32", "F16"],
+        # (q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim)
+        mla=(128, 64, 32, 32, 48),
+        # (experts, used, expert ffn, shared experts, dense leading layers, gating (2 sigmoid), groups,
+        #  groups used, weights norm, weights scale, selection bias)
+        ds_moe=(8, 2, 128, 1, 1, 2, 4, 2, True, 2.5, True),
+    ),
+    # DeepSeek-V2-Lite-style: no q_lora (attn_q), softmax gates unnormalised, no groups, no bias, two shared
+    # experts, and YaRN rope scaling with its yarn_log_multiplier (DeepSeek's mscale_all_dim · 0.1).
+    "deepseek2-lite": dict(
+        arch="deepseek2", shape=(3, 256, 4, 1, 0, 512), rope_base=10000.0, eps=1e-6, types=ALL_TYPES,
+        mla=(0, 64, 32, 32, 32),
+        ds_moe=(8, 2, 64, 2, 1, 1, 0, 0, False, 1.0, False),
+        scaling=("yarn", 4.0, 1024), yarn_log_mul=0.0707,
+    ),
 }
 
 
@@ -171,6 +191,9 @@ def tensors_of(name, m):
     for i in range(layers):
         p = f"blk.{i}."
         out.append((p + "attn_norm.weight", (dim,), "norm"))
+        if "mla" in m:
+            out += deepseek2_layer(p, i, m)
+            continue
         if m.get("fused"):
             out.append((p + "attn_qkv.weight", (dim, heads * hd + 2 * kv * hd), "matrix"))
         else:
@@ -215,6 +238,47 @@ def tensors_of(name, m):
     return out
 
 
+def deepseek2_layer(p, i, m):
+    """One deepseek2 layer after its attn_norm, in llama.cpp's tensor names and ggml dims."""
+    _, dim, heads, _, _, ffn = m["shape"]
+    q_lora, kv_lora, nope, rope, v_dim = m["mla"]
+    n_exp, _, ff_exp, n_shared, dense, _, _, _, _, _, bias = m["ds_moe"]
+    out = []
+    if q_lora:
+        out += [
+            (p + "attn_q_a_norm.weight", (q_lora,), "norm"),
+            (p + "attn_q_a.weight", (dim, q_lora), "matrix"),
+            (p + "attn_q_b.weight", (q_lora, heads * (nope + rope)), "matrix"),
+        ]
+    else:
+        out.append((p + "attn_q.weight", (dim, heads * (nope + rope)), "matrix"))
+    out += [
+        (p + "attn_kv_a_norm.weight", (kv_lora,), "norm"),
+        (p + "attn_kv_a_mqa.weight", (dim, kv_lora + rope), "matrix"),
+        (p + "attn_k_b.weight", (nope, kv_lora, heads), "matrix"),
+        (p + "attn_v_b.weight", (kv_lora, v_dim, heads), "matrix"),
+        (p + "attn_output.weight", (heads * v_dim, dim), "matrix"),
+        (p + "ffn_norm.weight", (dim,), "norm"),
+    ]
+    if i < dense:
+        return out + [
+            (p + "ffn_gate.weight", (dim, ffn), "matrix"),
+            (p + "ffn_up.weight", (dim, ffn), "matrix"),
+            (p + "ffn_down.weight", (ffn, dim), "matrix"),
+        ]
+    out.append((p + "ffn_gate_inp.weight", (dim, n_exp), "router"))
+    if bias:
+        out.append((p + "exp_probs_b.bias", (n_exp,), "bias"))
+    return out + [
+        (p + "ffn_gate_exps.weight", (dim, ff_exp, n_exp), "matrix"),
+        (p + "ffn_up_exps.weight", (dim, ff_exp, n_exp), "matrix"),
+        (p + "ffn_down_exps.weight", (ff_exp, dim, n_exp), "matrix"),
+        (p + "ffn_gate_shexp.weight", (dim, ff_exp * n_shared), "matrix"),
+        (p + "ffn_up_shexp.weight", (dim, ff_exp * n_shared), "matrix"),
+        (p + "ffn_down_shexp.weight", (ff_exp * n_shared, dim), "matrix"),
+    ]
+
+
 def metadata(name, m, ftype, tok):
     layers, dim, heads, kv, hd, ffn = m["shape"]
     a = m["arch"]
@@ -237,6 +301,34 @@ def metadata(name, m, ftype, tok):
         (f"{a}.attention.layer_norm_rms_epsilon", F32V, m["eps"]),
         (f"{a}.vocab_size", U32, VOCAB),
     ]
+    if "mla" in m:
+        q_lora, kv_lora, nope, rope, v_dim = m["mla"]
+        n_exp, used, ff_exp, n_shared, dense, gating, groups, groups_used, norm, scale, _ = m["ds_moe"]
+        # The converter's MLA layout: one KV head holding the latent and the rope key.
+        replace = {
+            f"{a}.attention.key_length": kv_lora + rope,
+            f"{a}.attention.value_length": kv_lora,
+            f"{a}.rope.dimension_count": rope,
+        }
+        kv_list = [(k, t, replace.get(k, v)) for k, t, v in kv_list]
+        kv_list += [
+            (f"{a}.attention.key_length_mla", U32, nope + rope),
+            (f"{a}.attention.value_length_mla", U32, v_dim),
+            (f"{a}.attention.q_lora_rank", U32, q_lora),
+            (f"{a}.attention.kv_lora_rank", U32, kv_lora),
+            (f"{a}.leading_dense_block_count", U32, dense),
+            (f"{a}.expert_count", U32, n_exp),
+            (f"{a}.expert_used_count", U32, used),
+            (f"{a}.expert_shared_count", U32, n_shared),
+            (f"{a}.expert_feed_forward_length", U32, ff_exp),
+            (f"{a}.expert_weights_scale", F32V, scale),
+            (f"{a}.expert_weights_norm", BOOL, norm),
+            (f"{a}.expert_gating_func", U32, gating),
+        ]
+        if groups:
+            kv_list += [(f"{a}.expert_group_count", U32, groups), (f"{a}.expert_group_used_count", U32, groups_used)]
+        if "yarn_log_mul" in m:
+            kv_list.append((f"{a}.rope.scaling.yarn_log_multiplier", F32V, m["yarn_log_mul"]))
     if "scaling" in m:
         kind, factor, orig = m["scaling"]
         kv_list += [(f"{a}.rope.scaling.type", STR, kind), (f"{a}.rope.scaling.factor", F32V, factor)]

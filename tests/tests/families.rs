@@ -112,3 +112,13 @@ async fn phi3_generates_as_llama_cpp() {
 async fn gemma3_generates_as_llama_cpp() {
     check("gemma3").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepseek2_generates_as_llama_cpp() {
+    check("deepseek2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deepseek2_lite_generates_as_llama_cpp() {
+    check("deepseek2-lite").await;
+}
