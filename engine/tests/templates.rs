@@ -1,5 +1,5 @@
 //! The chat templates of the families ult runs (Qwen2.5, Qwen3, Llama 3.1, Mistral Nemo, Phi-3.5,
-//! DeepSeek-R1-Distill; copied from llama.cpp's models/templates) render with minijinja exactly as Python's
+//! DeepSeek-R1-Distill, DeepSeek-V3.1; copied from llama.cpp's models/templates) render with minijinja exactly as Python's
 //! jinja2 renders them with transformers' settings (scripts/families/template-fixtures.py wrote
 //! `expected.json`): a plain chat, a chat with a tool (loops over `tools`, `tojson`), and a conversation that
 //! breaks role alternation (`raise_exception` where the template checks it).
@@ -65,5 +65,5 @@ fn family_templates_render_as_jinja2_does() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 18, "six templates, three cases each");
+    assert_eq!(checked, 21, "seven templates, three cases each");
 }
