@@ -11,7 +11,10 @@
 #          with ULT_ATTENTION=portable; depth = `bench` prompt and decode at 512 (and batches of 1/4/16/32)
 #          and 4,000 positions, kernels and portable; after llama-server is built: batching = scripts/bench-h200.sh (both phases, both
 #          servers); prefix = its prefix phase alone; portable = its concurrency phase again for ult with
-#          ULT_ATTENTION=portable (Candle's ops, the previous path) for the A/B.
+#          ULT_ATTENTION=portable (Candle's ops, the previous path) for the A/B; families = `compare` on
+#          the family GGUFs (written here by scripts/families/gen-ggufs.py) on CUDA, the MoE ones also with
+#          ULT_MOE=each; moe = a Qwen3-30B-A3B-shaped random Q4_K file (scripts/synth-model), ult's `bench`
+#          (indexed experts, then ULT_MOE=each) beside llama-bench and llama-batched-bench on it.
 # Everything it prints also lands in $OUT (logs and summaries).
 set -u
 stage=$1
@@ -30,7 +33,8 @@ gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
 cmake -S /tmp/ult/src/llama.cpp -B /tmp/ult/llama-build "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DBUILD_SHARED_LIBS=OFF && cmake --build /tmp/ult/llama-build --config Release -j 14 --target llama-server
+  -DBUILD_SHARED_LIBS=OFF && cmake --build /tmp/ult/llama-build --config Release -j 14 --target llama-server \
+  llama-bench llama-batched-bench
 echo $? >/tmp/ult/llama-build.rc
 SH
   date +%s >"$u/llama-build.t0"
@@ -71,9 +75,47 @@ run)
     done 2>&1 | tee "$OUT/gpu-depth.txt"
     unset ULT_ATTENTION
   fi
+  if has families; then
+    {
+      python3 scripts/families/gen-ggufs.py --tokenizer-from "$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
+        --out "$u/families" >/dev/null
+      f=$u/families
+      list=qwen3moe.Q4_K=$f/qwen3moe.Q4_K.gguf,qwen3moe.Q8_0=$f/qwen3moe.Q8_0.gguf,ds-lite.Q4_K=$f/deepseek2-lite.Q4_K.gguf
+      list=$list,ds-lite.Q8_0=$f/deepseek2-lite.Q8_0.gguf,ds-v3.F16=$f/deepseek2.F16.gguf,qwen3.Q4_K=$f/qwen3.Q4_K.gguf
+      echo "== compare on the family GGUFs (indexed experts on CUDA)"
+      timeout 150 "$u/bin/compare" --reference cpu --device cuda --models-dir /nonexistent --tokens 16 --gguf "$list"
+      echo "== the same MoE files with ULT_MOE=each (one Candle matmul per expert)"
+      ULT_MOE=each timeout 100 "$u/bin/compare" --reference cpu --device cuda --models-dir /nonexistent --tokens 16 \
+        --gguf "qwen3moe.Q4_K=$f/qwen3moe.Q4_K.gguf,ds-lite.Q4_K=$f/deepseek2-lite.Q4_K.gguf"
+    } 2>&1 | tee "$OUT/gpu-families.txt"
+  fi
+  if has moe; then
+    {
+      t0=$(date +%s)
+      python3 scripts/synth-model --shape qwen3-30b-a3b --out "$u/moe.gguf" \
+        --tokenizer-from "$u/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+      echo "written in $(($(date +%s) - t0)) s"
+      echo "== ult bench, indexed experts"
+      timeout 200 "$u/bin/bench" --device cuda --models none --gguf "qwen3-30b-a3b=$u/moe.gguf" --prompt 512 --decode 128 \
+        --reps 3 --batch 1,4,16 2>&1 | tail -8
+      echo "== ult bench, ULT_MOE=each"
+      ULT_MOE=each timeout 120 "$u/bin/bench" --device cuda --models none --gguf "qwen3-30b-a3b=$u/moe.gguf" --prompt 512 \
+        --decode 64 --reps 1 2>&1 | tail -4
+    } 2>&1 | tee "$OUT/gpu-moe-ult.txt"
+  fi
   while [ ! -f "$u/llama-build.rc" ]; do sleep 2; done
   echo "llama-server build: rc $(cat "$u/llama-build.rc") in $(($(date +%s) - $(cat "$u/llama-build.t0"))) s" | tee "$OUT/llama-build.txt"
   tail -5 "$u/llama-build.log" >>"$OUT/llama-build.txt"
+  if has moe; then
+    {
+      b=$u/llama-build/bin
+      echo "== llama-bench (-fa 1, all layers on the GPU)"
+      timeout 150 "$b/llama-bench" -m "$u/moe.gguf" -p 512 -n 128 -ngl 99 -fa 1 -r 3 2>&1 | grep -v "^ggml\|^llama\|^load" | tail -6
+      echo "== llama-batched-bench (prompt 512, 128 decoded per sequence)"
+      timeout 150 "$b/llama-batched-bench" -m "$u/moe.gguf" -c 16384 -b 2048 -ub 512 -npp 512 -ntg 128 -npl 1,4,16 \
+        -ngl 99 -fa on 2>&1 | grep "^|" | tail -6
+    } 2>&1 | tee "$OUT/gpu-moe-llama.txt"
+  fi
   if has batching; then
     CUDA_LIBS=$libs timeout 330 bash scripts/bench-h200.sh "$u/bin" "$u/models" "$u/llama-build/bin" "$u/out-kernels" 2>&1 | tail -25
     cp "$u/out-kernels/summary.txt" "$OUT/summary-kernels.txt" 2>/dev/null

@@ -8,7 +8,8 @@
 //! summation order): that separates ult's model code from the quantized kernels.
 //! Exits 1 if a check fails.
 //!
-//! `compare --device cuda:0 --models-dir models --tokens 32`
+//! `compare --device cuda:0 --models-dir models --tokens 32`; `--gguf name=path,...` adds files (e.g. the
+//! family GGUFs of `scripts/families/gen-ggufs.py`, with SmolLM2's tokenizer) under the same checks.
 //!
 //! Checks (stated here and in BENCHMARKS.md). Quantized backends cannot match the reference bit for bit:
 //! both round activations to 8 bits before quantized matmuls, with different blocks and summation order.
@@ -99,18 +100,27 @@ fn main() -> anyhow::Result<()> {
         device.device_name()
     );
     let mut failed = false;
-    for (name, file, prompt) in [
+    let mut files = vec![
         (
-            "smollm2",
+            "smollm2".to_string(),
             format!("{dir}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             PROMPT,
         ),
         (
-            "gemma3",
+            "gemma3".to_string(),
             format!("{dir}/gemma3/gemma-3-270m-q4_k_m.gguf"),
             GEMMA_PROMPT,
         ),
-    ] {
+    ];
+    for s in arg(&args, "--gguf", "")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (name, path) = s.split_once('=').unwrap_or((s, s));
+        files.push((name.to_string(), path.to_string(), PROMPT));
+    }
+    for (name, file, prompt) in files {
+        let name = name.as_str();
         if !std::path::Path::new(&file).exists() {
             println!("{name:<8} skipped: no {file} on this machine");
             continue;
@@ -203,6 +213,13 @@ fn main() -> anyhow::Result<()> {
         max_sequences: 1,
         chat_template: None,
     };
+    if !source.path.exists() {
+        println!(
+            "minilm   skipped: no {} on this machine",
+            source.path.display()
+        );
+        std::process::exit(i32::from(failed));
+    }
     let inspection = cpu.inspect(&source)?;
     let mut a = cpu.load(&source, &inspection, 0, &|_| {})?.into_encoder()?;
     let mut b = device

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::ops::rms_norm;
 use candle_nn::rotary_emb::{rope, rope_i};
@@ -159,7 +159,7 @@ struct Moe {
     /// A bias added to the probabilities to choose experts, not to weigh them (DeepSeek V3's
     /// `exp_probs_b`).
     selection_bias: Option<Vec<f32>>,
-    experts: Vec<Expert>,
+    experts: Experts,
     /// The shared experts every token runs, as one gated feed-forward (DeepSeek).
     shared: Option<Expert>,
     params: MoeParams,
@@ -169,6 +169,70 @@ struct Expert {
     gate: QMatMul,
     up: QMatMul,
     down: QMatMul,
+}
+
+/// How a layer's routed experts are held.
+enum Experts {
+    /// One matrix triple per expert, each run over the rows that chose it (the CPU and Metal, and the
+    /// types Candle's indexed kernel lacks).
+    Each(Vec<Expert>),
+    /// The file's 3-D stacks `(experts, rows, cols)` as one quantized tensor each, multiplied by Candle's
+    /// indexed MoE kernel on CUDA: one launch per projection computes every (row, chosen expert) pair,
+    /// reading only the chosen experts' weights (llama.cpp's `mul_mat_id`).
+    Stacked {
+        gate: Arc<QTensor>,
+        up: Arc<QTensor>,
+        down: Arc<QTensor>,
+    },
+}
+
+impl Experts {
+    /// The three stacks of layer `il`: stacked on CUDA when Candle's indexed kernel multiplies their
+    /// type, else split per expert.
+    fn load(
+        src: &WeightSource<'_>,
+        il: usize,
+        n_expert: usize,
+    ) -> std::result::Result<Self, EngineError> {
+        let p = |t: &str| format!("blk.{il}.{t}.weight");
+        let names = [p("ffn_gate_exps"), p("ffn_up_exps"), p("ffn_down_exps")];
+        let indexed = |name: &String| {
+            src.header.tensor(name).is_ok_and(|t| {
+                t.dims.len() == 3
+                    && t.dims[0] == n_expert
+                    && matches!(
+                        t.dtype,
+                        GgmlDType::Q8_0
+                            | GgmlDType::Q2K
+                            | GgmlDType::Q3K
+                            | GgmlDType::Q4K
+                            | GgmlDType::Q5K
+                            | GgmlDType::Q6K
+                    )
+            })
+        };
+        if src.device.is_cuda()
+            && !src.dequantize
+            && std::env::var_os("ULT_MOE").is_none_or(|v| v != "each")
+            && names.iter().all(indexed)
+        {
+            let [gate, up, down] = names;
+            return Ok(Self::Stacked {
+                gate: Arc::new(src.qtensor(&gate)?),
+                up: Arc::new(src.qtensor(&up)?),
+                down: Arc::new(src.qtensor(&down)?),
+            });
+        }
+        let [gate, up, down] = names.map(|n| src.expert_matmuls(&n, n_expert));
+        Ok(Self::Each(
+            gate?
+                .into_iter()
+                .zip(up?)
+                .zip(down?)
+                .map(|((gate, up), down)| Expert { gate, up, down })
+                .collect(),
+        ))
+    }
 }
 
 /// A layer's attention projections.
@@ -290,16 +354,7 @@ impl Transformer {
                         .map_err(|e| {
                             EngineError::candle(format!("reading layer {il}'s exp_probs_b"), e)
                         })?,
-                    experts: {
-                        let gate = src.expert_matmuls(&p("ffn_gate_exps"), params.n_expert)?;
-                        let up = src.expert_matmuls(&p("ffn_up_exps"), params.n_expert)?;
-                        let down = src.expert_matmuls(&p("ffn_down_exps"), params.n_expert)?;
-                        gate.into_iter()
-                            .zip(up)
-                            .zip(down)
-                            .map(|((gate, up), down)| Expert { gate, up, down })
-                            .collect()
-                    },
+                    experts: Experts::load(src, il, params.n_expert)?,
                     shared: if params.n_shared > 0 {
                         Some(Expert {
                             gate: src.qmatmul(&p("ffn_gate_shexp"))?,
@@ -1035,15 +1090,6 @@ impl Moe {
         let (_, n, d) = h.dims3()?;
         let x = h.squeeze(0)?;
         let routes = self.route(&self.router.forward(&x)?.to_dtype(DType::F32)?)?;
-        // Per expert: the rows that chose it and their gates.
-        let mut chosen: Vec<(Vec<u32>, Vec<f32>)> =
-            vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (row, route) in routes.iter().enumerate() {
-            for &(e, w) in route {
-                chosen[e].0.push(row as u32);
-                chosen[e].1.push(w);
-            }
-        }
         let mut out = match &self.shared {
             Some(s) => s
                 .down
@@ -1051,7 +1097,42 @@ impl Moe {
                 .to_dtype(DType::F32)?,
             None => Tensor::zeros((n, d), DType::F32, h.device())?,
         };
-        for (expert, (rows, gates)) in self.experts.iter().zip(chosen) {
+        let experts = match &self.experts {
+            Experts::Each(experts) => experts,
+            Experts::Stacked { gate, up, down } => {
+                let k = self.params.n_expert_used;
+                let (mut ids, mut ws) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
+                for route in &routes {
+                    if route.len() != k {
+                        candle_core::bail!("a row routed to {} experts, not {k}", route.len())
+                    }
+                    ids.extend(route.iter().map(|&(e, _)| e as u32));
+                    ws.extend(route.iter().map(|&(_, w)| w));
+                }
+                let ids = Tensor::from_vec(ids, (n, k), h.device())?;
+                let ws = Tensor::from_vec(ws, (n, k, 1), h.device())?;
+                // The kernel reads its input from the start of its buffer: a fresh f32 tensor.
+                let x3 = x
+                    .to_dtype(DType::F32)?
+                    .affine(1.0, 0.0)?
+                    .reshape((n, 1, d))?;
+                let g = gate.indexed_moe_forward(&x3, &ids)?;
+                let u = up.indexed_moe_forward(&x3, &ids)?;
+                let a = (g.silu()? * u)?; // (rows, k, ff): fresh
+                let y = down.indexed_moe_forward(&a, &ids)?; // (rows, k, hidden)
+                out = (out + y.broadcast_mul(&ws)?.sum(1)?)?;
+                return out.to_dtype(h.dtype())?.unsqueeze(0);
+            }
+        };
+        // Per expert: the rows that chose it and their gates.
+        let mut chosen: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+        for (row, route) in routes.iter().enumerate() {
+            for &(e, w) in route {
+                chosen[e].0.push(row as u32);
+                chosen[e].1.push(w);
+            }
+        }
+        for (expert, (rows, gates)) in experts.iter().zip(chosen) {
             if rows.is_empty() {
                 continue;
             }
