@@ -178,7 +178,9 @@ enum Experts {
     Each(Vec<Expert>),
     /// The file's 3-D stacks `(experts, rows, cols)` as one quantized tensor each, multiplied by Candle's
     /// indexed MoE kernel on CUDA: one launch per projection computes every (row, chosen expert) pair,
-    /// reading only the chosen experts' weights (llama.cpp's `mul_mat_id`).
+    /// reading only the chosen experts' weights (llama.cpp's `mul_mat_id`). On the H200 it decodes a
+    /// Qwen3-30B-A3B shape 2.9× faster than one matmul per expert, and prefills 3.2× slower (each pair
+    /// reads its expert's rows again; BENCHMARKS.md).
     Stacked {
         gate: Arc<QTensor>,
         up: Arc<QTensor>,
@@ -200,10 +202,11 @@ impl Experts {
             src.header.tensor(name).is_ok_and(|t| {
                 t.dims.len() == 3
                     && t.dims[0] == n_expert
+                    // Not Q8_0: Candle's indexed Q8_0 kernel gave logits off by a relative 1.1 on
+                    // the H200 (bench/h200/runs-2026-12-02/moe), where one matmul per expert is right.
                     && matches!(
                         t.dtype,
-                        GgmlDType::Q8_0
-                            | GgmlDType::Q2K
+                        GgmlDType::Q2K
                             | GgmlDType::Q3K
                             | GgmlDType::Q4K
                             | GgmlDType::Q5K
