@@ -426,10 +426,22 @@ impl GgufHeader {
         let activations =
             chunk * (4 * hp.n_embd + 3 * hp.n_head * hp.head_dim + 3 * ff + routing) * 4;
         let logits = 2 * hp.vocab_size * 4;
+        // On a GPU a prefill chunk copies one expert's three matrices out of the stacks at a time.
+        let expert_copy: u64 = if cpu {
+            0
+        } else {
+            3 * self
+                .tensors
+                .iter()
+                .filter(|(name, t)| name.ends_with("_exps.weight") && t.dims.len() == 3)
+                .map(|(_, t)| t.bytes / t.dims[0].max(1) as u64)
+                .max()
+                .unwrap_or(0)
+        };
         Footprint {
             weights_bytes: self.weights_bytes(),
             overhead_bytes: rope as u64 + repacked + dequantized,
-            scratch_bytes: (scores + activations + logits) as u64,
+            scratch_bytes: (scores + activations + logits) as u64 + expert_copy,
             kv_bytes_per_token: layout.bytes_per_token(),
             kv_fixed_bytes_per_sequence: layout.ring_bytes_per_sequence(),
             kv_block_tokens: layout.block_tokens as u32,

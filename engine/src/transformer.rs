@@ -179,13 +179,30 @@ enum Experts {
     /// The file's 3-D stacks `(experts, rows, cols)` as one quantized tensor each, multiplied by Candle's
     /// indexed MoE kernel on CUDA: one launch per projection computes every (row, chosen expert) pair,
     /// reading only the chosen experts' weights (llama.cpp's `mul_mat_id`). On the H200 it decodes a
-    /// Qwen3-30B-A3B shape 2.9× faster than one matmul per expert, and prefills 3.2× slower (each pair
-    /// reads its expert's rows again; BENCHMARKS.md).
+    /// Qwen3-30B-A3B shape 2.5–2.9× faster than one matmul per expert, but prefilled 3.2× slower (each
+    /// pair reads its expert's rows again; BENCHMARKS.md): a step of [`STACKED_ROWS`] rows or more
+    /// copies each chosen expert's matrices out of the stacks on the device and multiplies them once over
+    /// the rows that chose it instead (prefill then as fast as per-expert matrices).
     Stacked {
         gate: Arc<QTensor>,
         up: Arc<QTensor>,
         down: Arc<QTensor>,
     },
+}
+
+/// Steps of this many rows or more run stacked experts one by one (a device copy of each chosen expert's
+/// matrices, then one matmul over its rows); fewer use the indexed kernel. `ULT_MOE_ROWS` overrides it
+/// (for comparisons: 1 copies experts on every step).
+const STACKED_ROWS: usize = 64;
+
+fn stacked_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("ULT_MOE_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(STACKED_ROWS)
+    })
 }
 
 impl Experts {
@@ -1102,6 +1119,20 @@ impl Moe {
         };
         let experts = match &self.experts {
             Experts::Each(experts) => experts,
+            Experts::Stacked { gate, up, down } if n >= stacked_rows() => {
+                // Each chosen expert copied out of the stacks in turn, used, and dropped.
+                let one = |stack: &QTensor, e: usize| -> Result<QMatMul> {
+                    QMatMul::from_qtensor(stack.matrix_of_stack(e)?)
+                };
+                let copy = |e: usize| -> Result<Option<Expert>> {
+                    Ok(Some(Expert {
+                        gate: one(gate, e)?,
+                        up: one(up, e)?,
+                        down: one(down, e)?,
+                    }))
+                };
+                return self.each(&x, &routes, copy, out, h);
+            }
             Experts::Stacked { gate, up, down } => {
                 let k = self.params.n_expert_used;
                 let (mut ids, mut ws) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
@@ -1127,18 +1158,37 @@ impl Moe {
                 return out.to_dtype(h.dtype())?.unsqueeze(0);
             }
         };
+        self.each(&x, &routes, |e| Ok(experts.get(e)), out, h)
+    }
+
+    /// Runs each expert once over the rows of `x` that chose it and adds their gated outputs to `out`;
+    /// returns `(1, rows, hidden)` in `h`'s dtype. `expert(e)` gives expert `e`, asked only for experts
+    /// some row chose, in order.
+    fn each<E: std::borrow::Borrow<Expert>>(
+        &self,
+        x: &Tensor,
+        routes: &[Vec<(usize, f32)>],
+        mut expert: impl FnMut(usize) -> Result<Option<E>>,
+        mut out: Tensor,
+        h: &Tensor,
+    ) -> Result<Tensor> {
         // Per expert: the rows that chose it and their gates.
-        let mut chosen: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
+        let mut chosen: Vec<(Vec<u32>, Vec<f32>)> =
+            vec![(Vec::new(), Vec::new()); self.params.n_expert];
         for (row, route) in routes.iter().enumerate() {
             for &(e, w) in route {
                 chosen[e].0.push(row as u32);
                 chosen[e].1.push(w);
             }
         }
-        for (expert, (rows, gates)) in experts.iter().zip(chosen) {
+        for (e, (rows, gates)) in chosen.into_iter().enumerate() {
             if rows.is_empty() {
                 continue;
             }
+            let Some(expert) = expert(e)? else {
+                candle_core::bail!("no expert {e}")
+            };
+            let expert = expert.borrow();
             let m = rows.len();
             let idx = Tensor::from_vec(rows, m, h.device())?;
             let xs = x.index_select(&idx, 0)?.unsqueeze(0)?;

@@ -1,4 +1,5 @@
-//! Candle 0.11.1 `quantized/cuda.rs`, unchanged from upstream (vendored for one patch in utils.rs).
+//! Candle 0.11.1 `quantized/cuda.rs`, vendored, with one addition of ult's: `QCudaStorage::copy_bytes`
+//! (one expert of a stacked tensor as storage of its own).
 use super::{GgmlDType, QStorage};
 use crate::quantized::k_quants::GgmlType;
 use crate::{backend::BackendDevice, cuda_backend::WrapErr};
@@ -620,6 +621,30 @@ impl QCudaStorage {
                 self.dtype()
             );
         }
+    }
+
+    /// ult: bytes `offset..offset + len` copied on the device into storage of their own, padded as every
+    /// quantized tensor is (one expert's matrix out of a stack of experts).
+    pub fn copy_bytes(&self, offset: usize, len: usize) -> Result<Self> {
+        if offset + len > self.data.len {
+            crate::bail!(
+                "copy_bytes: {offset}..{} of {} bytes",
+                offset + len,
+                self.data.len
+            )
+        }
+        let dtype = self.dtype;
+        let padded_len = len + MATRIX_ROW_PADDING * dtype.type_size() / dtype.block_size();
+        let mut inner = self.device.alloc_zeros::<u8>(padded_len)?;
+        self.device.memcpy_dtod(
+            &self.data.inner.slice(offset..offset + len),
+            &mut inner.slice_mut(..len),
+        )?;
+        Ok(QCudaStorage {
+            data: PaddedCudaSlice { inner, len },
+            device: self.device.clone(),
+            dtype,
+        })
     }
 
     pub fn zeros(device: &CudaDevice, el_count: usize, dtype: GgmlDType) -> Result<Self> {

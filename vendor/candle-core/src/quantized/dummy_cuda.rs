@@ -1,4 +1,4 @@
-//! Candle 0.11.1 `quantized/dummy_cuda.rs`, unchanged from upstream (vendored for one patch in utils.rs).
+//! Candle 0.11.1 `quantized/dummy_cuda.rs`, vendored, with ult's `copy_bytes` stub beside the real one.
 #![allow(unused)]
 use super::GgmlDType;
 use crate::{CudaDevice, CudaStorage, Error, Result};
@@ -10,6 +10,10 @@ pub struct QCudaStorage {
 
 impl QCudaStorage {
     pub fn zeros(_: &CudaDevice, _: usize, _: GgmlDType) -> Result<Self> {
+        Err(Error::NotCompiledWithCudaSupport)
+    }
+
+    pub fn copy_bytes(&self, _: usize, _: usize) -> Result<Self> {
         Err(Error::NotCompiledWithCudaSupport)
     }
 

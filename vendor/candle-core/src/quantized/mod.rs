@@ -1,4 +1,4 @@
-//! Candle 0.11.1 `quantized/mod.rs`, unchanged from upstream (vendored for one patch in utils.rs).
+//! Candle 0.11.1 `quantized/mod.rs`, vendored, with one addition of ult's: `QTensor::matrix_of_stack`.
 use crate::{
     backend::BackendStorage, CpuStorage, DType, Device, Result, Shape, Storage, Tensor, D,
 };
@@ -689,6 +689,21 @@ impl QTensor {
 
     pub fn shape(&self) -> &Shape {
         &self.shape
+    }
+
+    /// ult: matrix `i` of a 3-D tensor `(n, rows, cols)` (one expert of a stack), copied on the device
+    /// into a tensor of its own. CUDA only.
+    pub fn matrix_of_stack(&self, i: usize) -> Result<QTensor> {
+        let (n, rows, cols) = self.shape.dims3()?;
+        let dtype = self.dtype();
+        if i >= n || (rows * cols) % dtype.block_size() != 0 {
+            crate::bail!("matrix_of_stack: matrix {i} of {:?} ({dtype:?})", self.shape)
+        }
+        let per = rows * cols / dtype.block_size() * dtype.type_size();
+        match &self.storage {
+            QStorage::Cuda(s) => QTensor::new(QStorage::Cuda(s.copy_bytes(i * per, per)?), (rows, cols)),
+            _ => crate::bail!("matrix_of_stack: CUDA tensors only"),
+        }
     }
 
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
