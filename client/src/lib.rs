@@ -115,6 +115,10 @@ pub struct ModelInfo {
     pub state: ModelState,
     /// Why it failed, when it did.
     pub failure: Option<String>,
+    /// Its file (or folder).
+    pub path: String,
+    /// Where it came from: `models.toml`, or the store a `model_dirs` scan found it in.
+    pub origin: String,
     /// Architecture.
     pub architecture: String,
     /// Aliases.
@@ -837,6 +841,8 @@ fn status_from(s: pb::StatusResponse) -> StatusReport {
                 keep_alive_ms: u64::try_from(m.keep_alive_ms).ok(),
                 last_used_unix_ms: (m.last_used_unix_ms > 0).then_some(m.last_used_unix_ms),
                 name: m.name,
+                path: m.path,
+                origin: m.origin,
                 architecture: m.architecture,
                 aliases: m.aliases,
                 context_tokens: m.context_tokens,

@@ -49,6 +49,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Routes.
     pub routes: Vec<Route>,
+    /// What the scan of `model_dirs` skipped, each with why (logged at boot).
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// Where Ollama's API listens.
@@ -102,6 +104,9 @@ pub struct DaemonConfig {
     pub max_requests_per_client: usize,
     /// Directories every model path must lie in (empty: anywhere the operator configures).
     pub model_roots: Vec<PathBuf>,
+    /// Folders scanned for models (`crate::discover`): Ollama's store, the Hugging Face cache, LM
+    /// Studio's folder, or GGUF files.
+    pub model_dirs: Vec<PathBuf>,
     /// Limits that keep one client's requests and connections from hurting the others.
     pub guard: Guard,
     /// Where `headroom` is written (for errors found once the pool's size is known).
@@ -191,6 +196,9 @@ pub struct ModelConfig {
     pub chat_template: Option<String>,
     /// Keep full KV blocks for later requests with the same prompt prefix (default on).
     pub prefix_cache: bool,
+    /// Where it came from: `models.toml`, or the store a `model_dirs` scan found it in (with
+    /// ", refined in models.toml" when a table of its name sets more).
+    pub origin: String,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +236,8 @@ struct RawDaemon {
     max_requests_per_client: Option<u32>,
     #[serde(default)]
     model_roots: Vec<String>,
+    #[serde(default)]
+    model_dirs: Vec<String>,
     request_memory: Option<SizeValue>,
     request_threads: Option<u32>,
     write_timeout: Option<SizeValue>,
@@ -248,8 +258,10 @@ struct RawProbe {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
-    path: String,
-    kind: ModelKind,
+    /// None: a model a `model_dirs` scan found, refined here.
+    path: Option<String>,
+    /// None: Chat (for a discovered model).
+    kind: Option<ModelKind>,
     context: Option<u32>,
     #[serde(default)]
     aliases: Vec<String>,
@@ -312,15 +324,56 @@ impl Config {
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let daemon = parse_daemon(&locator, &raw.daemon, &base)?;
-        if raw.models.is_empty() {
+        let mut scan = crate::discover::scan(&daemon.model_dirs);
+        // A discovered file outside model_roots is left out, as a configured one is refused.
+        let (inside, outside): (Vec<_>, Vec<_>) = scan
+            .models
+            .drain(..)
+            .partition(|d| within_roots(&d.path, &daemon.model_roots).is_ok());
+        scan.skipped.extend(
+            outside
+                .into_iter()
+                .map(|d| (d.path, "outside [daemon] model_roots".to_string())),
+        );
+        if raw.models.is_empty() && inside.is_empty() {
             return Err(locator.error(
                 &["models"],
-                "no models are configured; add a [models.NAME] table",
+                if daemon.model_dirs.is_empty() {
+                    "no models are configured; add a [models.NAME] table"
+                } else {
+                    "no models are configured and [daemon] model_dirs holds none ult can load"
+                },
             ));
         }
         let mut models = Vec::new();
         for (name, m) in &raw.models {
-            models.push(parse_model(&locator, name, m, &daemon, &base)?);
+            let found = inside.iter().find(|d| &d.name == name);
+            models.push(parse_model(&locator, name, m, found, &daemon, &base)?);
+        }
+        // Discovered models that models.toml does not name, with the defaults.
+        for d in inside.iter().filter(|d| !raw.models.contains_key(&d.name)) {
+            let defaults = RawModel {
+                path: None,
+                kind: None,
+                context: None,
+                aliases: Vec::new(),
+                keep_alive: None,
+                pin: false,
+                priority: None,
+                preload: false,
+                max_sequences: None,
+                min_context: None,
+                chat_template: None,
+                prefix_cache: None,
+            };
+            models.push(parse_model(
+                &locator,
+                &d.name,
+                &defaults,
+                Some(d),
+                &daemon,
+                &base,
+            )?);
         }
         let mut routes = Vec::new();
         for (name, r) in &raw.routes {
@@ -346,6 +399,7 @@ impl Config {
             daemon,
             models,
             routes,
+            skipped: scan.skipped,
         };
         // Names, aliases and routes must resolve and not collide.
         config.router().map_err(|e| {
@@ -628,6 +682,7 @@ fn parse_daemon(l: &Locator<'_>, d: &RawDaemon, base: &Path) -> Result<DaemonCon
             .iter()
             .map(|r| normalize(&resolve(base, r)))
             .collect(),
+        model_dirs: d.model_dirs.iter().map(|r| resolve(base, r)).collect(),
         guard,
         headroom_line: l.error(&["daemon", "headroom"], "").line,
     })
@@ -660,6 +715,7 @@ fn parse_model(
     l: &Locator<'_>,
     name: &str,
     m: &RawModel,
+    found: Option<&crate::discover::Discovered>,
     daemon: &DaemonConfig,
     base: &Path,
 ) -> Result<ModelConfig, ConfigError> {
@@ -667,17 +723,62 @@ fn parse_model(
     if name.is_empty()
         || !name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
     {
         return Err(l.error(
             &["models", name],
-            "model names use letters, digits, '-', '_', '.' and ':'",
+            "model names use letters, digits, '-', '_', '.', ':' and '/'",
         ));
     }
-    if m.path.trim().is_empty() {
-        return Err(l.error(&key("path"), "path is empty"));
-    }
-    if let Some(c) = m.context
+    // A table with a path is a model of its own (it replaces a discovered one of its name); one without
+    // refines the discovered model of its name.
+    let (path, kind, origin) = match (&m.path, found) {
+        (Some(p), _) if p.trim().is_empty() => {
+            return Err(l.error(&key("path"), "path is empty"));
+        }
+        (Some(p), _) => {
+            let Some(kind) = m.kind else {
+                return Err(l.error(&["models", name], "missing field `kind`"));
+            };
+            (resolve(base, p), kind, "models.toml".to_string())
+        }
+        (None, Some(d)) => {
+            let refined = m.kind.is_some()
+                || m.context.is_some()
+                || !m.aliases.is_empty()
+                || m.keep_alive.is_some()
+                || m.pin
+                || m.priority.is_some()
+                || m.preload
+                || m.max_sequences.is_some()
+                || m.min_context.is_some()
+                || m.chat_template.is_some()
+                || m.prefix_cache.is_some();
+            let origin = if refined {
+                format!("{}, refined in models.toml", d.origin)
+            } else {
+                d.origin.clone()
+            };
+            (d.path.clone(), m.kind.unwrap_or(ModelKind::Chat), origin)
+        }
+        (None, None) => {
+            return Err(l.error(
+                &["models", name],
+                if daemon.model_dirs.is_empty() {
+                    "missing field `path`"
+                } else {
+                    "no path, and no model of this name was found in [daemon] model_dirs"
+                },
+            ));
+        }
+    };
+    // A store's own context (Ollama's num_ctx) unless models.toml sets one.
+    let store_context = found
+        .filter(|_| m.path.is_none())
+        .and_then(|d| d.context)
+        .and_then(|c| u32::try_from(c).ok());
+    let context = m.context.or(store_context);
+    if let Some(c) = context
         && !(16..=1 << 20).contains(&c)
     {
         return Err(l.error(
@@ -705,7 +806,7 @@ fn parse_model(
             &format!("{max_sequences} is not between 1 and 256"),
         ));
     }
-    if let (Some(min), Some(ctx)) = (m.min_context, m.context)
+    if let (Some(min), Some(ctx)) = (m.min_context, context)
         && min > ctx
     {
         return Err(l.error(
@@ -713,7 +814,6 @@ fn parse_model(
             &format!("{min} is larger than the context {ctx}"),
         ));
     }
-    let path = resolve(base, &m.path);
     if let Err(reason) = within_roots(&path, &daemon.model_roots) {
         return Err(l.error(&key("path"), &reason));
     }
@@ -725,9 +825,9 @@ fn parse_model(
     }
     Ok(ModelConfig {
         name: name.to_string(),
-        kind: m.kind,
+        kind,
         path,
-        context: m.context.map(|c| c as usize),
+        context: context.map(|c| c as usize),
         aliases: m.aliases.clone(),
         keep_alive,
         pinned: m.pin,
@@ -737,6 +837,7 @@ fn parse_model(
         min_context: m.min_context.map(|c| c as usize),
         chat_template: m.chat_template.clone(),
         prefix_cache: m.prefix_cache.unwrap_or(true),
+        origin,
     })
 }
 

@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod auth;
 pub mod config;
 pub mod conn;
+pub mod discover;
 pub mod error;
 pub mod fuzzing;
 pub mod generation;

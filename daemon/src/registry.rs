@@ -54,6 +54,9 @@ impl Registry {
     /// unavailable with the reason; the others are unaffected.
     pub fn inspect(config: &Config, engine: &dyn Engine) -> Self {
         let mut models = BTreeMap::new();
+        for (path, reason) in &config.skipped {
+            tracing::warn!(path = %path.display(), %reason, "model_dirs: skipped");
+        }
         for m in &config.models {
             let source = ModelSource {
                 name: m.name.clone(),
@@ -71,6 +74,7 @@ impl Registry {
             match &inspection {
                 Ok(i) => tracing::info!(
                     model = %m.name,
+                    origin = %m.origin,
                     architecture = %i.architecture,
                     kind = i.kind.as_str(),
                     context = i.context,

@@ -170,6 +170,7 @@ fn model_to_pb(m: &ModelStatus) -> pb::ModelStatus {
         name: reg.config.name.clone(),
         kind: kind_to_pb(insp.map_or(reg.config.kind, |i| i.kind)) as i32,
         path: reg.config.path.display().to_string(),
+        origin: reg.config.origin.clone(),
         architecture: insp.map(|i| i.architecture.clone()).unwrap_or_default(),
         aliases: reg.config.aliases.clone(),
         context_tokens: insp.map_or(0, |i| i.context as u32),

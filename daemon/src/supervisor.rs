@@ -496,7 +496,15 @@ impl Handle {
 
     /// Resolves a model name, alias or route to a configured model that can serve.
     pub async fn resolve(&self, name: &str) -> Result<Arc<RegisteredModel>, ServiceError> {
-        if name.contains('/') || name.contains('\\') || name.starts_with('~') {
+        // Store names hold '/' (`org/repo`, `namespace/model:tag`): only an unknown name is taken for a
+        // path.
+        let known = self.registry.get(name).is_some()
+            || self
+                .registry
+                .models
+                .values()
+                .any(|m| m.config.aliases.iter().any(|a| a == name));
+        if !known && (name.contains('/') || name.contains('\\') || name.starts_with('~')) {
             return Err(ServiceError::PathNotAllowed {
                 name: name.to_string(),
             });

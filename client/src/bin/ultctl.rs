@@ -36,6 +36,9 @@ struct Cli {
 enum Command {
     /// Show memory, pressure and every model's state and ledger.
     Status,
+    /// List the models: kind, state, architecture, where each came from (models.toml or a store of
+    /// `[daemon] model_dirs`) and its file.
+    Models,
     /// Load a model (a progress bar shows bytes as they load).
     Load {
         /// Model, alias or route.
@@ -194,6 +197,49 @@ fn main() -> ExitCode {
     }
 }
 
+/// `ultctl models`: one row per model.
+fn print_models(out: &mut impl Write, s: &StatusReport) -> anyhow::Result<()> {
+    let rows: Vec<[String; 6]> = s
+        .models
+        .iter()
+        .map(|m| {
+            [
+                m.name.clone(),
+                m.kind.clone(),
+                format!("{:?}", m.state).to_lowercase(),
+                m.architecture.clone(),
+                m.origin.clone(),
+                m.path.clone(),
+            ]
+        })
+        .collect();
+    let head = ["NAME", "KIND", "STATE", "ARCH", "ORIGIN", "PATH"];
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([head[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..head.len()).map(width).collect();
+    let line = |cells: &[&str]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    writeln!(out, "{}", line(&head))?;
+    for r in &rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    Ok(())
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -215,6 +261,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
             } else {
                 print_status(&mut out, &s)?;
+            }
+        }
+        Command::Models => {
+            let s = client.status().await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s.models)?)?;
+            } else {
+                print_models(&mut out, &s)?;
             }
         }
         Command::Load { model } => {
