@@ -90,12 +90,23 @@ mod tonic_code {
 /// GPU machine (same code path, bigger numbers). The ledger's prediction matches what the load measured.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_model_from_synth_model_loads_and_generates() {
+    synthetic("tiny").await;
+}
+
+/// The same for its mixture-of-experts writer (qwen3moe, Q4_K, 3-D expert stacks, a random router): the
+/// tiny-moe shape here, Qwen3-30B-A3B's on the GPU machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_moe_model_from_synth_model_loads_and_generates() {
+    synthetic("tiny-moe").await;
+}
+
+async fn synthetic(shape: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tiny.gguf");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/synth-model");
     let out = std::process::Command::new("python3")
         .arg(script)
-        .args(["--shape", "tiny", "--out"])
+        .args(["--shape", shape, "--out"])
         .arg(&file)
         .arg("--tokenizer-from")
         .arg(ult_tests::models_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
