@@ -77,21 +77,32 @@ async fn evictions(
     out
 }
 
-async fn two_of_three(extra: &str) -> TestDaemon {
+/// A daemon where any two of the three models fit and all three do not. Its memory probe reads a calm
+/// recorded sample (48 of 64 GiB available, no stalls), so what other tests running beside it do to this
+/// machine's memory cannot shed a model: the evictions are the policy's choice alone. The directory holds
+/// the sample.
+async fn two_of_three(extra: &str) -> (TestDaemon, tempfile::TempDir) {
     let (s, g, _) = predicted().await;
     // Any two fit (minilm is the smallest), all three do not — and the shortfall (minilm less 10 MB) is
     // more than shrinking idle KV budgets can free, so a model must go.
     let ceiling = s + g + 10_000_000;
-    start(
-        &format!("memory_ceiling = {ceiling}\nheadroom = 0\n{extra}"),
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe = probe_dir.path().join("probe.json");
+    std::fs::write(&probe, ult_tests::probe_snapshot(48.0, 0.0)).unwrap();
+    let d = start(
+        &format!(
+            "memory_ceiling = {ceiling}\nheadroom = 0\n{extra}\n[daemon.probe]\nsource = \"file\"\npath = \"{}\"\n",
+            probe.display()
+        ),
         "",
     )
-    .await
+    .await;
+    (d, probe_dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_third_model_evicts_the_cheapest_by_score() {
-    let d = two_of_three("").await;
+    let (d, _probe) = two_of_three("").await;
     let mut c = d.client().await;
     let mut watch = c.watch().await.unwrap();
     // smollm2 is used three times, minilm once: evicting minilm risks less reload.
@@ -136,7 +147,7 @@ async fn the_third_model_evicts_the_cheapest_by_score() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pinned_model_survives_and_the_next_cheapest_goes() {
-    let d = two_of_three("").await;
+    let (d, _probe) = two_of_three("").await;
     let mut c = d.client().await;
     let mut watch = c.watch().await.unwrap();
     c.pin("minilm").await.unwrap();
@@ -164,7 +175,7 @@ async fn a_pinned_model_survives_and_the_next_cheapest_goes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leased_model_survives_until_released() {
-    let d = two_of_three("").await;
+    let (d, _probe) = two_of_three("").await;
     let mut c = d.client().await;
     let mut watch = c.watch().await.unwrap();
     let lease = c
@@ -204,7 +215,7 @@ async fn a_leased_model_survives_until_released() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_mid_generation_is_never_evicted() {
-    let d = two_of_three("").await;
+    let (d, _probe) = two_of_three("").await;
     let mut c = d.client().await;
     let mut watch = c.watch().await.unwrap();
     // minilm is popular, smollm2 used once: by score smollm2 would go — but it is generating.
