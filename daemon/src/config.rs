@@ -255,7 +255,7 @@ struct RawProbe {
     path: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct RawModel {
     /// None: a model a `model_dirs` scan found, refined here.
@@ -285,7 +285,7 @@ struct RawRoute {
 }
 
 /// Sizes and durations may be written as strings ("4GiB", "30m") or plain numbers (bytes, seconds).
-#[derive(Deserialize)]
+#[derive(Deserialize, PartialEq)]
 #[serde(untagged)]
 enum SizeValue {
     Int(i64),
@@ -352,20 +352,7 @@ impl Config {
         }
         // Discovered models that models.toml does not name, with the defaults.
         for d in inside.iter().filter(|d| !raw.models.contains_key(&d.name)) {
-            let defaults = RawModel {
-                path: None,
-                kind: None,
-                context: None,
-                aliases: Vec::new(),
-                keep_alive: None,
-                pin: false,
-                priority: None,
-                preload: false,
-                max_sequences: None,
-                min_context: None,
-                chat_template: None,
-                prefix_cache: None,
-            };
+            let defaults = RawModel::default();
             models.push(parse_model(
                 &locator,
                 &d.name,
@@ -743,18 +730,8 @@ fn parse_model(
             (resolve(base, p), kind, "models.toml".to_string())
         }
         (None, Some(d)) => {
-            let refined = m.kind.is_some()
-                || m.context.is_some()
-                || !m.aliases.is_empty()
-                || m.keep_alive.is_some()
-                || m.pin
-                || m.priority.is_some()
-                || m.preload
-                || m.max_sequences.is_some()
-                || m.min_context.is_some()
-                || m.chat_template.is_some()
-                || m.prefix_cache.is_some();
-            let origin = if refined {
+            // A table that sets anything refines the model.
+            let origin = if *m != RawModel::default() {
                 format!("{}, refined in models.toml", d.origin)
             } else {
                 d.origin.clone()

@@ -498,13 +498,16 @@ impl Handle {
     pub async fn resolve(&self, name: &str) -> Result<Arc<RegisteredModel>, ServiceError> {
         // Store names hold '/' (`org/repo`, `namespace/model:tag`): only an unknown name is taken for a
         // path.
-        let known = self.registry.get(name).is_some()
-            || self
-                .registry
-                .models
-                .values()
-                .any(|m| m.config.aliases.iter().any(|a| a == name));
-        if !known && (name.contains('/') || name.contains('\\') || name.starts_with('~')) {
+        let path_like = name.contains('/') || name.contains('\\') || name.starts_with('~');
+        let known = || {
+            self.registry.get(name).is_some()
+                || self
+                    .registry
+                    .models
+                    .values()
+                    .any(|m| m.config.aliases.iter().any(|a| a == name))
+        };
+        if path_like && !known() {
             return Err(ServiceError::PathNotAllowed {
                 name: name.to_string(),
             });

@@ -365,29 +365,33 @@ fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// Tests (here and in `cuda_kernels`): a step's sequences, rows in order, from `(start, len, tables)`
+/// spans (each one's first group).
+#[cfg(test)]
+pub(crate) fn seqs_of<'t, T: AsRef<[Vec<BlockId>]> + ?Sized>(
+    spans: &[(usize, usize, &'t T)],
+) -> Vec<AttnSeq<'t>> {
+    let mut row = 0;
+    spans
+        .iter()
+        .map(|&(start, len, t)| {
+            let s = AttnSeq {
+                row,
+                start,
+                len,
+                table: &t.as_ref()[0],
+            };
+            row += len;
+            s
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
     use candle_core::Device;
-
-    /// A step's sequences, rows in order, from `(start, len, tables)` spans (each one's first group).
-    fn seqs_of<'t>(spans: &[(usize, usize, &'t Vec<Vec<BlockId>>)]) -> Vec<AttnSeq<'t>> {
-        let mut row = 0;
-        spans
-            .iter()
-            .map(|&(start, len, t)| {
-                let s = AttnSeq {
-                    row,
-                    start,
-                    len,
-                    table: &t[0],
-                };
-                row += len;
-                s
-            })
-            .collect()
-    }
 
     /// What the CUDA kernel computes from [`paged_meta`], on the host: the pool in the device layout
     /// `(slots, n_kv, head_dim)`, keys in the order the metadata lists them.
@@ -510,18 +514,23 @@ mod tests {
         }
     }
 
-    /// Metadata that would index outside the pool is refused, not handed to a kernel.
-    #[test]
-    fn paged_meta_refuses_slots_outside_the_pool() {
-        let shape = AttnShape {
+    /// Two heads sharing one KV head of 4 dimensions, global, in blocks of `block_tokens`.
+    fn small_global(block_tokens: usize) -> AttnShape {
+        AttnShape {
             n_head: 2,
             n_kv: 1,
             head_dim: 4,
             scale: 1.0,
             window: None,
             ring: None,
-            block_tokens: 4,
-        };
+            block_tokens,
+        }
+    }
+
+    /// Metadata that would index outside the pool is refused, not handed to a kernel.
+    #[test]
+    fn paged_meta_refuses_slots_outside_the_pool() {
+        let shape = small_global(4);
         let table = vec![3];
         let s = [AttnSeq {
             row: 0,
@@ -544,15 +553,7 @@ mod tests {
             .map(splits_of)
             .collect();
         assert_eq!(runs, [1, 1, 2, 4, 16, 16, 16]);
-        let shape = AttnShape {
-            n_head: 2,
-            n_kv: 1,
-            head_dim: 4,
-            scale: 1.0,
-            window: None,
-            ring: None,
-            block_tokens: 16,
-        };
+        let shape = small_global(16);
         let long: Vec<BlockId> = (0..40).collect();
         let short = vec![40];
         let s = [

@@ -233,29 +233,12 @@ mod tests {
     //! Run on a GPU machine (`cargo test --features cuda`, built by `scripts/build-cuda.sh`): the kernels
     //! against the portable Candle ops on the same device, pools and inputs.
     use super::*;
-    use crate::attention::{self, AttnSeq, gather_indices, paged_meta};
+    use crate::attention::{self, gather_indices, paged_meta, seqs_of};
     use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
     use crate::sched::BlockId;
     use candle_core::Device;
 
     type Span<'t> = (usize, usize, &'t [Vec<BlockId>]);
-
-    fn seqs_of<'t>(spans: &[Span<'t>]) -> Vec<AttnSeq<'t>> {
-        let mut row = 0;
-        spans
-            .iter()
-            .map(|&(start, len, t)| {
-                let s = AttnSeq {
-                    row,
-                    start,
-                    len,
-                    table: &t[0],
-                };
-                row += len;
-                s
-            })
-            .collect()
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)

@@ -671,11 +671,7 @@ fn read_hparams(
                 n_ff_exp,
                 // llama.cpp's qwen3moe graph always renormalises the chosen gates.
                 norm_weights: true,
-                // llama.cpp reads 0 (or no key) as no scaling.
-                weights_scale: get_f64(md, &key("expert_weights_scale"))
-                    .map(|v| v as f32)
-                    .filter(|&v| v != 0.0)
-                    .unwrap_or(1.0),
+                weights_scale: weights_scale(md, &key("expert_weights_scale")),
                 gating: Gating::Softmax,
                 n_shared: 0,
                 n_dense_lead: 0,
@@ -777,6 +773,14 @@ fn read_mla(
     })
 }
 
+/// The gates' scale at `key`: llama.cpp reads 0 (or no key) as no scaling.
+fn weights_scale(md: &std::collections::HashMap<String, Value>, key: &str) -> f32 {
+    get_f64(md, key)
+        .map(|v| v as f32)
+        .filter(|&v| v != 0.0)
+        .unwrap_or(1.0)
+}
+
 /// DeepSeek's experts: shared and routed, after `leading_dense_block_count` dense layers.
 fn read_deepseek_moe(
     md: &std::collections::HashMap<String, Value>,
@@ -812,28 +816,20 @@ fn read_deepseek_moe(
         }
         _ => None,
     };
+    let n_dense_lead = get("leading_dense_block_count").unwrap_or(0).min(n_layer);
+    if n_dense_lead > 0 && n_ff == 0 {
+        return Err("dense leading layers without feed_forward_length".into());
+    }
     Ok(MoeParams {
         n_expert,
         n_expert_used,
         n_ff_exp: get("expert_feed_forward_length").ok_or("missing expert_feed_forward_length")?,
         norm_weights: get_bool(md, &key("expert_weights_norm")).unwrap_or(false),
-        weights_scale: get_f64(md, &key("expert_weights_scale"))
-            .map(|v| v as f32)
-            .filter(|&v| v != 0.0)
-            .unwrap_or(1.0),
+        weights_scale: weights_scale(md, &key("expert_weights_scale")),
         gating,
         n_shared: get("expert_shared_count").unwrap_or(0),
-        n_dense_lead: get("leading_dense_block_count").unwrap_or(0).min(n_layer),
+        n_dense_lead,
         groups,
-    })
-    .and_then(|m| {
-        if m.n_dense_lead > 0 && n_ff == 0 {
-            Err("dense leading layers without feed_forward_length"
-                .to_string()
-                .into())
-        } else {
-            Ok(m)
-        }
     })
 }
 

@@ -171,6 +171,14 @@ struct Expert {
     down: QMatMul,
 }
 
+impl Expert {
+    /// `down(silu(gate(x)) · up(x))`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down
+            .forward(&(self.gate.forward(x)?.silu()? * self.up.forward(x)?)?)
+    }
+}
+
 /// How a layer's routed experts are held.
 enum Experts {
     /// One matrix triple per expert, each run over the rows that chose it (the CPU and Metal, and the
@@ -1074,9 +1082,16 @@ impl Moe {
                 let per = sel.len() / n_groups;
                 groups.clear();
                 for g in 0..n_groups {
-                    let mut best = sel[g * per..(g + 1) * per].to_vec();
-                    best.sort_by(|a, b| b.total_cmp(a));
-                    groups.push((g, best.iter().take(2).sum()));
+                    // The sum of the group's two best (one, in groups of one).
+                    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &v in &sel[g * per..(g + 1) * per] {
+                        if v > first {
+                            (first, second) = (v, first);
+                        } else if v > second {
+                            second = v;
+                        }
+                    }
+                    groups.push((g, if per > 1 { first + second } else { first }));
                 }
                 groups.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 for &(g, _) in &groups[used.min(groups.len())..] {
@@ -1111,10 +1126,7 @@ impl Moe {
         let x = h.squeeze(0)?;
         let routes = self.route(&self.router.forward(&x)?.to_dtype(DType::F32)?)?;
         let mut out = match &self.shared {
-            Some(s) => s
-                .down
-                .forward(&(s.gate.forward(&x)?.silu()? * s.up.forward(&x)?)?)?
-                .to_dtype(DType::F32)?,
+            Some(s) => s.forward(&x)?.to_dtype(DType::F32)?,
             None => Tensor::zeros((n, d), DType::F32, h.device())?,
         };
         let experts = match &self.experts {
@@ -1124,12 +1136,12 @@ impl Moe {
                 let one = |stack: &QTensor, e: usize| -> Result<QMatMul> {
                     QMatMul::from_qtensor(stack.matrix_of_stack(e)?)
                 };
-                let copy = |e: usize| -> Result<Option<Expert>> {
-                    Ok(Some(Expert {
+                let copy = |e: usize| -> Result<Expert> {
+                    Ok(Expert {
                         gate: one(gate, e)?,
                         up: one(up, e)?,
                         down: one(down, e)?,
-                    }))
+                    })
                 };
                 return self.each(&x, &routes, copy, out, h);
             }
@@ -1145,11 +1157,11 @@ impl Moe {
                 }
                 let ids = Tensor::from_vec(ids, (n, k), h.device())?;
                 let ws = Tensor::from_vec(ws, (n, k, 1), h.device())?;
-                // The kernel reads its input from the start of its buffer: a fresh f32 tensor.
-                let x3 = x
-                    .to_dtype(DType::F32)?
-                    .affine(1.0, 0.0)?
-                    .reshape((n, 1, d))?;
+                // The kernel reads its input from the start of its buffer: copied only when `x` is
+                // not a whole contiguous f32 tensor (the norm before it makes one).
+                let x = x.to_dtype(DType::F32)?;
+                let fresh = x.is_contiguous() && x.layout().start_offset() == 0;
+                let x3 = if fresh { x } else { x.affine(1.0, 0.0)? }.reshape((n, 1, d))?;
                 let g = gate.indexed_moe_forward(&x3, &ids)?;
                 let u = up.indexed_moe_forward(&x3, &ids)?;
                 let a = (g.silu()? * u)?; // (rows, k, ff): fresh
@@ -1158,7 +1170,12 @@ impl Moe {
                 return out.to_dtype(h.dtype())?.unsqueeze(0);
             }
         };
-        self.each(&x, &routes, |e| Ok(experts.get(e)), out, h)
+        let each = |e: usize| {
+            experts
+                .get(e)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no expert {e}")))
+        };
+        self.each(&x, &routes, each, out, h)
     }
 
     /// Runs each expert once over the rows of `x` that chose it and adds their gated outputs to `out`;
@@ -1168,7 +1185,7 @@ impl Moe {
         &self,
         x: &Tensor,
         routes: &[Vec<(usize, f32)>],
-        mut expert: impl FnMut(usize) -> Result<Option<E>>,
+        mut expert: impl FnMut(usize) -> Result<E>,
         mut out: Tensor,
         h: &Tensor,
     ) -> Result<Tensor> {
@@ -1185,18 +1202,12 @@ impl Moe {
             if rows.is_empty() {
                 continue;
             }
-            let Some(expert) = expert(e)? else {
-                candle_core::bail!("no expert {e}")
-            };
+            let expert = expert(e)?;
             let expert = expert.borrow();
             let m = rows.len();
             let idx = Tensor::from_vec(rows, m, h.device())?;
             let xs = x.index_select(&idx, 0)?.unsqueeze(0)?;
-            let y = expert
-                .down
-                .forward(&(expert.gate.forward(&xs)?.silu()? * expert.up.forward(&xs)?)?)?
-                .squeeze(0)?
-                .to_dtype(DType::F32)?;
+            let y = expert.forward(&xs)?.squeeze(0)?.to_dtype(DType::F32)?;
             let g = Tensor::from_vec(gates, (m, 1), h.device())?;
             out = out.index_add(&idx, &y.broadcast_mul(&g)?, 0)?;
         }
