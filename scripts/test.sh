@@ -15,6 +15,9 @@ step "models"
 scripts/fetch-models.sh
 # The tiny random-weight GGUFs the family tests compare against llama.cpp's fixtures (regenerated, checked).
 scripts/families/make-ggufs.sh
+# The tiny Hugging Face and MLX model folders the engine's MLX tests compare against mlx-lm's fixtures
+# (bf16 checkpoints, quantized by mlx_lm.convert itself; regenerated, checked).
+scripts/mlx/make-checkpoints.sh
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"

@@ -434,6 +434,21 @@ pub struct PlanOutcome {
     pub refusal: Option<String>,
 }
 
+/// What a reload changed (`ultctl reload`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Models that appeared.
+    pub added: Vec<String>,
+    /// Models that are gone (unloaded once idle).
+    pub removed: Vec<String>,
+    /// Models reloaded on their next use (files or serving configuration changed).
+    pub reloaded: Vec<String>,
+    /// Models whose settings changed in place.
+    pub updated: Vec<String>,
+    /// Models left as they were.
+    pub unchanged: u32,
+}
+
 /// A lease.
 #[derive(Debug, Clone, Serialize)]
 pub struct LeaseInfo {
@@ -760,6 +775,19 @@ impl Client {
                 .map(|e| (e.model, e.bytes, e.score))
                 .collect(),
             refusal: (!r.refusal.is_empty()).then_some(r.refusal),
+        })
+    }
+
+    /// Re-reads the daemon's models.toml and rescans its model folders; an invalid file is refused
+    /// (`ClientError` with the file, line and key) and nothing changes.
+    pub async fn reload(&mut self) -> Result<ReloadOutcome, ClientError> {
+        let r = self.inner.reload(pb::ReloadRequest {}).await?.into_inner();
+        Ok(ReloadOutcome {
+            added: r.added,
+            removed: r.removed,
+            reloaded: r.reloaded,
+            updated: r.updated,
+            unchanged: r.unchanged,
         })
     }
 

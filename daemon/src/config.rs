@@ -168,7 +168,7 @@ pub struct Guard {
 }
 
 /// `[models.NAME]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     /// The name.
     pub name: String,
@@ -298,6 +298,17 @@ impl SizeValue {
             Self::Int(i) => i.to_string(),
             Self::Text(t) => t.clone(),
         }
+    }
+}
+
+impl DaemonConfig {
+    /// The settings only a restart applies (everything but `model_dirs` and `model_roots`), in a form
+    /// two configurations compare by.
+    pub fn restart_settings(&self) -> String {
+        let mut c = self.clone();
+        c.model_dirs.clear();
+        c.model_roots.clear();
+        format!("{c:?}")
     }
 }
 
@@ -736,7 +747,11 @@ fn parse_model(
             } else {
                 d.origin.clone()
             };
-            (d.path.clone(), m.kind.unwrap_or(ModelKind::Chat), origin)
+            (
+                d.path.clone(),
+                m.kind.or(d.kind).unwrap_or(ModelKind::Chat),
+                origin,
+            )
         }
         (None, None) => {
             return Err(l.error(

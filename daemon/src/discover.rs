@@ -12,22 +12,28 @@
 //!   `publisher/repo`, or `publisher/repo/<file stem>` when the repo holds several files.
 //! - **Any other folder**: each `*.gguf` in it (and one level of subfolders), named by its file stem.
 //!
-//! Split GGUFs (`-00001-of-00004.gguf`) and MLX or safetensors directories are skipped with a reason (ult
-//! loads neither yet). Only file names and manifests are read here; the files themselves are inspected
+//! Model folders (MLX or Hugging Face: a `config.json` beside `*.safetensors` weights) count as models
+//! wherever a GGUF would: a subfolder of a plain folder (named by the subfolder), an LM Studio repo, a hub
+//! cache snapshot. Their kind comes from `config.json`'s `model_type` (`bert`: embedding; any other: chat,
+//! served as completion when the folder has no chat template). Split GGUFs (`-00001-of-00004.gguf`) are
+//! skipped with a reason. Only file names, manifests and configs are read here; the weights are inspected
 //! later, as configured models are.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use ult_engine::ModelKind;
 
 /// One model found in a folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discovered {
     /// Its name, as the store names it.
     pub name: String,
-    /// The GGUF file.
+    /// The GGUF file or the model folder.
     pub path: PathBuf,
+    /// What the folder's config says it is (None for GGUF files: chat, unless models.toml says otherwise).
+    pub kind: Option<ModelKind>,
     /// Where it came from, for Status (`ollama ~/.ollama/models`, …).
     pub origin: String,
     /// A context the store sets for it (Ollama's `num_ctx`).
@@ -88,12 +94,12 @@ pub fn layout_of(dir: &Path) -> Layout {
     }) {
         return Layout::HfCache;
     }
-    // LM Studio: no GGUF at the top, GGUFs two levels down (publisher/repo/file.gguf).
+    // LM Studio: no GGUF at the top, GGUFs or model folders two levels down (publisher/repo/…).
     let top_gguf = entries().any(|p| is_gguf(&p));
     let nested = entries().filter(|p| p.is_dir()).any(|publisher| {
         subdirs(&publisher)
             .iter()
-            .any(|repo| files(repo).iter().any(|f| is_gguf(f)))
+            .any(|repo| is_model_folder(repo) || files(repo).iter().any(|f| is_gguf(f)))
     });
     if !top_gguf && nested {
         Layout::LmStudio
@@ -131,6 +137,38 @@ pub fn scan(dirs: &[PathBuf]) -> Scan {
         }
     }
     out
+}
+
+/// A folder with a `config.json` and safetensors weights (an MLX or Hugging Face model).
+fn is_model_folder(dir: &Path) -> bool {
+    dir.join("config.json").is_file()
+        && files(dir).iter().any(|f| {
+            f.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".safetensors"))
+        })
+}
+
+/// The model folder `dir` named `name`, or why it is skipped.
+fn model_folder(dir: &Path, name: &str, origin: &str) -> Result<Discovered, String> {
+    if !is_model_folder(dir) {
+        return Err("a config.json without .safetensors weights".into());
+    }
+    let config: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let kind = match config["model_type"].as_str() {
+        Some("bert") => ModelKind::Embedding,
+        _ => ModelKind::Chat,
+    };
+    Ok(Discovered {
+        name: clean(name),
+        path: dir.to_path_buf(),
+        kind: Some(kind),
+        origin: origin.to_string(),
+        context: None,
+    })
 }
 
 fn is_gguf(p: &Path) -> bool {
@@ -213,6 +251,7 @@ fn gguf_models(
                 format!("{base}/{}", stem(&f))
             }),
             path: f,
+            kind: None,
             origin: origin.to_string(),
             context: None,
         })
@@ -222,11 +261,12 @@ fn gguf_models(
 fn folder(dir: &Path, origin: &str, skipped: &mut Vec<(PathBuf, String)>) -> Vec<Discovered> {
     let mut out = Vec::new();
     for d in std::iter::once(dir.to_path_buf()).chain(subdirs(dir)) {
-        if d != dir && (d.join("config.json").is_file()) {
-            skipped.push((
-                d.clone(),
-                "an MLX or safetensors model folder (ult loads GGUF here)".into(),
-            ));
+        if d.join("config.json").is_file() {
+            let name = d.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            match model_folder(&d, name, origin) {
+                Ok(m) => out.push(m),
+                Err(why) => skipped.push((d.clone(), why)),
+            }
             continue;
         }
         for f in files(&d).into_iter().filter(|f| is_gguf(f)) {
@@ -237,6 +277,7 @@ fn folder(dir: &Path, origin: &str, skipped: &mut Vec<(PathBuf, String)>) -> Vec
             out.push(Discovered {
                 name: clean(&stem(&f)),
                 path: f,
+                kind: None,
                 origin: origin.to_string(),
                 context: None,
             });
@@ -260,10 +301,10 @@ fn lm_studio(dir: &Path, origin: &str, skipped: &mut Vec<(PathBuf, String)>) -> 
                     .unwrap_or_default()
             );
             if repo.join("config.json").is_file() {
-                skipped.push((
-                    repo.clone(),
-                    "an MLX or safetensors model folder (ult loads GGUF here)".into(),
-                ));
+                match model_folder(&repo, &base, origin) {
+                    Ok(m) => out.push(m),
+                    Err(why) => skipped.push((repo.clone(), why)),
+                }
                 continue;
             }
             out.extend(gguf_models(&repo, &base, origin, skipped));
@@ -301,10 +342,10 @@ fn hf_cache(dir: &Path, origin: &str, skipped: &mut Vec<(PathBuf, String)>) -> V
         };
         let found = gguf_models(&snapshot, &base, origin, skipped);
         if found.is_empty() && snapshot.join("config.json").is_file() {
-            skipped.push((
-                snapshot,
-                "an MLX or safetensors model (ult loads GGUF here)".into(),
-            ));
+            match model_folder(&snapshot, &base, origin) {
+                Ok(m) => out.push(m),
+                Err(why) => skipped.push((snapshot, why)),
+            }
         }
         out.extend(found);
     }
@@ -417,6 +458,7 @@ fn ollama(dir: &Path, origin: &str, skipped: &mut Vec<(PathBuf, String)>) -> Vec
             Discovered {
                 name: clean(&name),
                 path,
+                kind: None,
                 origin: origin.to_string(),
                 context,
             },
@@ -501,6 +543,14 @@ mod tests {
         touch(&l.join("lmstudio-community/Two-GGUF/a.gguf"), b"GGUF");
         touch(&l.join("lmstudio-community/Two-GGUF/b.gguf"), b"GGUF");
         touch(&l.join("mlx-community/Qwen3-4bit/config.json"), b"{}");
+        touch(
+            &l.join("mlx-community/Qwen3-0.6B-4bit/config.json"),
+            br#"{"model_type": "qwen3"}"#,
+        );
+        touch(
+            &l.join("mlx-community/Qwen3-0.6B-4bit/model.safetensors"),
+            b"",
+        );
         // The Hugging Face cache.
         let h = tmp("hf");
         let repo = h.join("models--HuggingFaceTB--SmolLM2-135M-Instruct-GGUF");
@@ -512,6 +562,8 @@ mod tests {
         touch(&f.join("tiny.gguf"), b"GGUF");
         touch(&f.join("sub/other.gguf"), b"GGUF");
         touch(&f.join("big-00001-of-00002.gguf"), b"GGUF");
+        touch(&f.join("minilm/config.json"), br#"{"model_type": "bert"}"#);
+        touch(&f.join("minilm/model.safetensors"), b"");
 
         assert_eq!(layout_of(&o), Layout::Ollama);
         assert_eq!(layout_of(&l), Layout::LmStudio);
@@ -526,17 +578,27 @@ mod tests {
                 "lmstudio-community/SmolLM2-GGUF",
                 "lmstudio-community/Two-GGUF/a",
                 "lmstudio-community/Two-GGUF/b",
+                "mlx-community/Qwen3-0.6B-4bit",
                 "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
                 "tiny",
+                "minilm",
                 "other",
             ]
+        );
+        let kind = |n: &str| s.models.iter().find(|m| m.name == n).unwrap().kind;
+        assert_eq!(kind("mlx-community/Qwen3-0.6B-4bit"), Some(ModelKind::Chat));
+        assert_eq!(kind("minilm"), Some(ModelKind::Embedding));
+        assert_eq!(kind("tiny"), None);
+        assert_eq!(
+            s.models.iter().find(|m| m.name == "minilm").unwrap().path,
+            f.join("minilm")
         );
         let smol = &s.models[0];
         assert_eq!(smol.path, o.join(format!("blobs/sha256-{digest}")));
         assert_eq!(smol.context, Some(4096));
         assert!(smol.origin.starts_with("ollama "));
         assert_eq!(
-            s.models[4].path,
+            s.models[5].path,
             repo.join("snapshots/0123abcd/smollm2.gguf")
         );
         let why = |needle: &str| {

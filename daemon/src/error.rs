@@ -34,6 +34,12 @@ pub enum ServiceError {
         /// The model.
         model: String,
     },
+    /// A reload found the configuration file invalid; the running configuration stays.
+    #[error("the configuration was not reloaded: {message}")]
+    InvalidConfig {
+        /// The located error (file, line, key, what is wrong).
+        message: String,
+    },
     /// A field of the request is invalid.
     #[error("invalid {field}: {reason}")]
     InvalidArgument {
@@ -161,7 +167,7 @@ impl ServiceError {
             Self::Internal(_) => Code::Internal,
             Self::PathNotAllowed { .. } => Code::PermissionDenied,
             Self::WrongKind { .. } | Self::NoChatTemplate { .. } => Code::FailedPrecondition,
-            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::InvalidArgument { .. } | Self::InvalidConfig { .. } => Code::InvalidArgument,
             Self::WaitTimeout { .. } => Code::ResourceExhausted,
             Self::Engine(e) => match e {
                 EngineError::ContextTooLong { .. }

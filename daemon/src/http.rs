@@ -205,6 +205,9 @@ impl From<ServiceError> for ApiError {
                 ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
             },
             ServiceError::InvalidArgument { field, .. } => Self::bad_request(*field, message),
+            ServiceError::InvalidConfig { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+            }
             ServiceError::Engine(EngineError::InvalidParameter { field, .. }) => {
                 Self::bad_request(*field, message)
             }

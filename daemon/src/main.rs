@@ -134,7 +134,11 @@ fn run(config: Config, _device: Option<String>) -> anyhow::Result<()> {
         let engine: Arc<dyn Engine> = Arc::new(CandleEngine::new(&config.daemon.device).context("opening the device")?);
         let device = engine.device_name();
         let stop = shutdown_signal()?;
+        // Installed before the models are inspected: a SIGHUP during start-up must not end the daemon
+        // (its default action); one that arrives then is handled once serving begins.
+        let hangups = hangup_signal()?;
         let running = ultd::server::spawn(config.clone(), engine).await?;
+        reload_on(hangups, running.handle.clone());
         // The one startup line scripts and tests read.
         let tcp = running.tcp.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
         let socket = running.socket.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into());
@@ -148,6 +152,38 @@ fn run(config: Config, _device: Option<String>) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// The SIGHUP stream (None where there is no SIGHUP).
+#[cfg(unix)]
+fn hangup_signal() -> anyhow::Result<Option<tokio::signal::unix::Signal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    Ok(Some(
+        signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+    ))
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> anyhow::Result<Option<()>> {
+    Ok(None)
+}
+
+/// Reloads the configuration on every SIGHUP (as `ultctl reload` does), logging what changed or why the
+/// file was refused.
+#[cfg(unix)]
+fn reload_on(hangups: Option<tokio::signal::unix::Signal>, handle: ultd::supervisor::Handle) {
+    let Some(mut hup) = hangups else { return };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(e) = handle.reload().await {
+                tracing::error!(error = %e, "SIGHUP reload failed");
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn reload_on(_hangups: Option<()>, _handle: ultd::supervisor::Handle) {}
 
 /// Resolves on SIGTERM or Ctrl-C. Build it before announcing readiness: a supervisor may send TERM as soon
 /// as it sees the listening line, and the handler must already be installed then.

@@ -606,4 +606,18 @@ impl pb::ult_server::Ult for UltService {
             }),
         }))
     }
+
+    async fn reload(
+        &self,
+        _request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let s = self.handle.reload().await?;
+        Ok(Response::new(pb::ReloadResponse {
+            added: s.added,
+            removed: s.removed,
+            reloaded: s.reloaded,
+            updated: s.updated,
+            unchanged: u32::try_from(s.unchanged).unwrap_or(u32::MAX),
+        }))
+    }
 }

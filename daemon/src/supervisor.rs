@@ -387,6 +387,13 @@ enum Msg {
         name: String,
         reply: Reply<LoadPreview>,
     },
+    Reload {
+        registry: Arc<Registry>,
+        reuse: BTreeMap<String, crate::registry::Reuse>,
+        router: Router,
+        model_roots: Vec<std::path::PathBuf>,
+        reply: Reply<ReloadSummary>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -405,7 +412,10 @@ impl std::fmt::Debug for LoadedModelBox {
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
-    registry: Arc<Registry>,
+    /// Swapped by a reload; request handlers read the current one.
+    registry: Arc<std::sync::RwLock<Arc<Registry>>>,
+    /// What a reload needs: the configuration file, the engine to inspect with, and one reload at a time.
+    reload: Arc<ReloadSource>,
     events: broadcast::Sender<Stamped>,
     next_id: Arc<AtomicU64>,
     load_wait: Duration,
@@ -489,9 +499,65 @@ impl Handle {
         RequestId(self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// The registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The registry now (a reload swaps it).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the configuration file and rescans `model_dirs` (`ultctl reload`, SIGHUP): new models
+    /// appear, removed ones unload once no request runs on them and are then unknown, changed ones
+    /// reload on their next use (never mid-request). An invalid file is refused with its file, line and
+    /// key, and nothing changes. Changes to `[daemon]` other than `model_dirs` and `model_roots` need a
+    /// restart; they are logged and ignored. One reload runs at a time.
+    pub async fn reload(&self) -> Result<ReloadSummary, ServiceError> {
+        let _one = self.reload.lock.lock().await;
+        let path = self.reload.file.clone();
+        let engine = self.reload.engine.clone();
+        let old = self.registry();
+        let boot_daemon = self.reload.daemon.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let config = crate::config::Config::load(&path)?;
+            if config.daemon.restart_settings() != boot_daemon.restart_settings() {
+                tracing::warn!(
+                    file = %path.display(),
+                    "[daemon] settings changed: they take effect at the next restart (a reload applies models, routes, model_dirs and model_roots)"
+                );
+            }
+            let router = config.router().map_err(|e| crate::config::ConfigError {
+                file: path.clone(),
+                line: 0,
+                key: "routes".into(),
+                message: e.to_string(),
+            })?;
+            let (registry, reuse) = Registry::inspect_reusing(&config, engine.as_ref(), &old);
+            Ok::<_, crate::config::ConfigError>((registry, reuse, router, config.daemon.model_roots))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("the reload task failed: {e}")))?;
+        let (registry, reuse, router, model_roots) = work.map_err(|e| {
+            tracing::error!(error = %e, "reload refused; the running configuration stays");
+            ServiceError::InvalidConfig {
+                message: e.to_string(),
+            }
+        })?;
+        let registry = Arc::new(registry);
+        let summary = self
+            .ask(|reply| Msg::Reload {
+                registry: registry.clone(),
+                reuse,
+                router,
+                model_roots,
+                reply,
+            })
+            .await?;
+        *self
+            .registry
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
+        Ok(summary)
     }
 
     /// Resolves a model name, alias or route to a configured model that can serve.
@@ -500,9 +566,9 @@ impl Handle {
         // path.
         let path_like = name.contains('/') || name.contains('\\') || name.starts_with('~');
         let known = || {
-            self.registry.get(name).is_some()
-                || self
-                    .registry
+            let registry = self.registry();
+            registry.get(name).is_some()
+                || registry
                     .models
                     .values()
                     .any(|m| m.config.aliases.iter().any(|a| a == name))
@@ -617,6 +683,30 @@ impl Handle {
     }
 }
 
+/// What [`Handle::reload`] reads.
+struct ReloadSource {
+    file: std::path::PathBuf,
+    engine: Arc<dyn Engine>,
+    /// `[daemon]` as the daemon started with it.
+    daemon: crate::config::DaemonConfig,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// What a reload changed, by model name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Models that appeared.
+    pub added: Vec<String>,
+    /// Models that are gone (unloaded once idle).
+    pub removed: Vec<String>,
+    /// Models whose files or serving configuration changed (reloaded on next use).
+    pub reloaded: Vec<String>,
+    /// Models whose settings changed in place.
+    pub updated: Vec<String>,
+    /// Models left as they were.
+    pub unchanged: usize,
+}
+
 struct Waiter {
     model: String,
     kind: RequestKind,
@@ -662,6 +752,7 @@ pub fn start(
 ) -> Handle {
     let (tx, rx) = mpsc::unbounded_channel();
     let (events, _) = broadcast::channel(4096);
+    let reload_engine = engine.clone();
     let first = prober.sample();
     let pool_total = match &first {
         Ok(s) => s.total_bytes,
@@ -775,7 +866,13 @@ pub fn start(
     });
     Handle {
         tx,
-        registry,
+        registry: Arc::new(std::sync::RwLock::new(registry)),
+        reload: Arc::new(ReloadSource {
+            file: config.file.clone(),
+            engine: reload_engine,
+            daemon: config.daemon.clone(),
+            lock: tokio::sync::Mutex::new(()),
+        }),
         events,
         next_id: Arc::new(AtomicU64::new(1)),
         load_wait: Duration::from_millis(d.load_wait_ms),
@@ -1052,8 +1149,111 @@ impl Supervisor {
                 });
                 let _ = reply.send(result);
             }
+            Msg::Reload {
+                registry,
+                reuse,
+                router,
+                model_roots,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.reconfigure(
+                    registry,
+                    &reuse,
+                    router,
+                    model_roots,
+                    now,
+                )));
+            }
             Msg::Shutdown { .. } => {}
         }
+    }
+
+    /// Swaps in a reloaded registry and router and lets the governor reconfigure (unloads happen once
+    /// the models they concern are idle).
+    fn reconfigure(
+        &mut self,
+        registry: Arc<Registry>,
+        reuse: &BTreeMap<String, crate::registry::Reuse>,
+        router: Router,
+        model_roots: Vec<std::path::PathBuf>,
+        now: u64,
+    ) -> ReloadSummary {
+        use crate::registry::Reuse;
+        let mut summary = ReloadSummary {
+            removed: self
+                .registry
+                .models
+                .keys()
+                .filter(|n| !registry.models.contains_key(*n))
+                .cloned()
+                .collect(),
+            ..ReloadSummary::default()
+        };
+        let mut changes = Vec::new();
+        for (name, m) in &registry.models {
+            let how = reuse.get(name).copied().unwrap_or(Reuse::Reload);
+            match how {
+                Reuse::Added => summary.added.push(name.clone()),
+                Reuse::Unchanged => summary.unchanged += 1,
+                Reuse::Settings => summary.updated.push(name.clone()),
+                Reuse::Reload => summary.reloaded.push(name.clone()),
+            }
+            if let Some(spec) = m.spec() {
+                changes.push(match how {
+                    Reuse::Reload => ult_policy::ModelChange::Reload(spec),
+                    _ => ult_policy::ModelChange::Keep(spec),
+                });
+            }
+        }
+        tracing::info!(
+            added = ?summary.added,
+            removed = ?summary.removed,
+            reloaded = ?summary.reloaded,
+            updated = ?summary.updated,
+            unchanged = summary.unchanged,
+            "configuration reloaded"
+        );
+        self.registry = registry;
+        self.router = router;
+        self.model_roots = model_roots;
+        for name in &summary.removed {
+            if self.desired.pinned.remove(name) | self.desired.loaded.remove(name) {
+                self.save_desired();
+            }
+        }
+        let plan = self.governor.reconfigure(changes, now);
+        self.execute(plan);
+        // What must be resident is loaded again (a reloaded model with a pin or a lease, as soon as its
+        // unload is done) or for the first time (an added model that is pinned or preloaded), as at boot.
+        let wanted: Vec<String> = summary
+            .reloaded
+            .iter()
+            .filter(|n| {
+                self.governor
+                    .model(n, now)
+                    .is_some_and(|v| v.pinned || v.leases > 0)
+            })
+            .chain(summary.added.iter().filter(|n| {
+                self.registry
+                    .get(n)
+                    .is_some_and(|m| m.config.pinned || m.config.preload)
+            }))
+            .cloned()
+            .collect();
+        for name in wanted {
+            let id = self.internal_id();
+            self.background.insert(id, name.clone());
+            let plan = self.governor.handle(
+                Event::Request {
+                    id,
+                    model: name,
+                    kind: RequestKind::Load,
+                },
+                now,
+            );
+            self.execute(plan);
+        }
+        summary
     }
 
     fn resolve(&self, name: &str) -> Result<Arc<RegisteredModel>, ServiceError> {

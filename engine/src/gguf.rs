@@ -306,13 +306,7 @@ impl GgufHeader {
             );
         }
         let vocab = read_vocab(md).map_err(corrupt)?;
-        let hparams = read_hparams(arch, md, &vocab, &tensors).map_err(|e| match e {
-            HParamsError::Corrupt(reason) => corrupt(reason),
-            HParamsError::Unsupported(what) => EngineError::UnsupportedFeature {
-                path: path.display().to_string(),
-                what,
-            },
-        })?;
+        let hparams = hparams_from_metadata(arch, md, &vocab, &tensors, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             file_len,
@@ -334,16 +328,10 @@ impl GgufHeader {
             })
     }
 
-    /// Bytes of weights as they sit in memory: quantized blocks as stored; F16/BF16 tensors are widened to
-    /// F32 on load (Candle computes in F32), so they count twice.
+    /// Bytes of weights as stored. The f32 copies Candle makes of 16-bit matrices at load are overhead
+    /// (see [`GgufHeader::footprint`]); the token embedding table stays as stored.
     pub fn weights_bytes(&self) -> u64 {
-        self.tensors
-            .values()
-            .map(|t| match t.dtype {
-                GgmlDType::F16 | GgmlDType::BF16 => t.bytes * 2,
-                _ => t.bytes,
-            })
-            .sum()
+        self.tensors.values().map(|t| t.bytes).sum()
     }
 
     /// The predicted footprint for a context of `context` tokens and `max_sequences` sequences, on a CPU
@@ -390,8 +378,9 @@ impl GgufHeader {
             })
             .sum();
         // Candle multiplies by float matrices (F32, F16, BF16) as f32 tensors made at load: a 16-bit
-        // matrix takes twice its file bytes, and a tied output head over a float embedding table is a
-        // second, f32 copy of the table (the embedding keeps the file's).
+        // matrix takes twice its file bytes (its file bytes in `weights_bytes`, the rest here), and a tied
+        // output head over a float embedding table is a second, f32 copy of the table (the embedding keeps
+        // the file's).
         let is_float =
             |t: &TensorMeta| matches!(t.dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         let f32_bytes = |t: &TensorMeta| t.dims.iter().product::<usize>() as u64 * 4;
@@ -403,9 +392,8 @@ impl GgufHeader {
             .tensors
             .iter()
             .filter(|(name, t)| {
-                (name.starts_with("blk.") || name.as_str() == "output.weight")
-                    && t.dims.len() >= 2
-                    && (is_float(t) || mla_f32(name))
+                // Norms and biases are f32 tensors too; only the embedding table stays as stored.
+                name.as_str() != "token_embd.weight" && (is_float(t) || mla_f32(name))
             })
             .map(|(_, t)| f32_bytes(t).saturating_sub(t.bytes))
             .chain(
@@ -533,6 +521,28 @@ fn read_vocab(md: &std::collections::HashMap<String, Value>) -> Result<GgufVocab
         unk: id("tokenizer.ggml.unknown_token_id"),
         add_bos: get_bool(md, "tokenizer.ggml.add_bos_token"),
         add_space_prefix: get_bool(md, "tokenizer.ggml.add_space_prefix"),
+        ..GgufVocab::default()
+    })
+}
+
+/// The hyper-parameters that GGUF metadata `md` (with the file's tensors) describe for `arch`; a model
+/// folder's config reaches the decoder as this same metadata (`crate::hf`).
+pub(crate) fn hparams_from_metadata(
+    arch: Arch,
+    md: &std::collections::HashMap<String, Value>,
+    vocab: &GgufVocab,
+    tensors: &BTreeMap<String, TensorMeta>,
+    path: &Path,
+) -> Result<HParams, EngineError> {
+    read_hparams(arch, md, vocab, tensors).map_err(|e| match e {
+        HParamsError::Corrupt(reason) => EngineError::CorruptModel {
+            path: path.display().to_string(),
+            reason,
+        },
+        HParamsError::Unsupported(what) => EngineError::UnsupportedFeature {
+            path: path.display().to_string(),
+            what,
+        },
     })
 }
 

@@ -17,6 +17,7 @@ pub mod cuda_kernels;
 pub mod decoder;
 pub mod device;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod repack;
 pub mod sampler;
@@ -36,11 +37,10 @@ use ult_policy::Footprint;
 
 use bert::{Bert, BertConfig, SafetensorsHeader};
 pub use decoder::{Decoder, Encoder, LoadedDecoder, LoadedModel};
-use gguf::GgufHeader;
 use kv::KvPool;
 use template::ChatTemplate;
 use tokenizer::{Tokenizer, TokenizerError};
-use transformer::{Transformer, WeightSource};
+use transformer::{Transformer, WeightData, WeightSource};
 
 /// The most tokens one step computes (decodes and prefill chunks together), bounding activation memory.
 pub const PREFILL_CHUNK: usize = 512;
@@ -219,7 +219,7 @@ impl ModelKind {
 }
 
 /// Where a model comes from and how it is to be served.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSource {
     /// The configured name.
     pub name: String,
@@ -398,17 +398,31 @@ impl Engine for CandleEngine {
                 Ok(LoadedModel::Encoder(Box::new(model)))
             }
             ModelKind::Chat | ModelKind::Completion => {
-                let header = GgufHeader::read(&source.path)?;
-                let map = map_file(&source.path)?;
-                let src = WeightSource {
-                    header: &header,
-                    data: &map,
-                    device: &self.device,
-                    progress,
-                    dequantize: self.dequantize,
+                let files = hf::DecoderFiles::read(&source.path)?;
+                let transformer = match &files {
+                    hf::DecoderFiles::Gguf(header) => {
+                        let map = map_file(&source.path)?;
+                        let src = WeightSource {
+                            header,
+                            data: WeightData::Gguf(&map),
+                            device: &self.device,
+                            progress,
+                            dequantize: self.dequantize,
+                        };
+                        Transformer::load(&src, inspection.context)?
+                    }
+                    hf::DecoderFiles::Folder(model) => {
+                        let weights = model.open()?;
+                        let src = WeightSource {
+                            header: &model.header,
+                            data: WeightData::Folder(&weights),
+                            device: &self.device,
+                            progress,
+                            dequantize: self.dequantize,
+                        };
+                        Transformer::load(&src, inspection.context)?
+                    }
                 };
-                let transformer = Transformer::load(&src, inspection.context)?;
-                drop(map);
                 let max_sequences = source.max_sequences.max(1) as usize;
                 let layout = transformer.kv_layout().clone();
                 let kv_tokens = kv_tokens.clamp(1, inspection.context);
@@ -447,7 +461,7 @@ impl Engine for CandleEngine {
 }
 
 /// Maps a file read-only.
-fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
+pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
     let file = std::fs::File::open(path).map_err(|e| EngineError::Io {
         path: path.display().to_string(),
         source: e,
@@ -463,7 +477,8 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap, EngineError> {
 }
 
 fn inspect_gguf(source: &ModelSource, cpu: bool) -> Result<Inspection, EngineError> {
-    let header = GgufHeader::read(&source.path)?;
+    let files = hf::DecoderFiles::read(&source.path)?;
+    let header = files.header();
     let trained = header.hparams.trained_context;
     let context = match source.context {
         Some(c) if c > trained => {

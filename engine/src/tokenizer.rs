@@ -4,6 +4,7 @@
 //! matched whole before any merging, so chat tags like `<|im_start|>` stay one token.
 
 mod bpe;
+pub(crate) mod hf_json;
 mod pretokenize;
 mod wordpiece;
 
@@ -80,6 +81,15 @@ pub struct GgufVocab {
     pub add_bos: Option<bool>,
     /// Whether SentencePiece adds a dummy space before the text.
     pub add_space_prefix: Option<bool>,
+    /// Split patterns read from a `tokenizer.json`'s pre-tokenizer, applied in order; when not empty
+    /// they replace the patterns `pre` names.
+    pub pre_patterns: Vec<String>,
+    /// Whether text is NFC-normalised before splitting (a `tokenizer.json` NFC normalizer).
+    pub nfc: bool,
+    /// Whether a split piece that is itself a vocabulary token skips merging (`ignore_merges`).
+    pub ignore_merges: bool,
+    /// Further ids that end generation (a model folder's `eos_token_id` lists).
+    pub stops: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -229,14 +239,21 @@ impl Tokenizer {
         specials.finish();
         let (model, kind, decoded): (Model, &str, Vec<Vec<u8>>) = match v.model.as_str() {
             "gpt2" => {
-                let pre_name = v.pre.as_deref().unwrap_or("default");
-                let pre = PreTokenizer::for_name(pre_name).or_else(|| {
-                    tracing::warn!(
-                        pre = pre_name,
-                        "unknown pre-tokenizer; using GPT-2's pattern"
-                    );
-                    PreTokenizer::for_name("gpt2")
-                });
+                let pre = if v.pre_patterns.is_empty() {
+                    let pre_name = v.pre.as_deref().unwrap_or("default");
+                    PreTokenizer::for_name(pre_name).or_else(|| {
+                        tracing::warn!(
+                            pre = pre_name,
+                            "unknown pre-tokenizer; using GPT-2's pattern"
+                        );
+                        PreTokenizer::for_name("gpt2")
+                    })
+                } else {
+                    Some(
+                        PreTokenizer::from_patterns(&v.pre_patterns)
+                            .map_err(TokenizerError::Invalid)?,
+                    )
+                };
                 let pre = pre.ok_or_else(|| TokenizerError::Invalid("no pre-tokenizer".into()))?;
                 let token_to_id: HashMap<String, u32> = v
                     .tokens
@@ -244,7 +261,11 @@ impl Tokenizer {
                     .enumerate()
                     .map(|(i, t)| (t.clone(), i as u32))
                     .collect();
-                let bpe = ByteLevelBpe::try_new(&token_to_id, &v.merges, pre)
+                let options = bpe::ByteLevelOptions {
+                    nfc: v.nfc,
+                    ignore_merges: v.ignore_merges,
+                };
+                let bpe = ByteLevelBpe::try_new(&token_to_id, &v.merges, pre, options)
                     .map_err(TokenizerError::Invalid)?;
                 let decoded = v
                     .tokens
@@ -288,6 +309,11 @@ impl Tokenizer {
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         let mut stop_ids: Vec<u32> = [v.eos, v.eot].into_iter().flatten().collect();
+        for &id in &v.stops {
+            if (id as usize) < n && !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
         for name in [
             "<|im_end|>",
             "<end_of_turn>",
@@ -317,6 +343,12 @@ impl Tokenizer {
             specials,
             decoded,
         })
+    }
+
+    /// Reads the byte-level BPE `tokenizer.json` of a Hugging Face or MLX model folder (with the
+    /// `tokenizer_config.json`, `config.json` and `generation_config.json` beside it).
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        Self::from_gguf(&hf_json::vocab_from_dir(dir)?)
     }
 
     /// Reads a BERT `tokenizer.json` (WordPiece with a BertNormalizer).

@@ -22,12 +22,21 @@ use crate::decoder::{Decoder, StepInput, StepOutput};
 use crate::gguf::{Arch, Gating, GgufHeader, HParams, MlaParams, MoeParams, RopeScaling};
 use crate::kv::{KvDType, KvLayout, KvPool, SlotMap};
 
-/// Reads tensors out of a mapped GGUF file onto a device, counting bytes for progress reports.
+/// Where a load's tensor bytes come from.
+pub enum WeightData<'a> {
+    /// A whole mapped GGUF file.
+    Gguf(&'a [u8]),
+    /// A model folder's mapped safetensors, converted tensor by tensor.
+    Folder(&'a crate::hf::HfWeights),
+}
+
+/// Reads tensors out of a mapped GGUF file (or a model folder) onto a device, counting bytes for progress
+/// reports.
 pub struct WeightSource<'a> {
     /// The validated header.
     pub header: &'a GgufHeader,
-    /// The whole file's bytes.
-    pub data: &'a [u8],
+    /// The tensors' bytes.
+    pub data: WeightData<'a>,
     /// Where tensors go.
     pub device: &'a Device,
     /// Called with the bytes of each tensor read.
@@ -40,29 +49,45 @@ impl WeightSource<'_> {
     fn qtensor(&self, name: &str) -> std::result::Result<QTensor, EngineError> {
         let meta = self.header.tensor(name)?;
         let bytes = self.bytes_of(name, meta)?;
-        let q = qtensor_from_ggml(meta.dtype, bytes, meta.dims.clone(), self.device)
+        let q = qtensor_from_ggml(meta.dtype, &bytes, meta.dims.clone(), self.device)
             .map_err(|e| EngineError::candle(format!("reading tensor {name}"), e))?;
         (self.progress)(meta.bytes);
         Ok(q)
     }
 
-    /// The file bytes of tensor `name`.
+    /// The bytes of tensor `name` in ggml's layout.
     fn bytes_of(
         &self,
         name: &str,
         meta: &super::gguf::TensorMeta,
-    ) -> std::result::Result<&[u8], EngineError> {
+    ) -> std::result::Result<crate::hf::TensorBytes<'_>, EngineError> {
+        let data = match &self.data {
+            WeightData::Gguf(data) => data,
+            WeightData::Folder(w) => {
+                let bytes = w.bytes(name)?;
+                if bytes.len() as u64 != meta.bytes {
+                    return Err(EngineError::CorruptModel {
+                        path: self.header.path.display().to_string(),
+                        reason: format!(
+                            "tensor {name} converted to {} bytes, not {}",
+                            bytes.len(),
+                            meta.bytes
+                        ),
+                    });
+                }
+                return Ok(bytes);
+            }
+        };
         let start = usize::try_from(meta.offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(usize::try_from(meta.bytes).unwrap_or(usize::MAX));
         // The header check guarantees the range; re-check because Candle reads the slice unchecked.
-        let bytes = self
-            .data
+        let bytes = data
             .get(start..end)
             .ok_or_else(|| EngineError::CorruptModel {
                 path: self.header.path.display().to_string(),
                 reason: format!("tensor {name} lies outside the mapped file"),
             })?;
-        Ok(bytes)
+        Ok(crate::hf::TensorBytes::Mapped(bytes))
     }
 
     fn qmatmul(&self, name: &str) -> std::result::Result<QMatMul, EngineError> {

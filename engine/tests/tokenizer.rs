@@ -82,6 +82,30 @@ fn minilm_wordpiece_matches_tokenizers() {
     check(&t, "minilm.json");
 }
 
+/// Byte-level BPE from model folders' tokenizer.json (scripts/mlx/gen-checkpoints.py: SmolLM2's vocabulary
+/// behind three real pre-tokenizer dialects) against the tokenizers library's ids; each mlx_lm.convert copy
+/// (re-serialised by transformers, merges as pairs) must tokenize the same.
+#[test]
+fn tokenizer_json_folders_match_tokenizers() {
+    for (family, converted) in [
+        ("llama", "mlx-llama-q4"),
+        ("qwen3", "mlx-qwen3-q4"),
+        ("qwen3moe", "mlx-qwen3moe-q4"),
+    ] {
+        for dir in [format!("hf-{family}"), converted.to_string()] {
+            let path = models().join("mlx").join(&dir);
+            let t = Tokenizer::from_dir(&path)
+                .unwrap_or_else(|e| panic!("{e} (run scripts/mlx/make-checkpoints.sh)"));
+            assert_eq!(t.kind(), "gpt2");
+            check(&t, &format!("hf-{family}.json"));
+            assert_eq!(t.encode("<|im_end|>", false), vec![2], "{dir}");
+            assert!(t.is_stop(2), "{dir}: <|im_end|> ends generation");
+            // Llama 3's post-processor puts the BOS first; the others add none.
+            assert_eq!(t.encode("Hi", true)[0] == 1, family == "llama", "{dir}");
+        }
+    }
+}
+
 /// Bounded encoding gives exactly the full encoding when it fits, and otherwise stops past the limit
 /// (or refuses unread a text too long for any count of tokens under it), on all three real vocabularies.
 #[test]

@@ -269,6 +269,29 @@ struct Entry {
     load_started_by_request: bool,
     /// The last finished request's own keep-alive, which replaces the configured one while resident.
     keep_alive_after: Option<KeepAlive>,
+    /// A reconfiguration waiting for the model to be idle (never mid-request): a new spec to load with,
+    /// or its removal.
+    replacement: Option<Replacement>,
+}
+
+/// What a reconfiguration does to a resident model once it is idle.
+#[derive(Debug, Clone)]
+enum Replacement {
+    /// Unload it, then serve the next request with this spec.
+    Spec(ModelSpec),
+    /// Unload it and forget it.
+    Remove,
+}
+
+/// One model of a new configuration (see [`Governor::reconfigure`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelChange {
+    /// The same files and shape: its settings (pin, priority, keep-alive, smallest KV budget) change in
+    /// place; a different footprint still reloads it.
+    Keep(ModelSpec),
+    /// Its files or its serving configuration changed: once idle it unloads, and its next request loads
+    /// it with this spec.
+    Reload(ModelSpec),
 }
 
 impl Entry {
@@ -295,6 +318,7 @@ impl Entry {
             failure: None,
             load_started_by_request: false,
             keep_alive_after: None,
+            replacement: None,
         }
     }
 
@@ -430,6 +454,63 @@ impl Governor {
             Event::Snapshot(snapshot) => self.on_snapshot(snapshot, now, &mut plan),
             Event::Tick => self.on_tick(now, &mut plan),
         }
+        self.settle_replacements(now, &mut plan);
+        plan
+    }
+
+    /// Applies a new configuration: `models` is every model it names. New names are added; a name it no
+    /// longer holds is removed, and a [`ModelChange::Reload`] replaces its model's spec — at once when
+    /// the model is not resident, otherwise once no request runs on it (it then unloads; requests that
+    /// arrive meanwhile wait and are served by the new spec). A removed model's waiting requests are
+    /// rejected as unknown.
+    pub fn reconfigure(&mut self, models: Vec<ModelChange>, now: u64) -> Plan {
+        let mut plan = Plan::default();
+        let named: std::collections::BTreeSet<String> = models
+            .iter()
+            .map(|c| match c {
+                ModelChange::Keep(s) | ModelChange::Reload(s) => s.name.clone(),
+            })
+            .collect();
+        for (name, e) in &mut self.models {
+            if !named.contains(name) {
+                e.replacement = Some(Replacement::Remove);
+            }
+        }
+        for change in models {
+            let (spec, reload) = match change {
+                ModelChange::Keep(s) => (s, false),
+                ModelChange::Reload(s) => (s, true),
+            };
+            match self.models.get_mut(&spec.name) {
+                None => {
+                    self.models.insert(spec.name.clone(), Entry::new(spec));
+                }
+                Some(e) if !reload && e.spec.footprint == spec.footprint => {
+                    e.replacement = None;
+                    // A changed `pinned` setting wins; otherwise a pin set at run time stays.
+                    if spec.pinned != e.spec.pinned {
+                        e.pinned = spec.pinned;
+                    }
+                    e.spec = spec;
+                }
+                Some(e) => e.replacement = Some(Replacement::Spec(spec)),
+            }
+        }
+        // A reload that a newer configuration took back: the requests that waited for it run now.
+        let released: Vec<(String, Vec<(RequestId, RequestKind)>)> = self
+            .models
+            .values_mut()
+            .filter(|e| e.residency == Residency::Resident && e.replacement.is_none())
+            .filter(|e| !e.waiters.is_empty())
+            .map(|e| (e.spec.name.clone(), std::mem::take(&mut e.waiters)))
+            .collect();
+        for (model, waiters) in released {
+            for (id, kind) in waiters {
+                self.admit(id, &model, kind, false, now, &mut plan);
+            }
+        }
+        self.settle_replacements(now, &mut plan);
+        self.drain_pending(now, &mut plan);
         plan
     }
 
@@ -623,7 +704,14 @@ impl Governor {
         let Some(entry) = self.models.get_mut(model) else {
             return;
         };
+        if matches!(entry.replacement, Some(Replacement::Remove)) {
+            let reason = self.unknown(model);
+            plan.actions.push(Action::Reject { id, reason });
+            return;
+        }
         match entry.residency {
+            // Reconfigured: the request waits for the unload and the load with the new spec.
+            Residency::Resident if entry.replacement.is_some() => entry.waiters.push((id, kind)),
             Residency::Resident => {
                 self.admit(id, model, kind, false, now, plan);
             }
@@ -826,6 +914,13 @@ impl Governor {
         entry.residency = Residency::Unloaded;
         entry.kv_tokens = entry.spec.footprint.context_tokens;
         entry.kv_dropped = false;
+        if entry.replacement.is_some() {
+            self.apply_replacement(model, plan);
+        }
+        let Some(entry) = self.models.get_mut(model) else {
+            self.drain_pending(now, plan);
+            return;
+        };
         // Requests that arrived while it was unloading want it back.
         let waiters = std::mem::take(&mut entry.waiters);
         for (id, kind) in waiters {
@@ -914,6 +1009,74 @@ impl Governor {
     }
 
     // ----- mechanisms -----
+
+    /// Reconfigured models: replaced at once when not resident, unloaded once no request runs on them.
+    fn settle_replacements(&mut self, now: u64, plan: &mut Plan) {
+        let due: Vec<(String, Residency, u32)> = self
+            .models
+            .values()
+            .filter(|e| e.replacement.is_some())
+            .map(|e| (e.spec.name.clone(), e.residency, e.in_flight))
+            .collect();
+        let mut changed = false;
+        for (model, residency, in_flight) in due {
+            match residency {
+                Residency::Unloaded | Residency::Failed => {
+                    self.apply_replacement(&model, plan);
+                    changed = true;
+                }
+                Residency::Resident if in_flight == 0 => {
+                    self.evict(&model, EvictReason::Reconfigured, plan);
+                }
+                _ => {}
+            }
+        }
+        if changed {
+            self.drain_pending(now, plan);
+        }
+    }
+
+    /// Replaces or removes an unloaded model as its reconfiguration says; a removed model's waiting and
+    /// pending requests are rejected as unknown.
+    fn apply_replacement(&mut self, model: &str, plan: &mut Plan) {
+        let Some(entry) = self.models.get_mut(model) else {
+            return;
+        };
+        match entry.replacement.take() {
+            Some(Replacement::Spec(spec)) => {
+                entry.pinned = spec.pinned;
+                entry.kv_tokens = spec.footprint.context_tokens;
+                entry.measured_static = None;
+                entry.measured_total = None;
+                entry.failure = None;
+                entry.load_ms = None;
+                if entry.residency == Residency::Failed {
+                    entry.residency = Residency::Unloaded;
+                }
+                entry.spec = spec;
+            }
+            Some(Replacement::Remove) => {
+                let waiters = self
+                    .models
+                    .remove(model)
+                    .map(|e| e.waiters)
+                    .unwrap_or_default();
+                let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.pending)
+                    .into_iter()
+                    .partition(|(_, m, _)| m == model);
+                self.pending = kept;
+                for id in waiters
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .chain(gone.into_iter().map(|(id, _, _)| id))
+                {
+                    let reason = self.unknown(model);
+                    plan.actions.push(Action::Reject { id, reason });
+                }
+            }
+            None => {}
+        }
+    }
 
     fn admit(
         &mut self,

@@ -20,8 +20,8 @@ mod size;
 
 pub use footprint::Footprint;
 pub use governor::{
-    Backoff, Governor, GovernorConfig, LeaseId, LoadPreview, ModelSpec, ModelView, PlannedVictim,
-    RequestId, RequestKind, Residency,
+    Backoff, Governor, GovernorConfig, LeaseId, LoadPreview, ModelChange, ModelSpec, ModelView,
+    PlannedVictim, RequestId, RequestKind, Residency,
 };
 pub use plan::{Action, Event, EvictReason, HoldReason, Holder, Plan, Rejection};
 pub use pressure::{

@@ -188,6 +188,8 @@ pub enum EvictReason {
     MaxResident,
     /// Asked for by an operator.
     Explicit,
+    /// Its configuration changed or it was removed (a reload), and no request ran on it.
+    Reconfigured,
 }
 
 impl EvictReason {
@@ -199,6 +201,7 @@ impl EvictReason {
             Self::Pressure => "pressure",
             Self::MaxResident => "max-resident",
             Self::Explicit => "explicit",
+            Self::Reconfigured => "reconfigured",
         }
     }
 }

@@ -5,7 +5,8 @@
 use proptest::prelude::*;
 use ult_policy::{
     Action, Event, EvictReason, Footprint, Governor, GovernorConfig, HoldReason, KeepAlive,
-    MemorySnapshot, ModelSpec, PressureLevel, Rejection, RequestId, RequestKind, Residency,
+    MemorySnapshot, ModelChange, ModelSpec, PressureLevel, Rejection, RequestId, RequestKind,
+    Residency,
 };
 
 const GIB: u64 = 1 << 30;
@@ -314,6 +315,74 @@ fn refusal_names_each_holder_and_why() {
         h.evictions(),
         vec![("leased".to_string(), EvictReason::MakeRoom)]
     );
+}
+
+/// A reload (`reconfigure`): a new model appears; a removed one finishes its running request, then
+/// unloads and is unknown; a changed one keeps serving the request that runs on it, makes later requests
+/// wait, unloads once idle and serves them with its new spec; a settings-only change reloads nothing.
+#[test]
+fn reconfiguration_waits_for_running_requests() {
+    let mut h = Harness::new(10, vec![spec("a", 1), spec("b", 1), spec("c", 1)]);
+    h.use_and_finish("c");
+    let (_, _) = h.request("a", RequestKind::Use);
+    let (_, _) = h.request("b", RequestKind::Use);
+    h.settle();
+    assert_eq!(h.residency("a"), Residency::Resident);
+    let mut a2 = spec("a", 2);
+    a2.footprint.context_tokens = 2048;
+    let mut c2 = spec("c", 1);
+    c2.priority = 3.0;
+    let plan = h.gov.reconfigure(
+        vec![
+            ModelChange::Reload(a2.clone()),
+            ModelChange::Keep(c2),
+            ModelChange::Keep(spec("d", 1)),
+        ],
+        h.now,
+    );
+    let actions = h.record(plan);
+    // Nothing unloads under a running request; the settings-only change unloads nothing.
+    assert!(
+        !actions.iter().any(|x| matches!(x, Action::Unload { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(h.residency("d"), Residency::Unloaded);
+    assert_eq!(h.residency("c"), Residency::Resident);
+    assert_eq!(h.gov.model("c", h.now).unwrap().priority, 3.0);
+    // A new request for the changed model waits instead of joining the old instance.
+    let (waiting, actions) = h.request("a", RequestKind::Use);
+    assert!(
+        !actions
+            .iter()
+            .any(|x| matches!(x, Action::Admit { id, .. } if *id == waiting))
+    );
+    // A request for the removed one is refused by name.
+    let (refused, actions) = h.request("b", RequestKind::Use);
+    assert!(matches!(
+        rejection_of(&actions, refused),
+        Some(Rejection::UnknownModel { .. })
+    ));
+    // The running requests end: both unload (reconfigured), then the waiter loads the new spec.
+    h.event(Event::RequestDone { model: "a".into() });
+    h.event(Event::RequestDone { model: "b".into() });
+    h.settle();
+    assert!(
+        h.evictions()
+            .contains(&("a".to_string(), EvictReason::Reconfigured))
+    );
+    assert!(
+        h.evictions()
+            .contains(&("b".to_string(), EvictReason::Reconfigured))
+    );
+    assert!(h.gov.residency("b").is_none(), "b is forgotten");
+    assert!(
+        h.log
+            .iter()
+            .any(|x| matches!(x, Action::Admit { id, .. } if *id == waiting))
+    );
+    assert_eq!(h.residency("a"), Residency::Resident);
+    assert_eq!(h.gov.model("a", h.now).unwrap().footprint, a2.footprint);
+    assert!(!h.evictions().iter().any(|(m, _)| m == "c"));
 }
 
 #[test]
@@ -812,6 +881,79 @@ proptest! {
                 }
             }
             prop_assert!(h.gov.used_bytes() <= ceiling * GIB);
+        }
+    }
+
+    /// Reloads interleaved with requests: the ledger stays under the ceiling, no request is answered
+    /// twice, no model unloads with a request running on it, and every request is answered once the
+    /// remaining work is done (a removed model's waiters are refused, not forgotten).
+    #[test]
+    fn reconfiguration_keeps_requests_safe(
+        ops in proptest::collection::vec((0..5usize, 0..4usize, 1u64..6), 1..80),
+    ) {
+        let names = ["a", "b", "c", "d"];
+        let mut h = Harness::new(12, names.iter().map(|n| spec(n, 2)).collect());
+        let mut answered = std::collections::BTreeSet::new();
+        let mut asked = Vec::new();
+        let mut running: std::collections::BTreeMap<String, u32> = Default::default();
+        for (kind, i, size) in ops {
+            let m = names[i].to_string();
+            let actions = match kind {
+                0 | 1 => { let (id, a) = h.request(&m, RequestKind::Use); asked.push(id); a }
+                2 => {
+                    let n = running.get(&m).copied().unwrap_or(0);
+                    if n > 0 { running.insert(m.clone(), n - 1); h.event(Event::RequestDone { model: m }) } else { vec![] }
+                }
+                3 => h.settle(),
+                _ => {
+                    // A new configuration: model i dropped, the one after it resized (a reload), the rest kept.
+                    let changes = names.iter().enumerate().filter(|(j, _)| *j != i).map(|(j, n)| {
+                        if j == (i + 1) % 4 { ModelChange::Reload(spec(n, size)) } else { ModelChange::Keep(spec(n, 2)) }
+                    }).collect();
+                    let plan = h.gov.reconfigure(changes, h.now);
+                    h.record(plan)
+                }
+            };
+            for a in &actions {
+                match a {
+                    Action::Admit { id, model, .. } => {
+                        prop_assert!(answered.insert(*id), "request {id:?} answered twice");
+                        *running.entry(model.clone()).or_default() += 1;
+                    }
+                    Action::Reject { id, .. } => prop_assert!(answered.insert(*id), "request {id:?} answered twice"),
+                    Action::Unload { model, .. } => prop_assert_eq!(running.get(model).copied().unwrap_or(0), 0, "{} unloaded mid-request", model),
+                    _ => {}
+                }
+            }
+            prop_assert!(h.gov.used_bytes() <= 12 * GIB);
+        }
+        // Finish everything: every request that was asked is answered.
+        for _ in 0..8 {
+            let models: Vec<(String, u32)> = running.iter().map(|(m, n)| (m.clone(), *n)).collect();
+            for (m, n) in models {
+                for _ in 0..n {
+                    let actions = h.event(Event::RequestDone { model: m.clone() });
+                    for a in &actions {
+                        match a {
+                            Action::Admit { id, model, .. } => { prop_assert!(answered.insert(*id)); *running.entry(model.clone()).or_default() += 1; }
+                            Action::Reject { id, .. } => prop_assert!(answered.insert(*id)),
+                            _ => {}
+                        }
+                    }
+                }
+                *running.entry(m).or_default() -= n;
+            }
+            let actions = h.settle();
+            for a in &actions {
+                match a {
+                    Action::Admit { id, model, .. } => { prop_assert!(answered.insert(*id)); *running.entry(model.clone()).or_default() += 1; }
+                    Action::Reject { id, .. } => prop_assert!(answered.insert(*id)),
+                    _ => {}
+                }
+            }
+        }
+        for id in asked {
+            prop_assert!(answered.contains(&id), "request {id:?} never answered");
         }
     }
 

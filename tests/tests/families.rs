@@ -122,3 +122,72 @@ async fn deepseek2_generates_as_llama_cpp() {
 async fn deepseek2_lite_generates_as_llama_cpp() {
     check("deepseek2-lite").await;
 }
+
+/// Model folders through ultd (issue 15): a bf16 Hugging Face Llama (rope_freqs from its rope_scaling,
+/// permuted query and key rows), an MLX 4-bit Qwen3-MoE and an MLX 8-bit Qwen3 load with footprints
+/// predicted from their safetensors headers within ±5% (+2 MiB) of what the load measured, and serve
+/// greedy completions; the bf16 folder's text is mlx-lm's greedy continuation (its 12 tokens, decoded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_folders_serve_through_ultd_with_predicted_footprints() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../engine/tests/fixtures/mlx");
+    for name in ["hf-llama", "mlx-qwen3moe-q4", "mlx-qwen3-q8"] {
+        let dir = ult_tests::models_dir().join("mlx").join(name);
+        assert!(
+            dir.join("config.json").exists(),
+            "{} is missing: run scripts/mlx/make-checkpoints.sh",
+            dir.display()
+        );
+        let fx: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{fixtures}/{name}.json")).unwrap(),
+        )
+        .unwrap();
+        let d = start(
+            "",
+            &format!(
+                "[models.folder]\npath = \"{}\"\nkind = \"chat\"\ncontext = 256\nmax_sequences = 2\n",
+                dir.display()
+            ),
+        )
+        .await;
+        let mut c = d.client().await;
+        let loaded = c.load("folder", |_, _| {}).await.unwrap();
+        let (measured, predicted) = (loaded.measured_bytes as f64, loaded.predicted_bytes as f64);
+        assert!(
+            (measured - predicted).abs() <= 0.05 * predicted + 2.0 * 1024.0 * 1024.0,
+            "{name}: measured {measured} vs predicted {predicted}"
+        );
+        let status = c.status().await.unwrap();
+        let m = status.model("folder").unwrap();
+        assert_eq!(
+            m.kind, "chat",
+            "{name}: its chat template came from the folder"
+        );
+        let greedy: Vec<u32> = fx["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let req = GenerateRequest {
+            model: "folder".into(),
+            prompt: fx["prompt"].as_str().unwrap().to_string(),
+            max_tokens: Some(greedy.len() as u32),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let (text, stats) = c.generate_text(req).await.unwrap();
+        assert_eq!(stats.completion_tokens, greedy.len() as u32, "{name}");
+        if name.starts_with("hf-") {
+            let tokenizer = ult_engine::tokenizer::Tokenizer::from_dir(&dir).unwrap();
+            assert_eq!(
+                text,
+                tokenizer.decode(&greedy),
+                "{name}: ultd's greedy text = mlx-lm's"
+            );
+        }
+        eprintln!(
+            "{name}: predicted {predicted} measured {measured} ({:+.2}%)",
+            (measured - predicted) / predicted * 100.0
+        );
+    }
+}

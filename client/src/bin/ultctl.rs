@@ -128,6 +128,9 @@ enum Command {
         /// Model, alias or route.
         model: String,
     },
+    /// Re-read models.toml and rescan model_dirs (as SIGHUP does): new models appear, removed ones
+    /// unload once idle, changed ones reload on next use; an invalid file is refused and nothing changes.
+    Reload,
     /// Stream state changes: loads, evictions with reasons, pressure.
     Watch,
     /// Run ultd as a per-user service: a launchd agent (macOS) or a systemd user unit (Linux).
@@ -487,6 +490,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             if !released {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Reload => {
+            let r = client.reload().await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = [
+                    ("added", &r.added),
+                    ("removed (unloads once idle)", &r.removed),
+                    ("reloaded on next use", &r.reloaded),
+                    ("settings updated", &r.updated),
+                ]
+                .into_iter()
+                .filter(|(_, names)| !names.is_empty())
+                .map(|(what, names)| vec![what.to_string(), names.join(", ")])
+                .collect();
+                if rows.is_empty() {
+                    writeln!(out, "reloaded: nothing changed ({} models)", r.unchanged)?;
+                } else {
+                    table(&mut out, &["CHANGE", "MODELS"], &rows)?;
+                    writeln!(out, "{} models unchanged", r.unchanged)?;
+                }
             }
         }
         Command::PlanLoad { model } => {

@@ -118,6 +118,15 @@ fn merge(
     out
 }
 
+/// What a `tokenizer.json` adds to byte-level BPE.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ByteLevelOptions {
+    /// NFC-normalise text before splitting it.
+    pub(super) nfc: bool,
+    /// A split piece that is itself a token is that token, unmerged (Llama 3's `ignore_merges`).
+    pub(super) ignore_merges: bool,
+}
+
 /// Byte-level BPE with ranked merges (GPT-2 family: SmolLM2, Llama 3, Qwen 2).
 #[derive(Debug)]
 pub(super) struct ByteLevelBpe {
@@ -126,6 +135,9 @@ pub(super) struct ByteLevelBpe {
     /// Token id of each byte's printable character.
     byte_ids: [Option<u32>; 256],
     pretokenizer: PreTokenizer,
+    nfc: bool,
+    /// Whole pieces by their byte-level spelling, with `ignore_merges`.
+    whole: Option<HashMap<String, u32>>,
 }
 
 impl ByteLevelBpe {
@@ -134,6 +146,7 @@ impl ByteLevelBpe {
         token_to_id: &HashMap<String, u32>,
         merges: &[String],
         pretokenizer: PreTokenizer,
+        options: ByteLevelOptions,
     ) -> Result<Self, String> {
         let mut table = HashMap::with_capacity(merges.len());
         for (rank, rule) in merges.iter().enumerate() {
@@ -160,14 +173,32 @@ impl ByteLevelBpe {
             merges: table,
             byte_ids,
             pretokenizer,
+            nfc: options.nfc,
+            whole: options.ignore_merges.then(|| token_to_id.clone()),
         })
     }
 
     /// Encodes text that contains no special tokens, stopping once `out` holds more than `limit` ids.
     pub(super) fn encode(&self, text: &str, unk: Option<u32>, limit: usize, out: &mut Vec<u32>) {
-        for piece in self.pretokenizer.split(text) {
+        use unicode_normalization::UnicodeNormalization;
+        let normalized: std::borrow::Cow<'_, str> = if self.nfc
+            && unicode_normalization::is_nfc_quick(text.chars())
+                != unicode_normalization::IsNormalized::Yes
+        {
+            text.nfc().collect::<String>().into()
+        } else {
+            text.into()
+        };
+        for piece in self.pretokenizer.split(&normalized) {
             if out.len() > limit {
                 return;
+            }
+            if let Some(whole) = &self.whole {
+                let spelled: String = piece.bytes().map(|b| BYTE_ENCODER[b as usize]).collect();
+                if let Some(&id) = whole.get(&spelled) {
+                    out.push(id);
+                    continue;
+                }
             }
             // Each byte becomes one symbol; the word's "text" is only used for ranges here.
             let initial: Vec<(usize, usize, Option<u32>)> = piece

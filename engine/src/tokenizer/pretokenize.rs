@@ -67,6 +67,15 @@ impl PreTokenizer {
         Some(Self { patterns })
     }
 
+    /// The pre-tokenizer of split patterns read from a `tokenizer.json`, applied in order.
+    pub(super) fn from_patterns(patterns: &[String]) -> Result<Self, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| Regex::new(p).map_err(|e| format!("split pattern {p:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { patterns })
+    }
+
     /// Splits `text` into pieces.
     pub(super) fn split<'a>(&self, text: &'a str) -> Vec<&'a str> {
         let mut pieces = vec![text];
