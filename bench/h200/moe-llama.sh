@@ -13,27 +13,11 @@
 # Everything it prints also lands in $OUT.
 set -u
 stage=$1
-u=/tmp/ult
 d=.cuda-out/m
-mkdir -p "$u/bin"
-libs=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export ULT_CACHE=$u/cache
+source bench/h200/common.sh
 case $stage in
 start)
-  rm -rf "$u/src" && mkdir -p "$u/src" && tar -xJf "$d/llama-src.tar.xz" -C "$u/src"
-  cat >"$u/build-llama.sh" <<'SH'
-gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-cmake -S /tmp/ult/src/llama.cpp -B /tmp/ult/llama-build "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DBUILD_SHARED_LIBS=OFF && cmake --build /tmp/ult/llama-build --config Release -j 14 --target \
-  llama-bench llama-batched-bench
-echo $? >/tmp/ult/llama-build.rc
-SH
-  rm -f "$u/llama-build.rc"
-  date +%s >"$u/llama-build.t0"
-  setsid nohup bash "$u/build-llama.sh" >"$u/llama-build.log" 2>&1 </dev/null &
+  start_llama_build "$d/llama-src.tar.xz" llama-bench llama-batched-bench
   xz -dc "$d/ult-cuda-sm90.tar.xz" | tar -xf - -C "$u/bin"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   {

@@ -9,12 +9,8 @@
 #      family file) through `bench`: the default (batches 1, 4, 16), then ULT_MOE=each.
 # SKIP_EACH=1 leaves out the ULT_MOE=each runs. No llama.cpp here (session.sh's moe stage runs it beside, when a lease has the time to build it).
 set -u
-u=/tmp/ult
 d=.cuda-out/m
-mkdir -p "$u/bin"
-libs=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib
-export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-export ULT_CACHE=$u/cache
+source bench/h200/common.sh
 xz -dc "$d/ult-cuda-sm90.tar.xz" | tar -xf - -C "$u/bin"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 {
