@@ -1,5 +1,5 @@
 //! ultctl end to end: the real binary against a real ultd on a real socket — status, load, generate,
-//! embed, unload, plan-load; `--json` parses; exit codes 0, 1 and 2; a closed stdout exits 0.
+//! embed, unload, plan-load, reload; `--json` parses; exit codes 0, 1 and 2; a closed stdout exits 0.
 #![allow(clippy::unwrap_used)] // tests and examples may unwrap
 
 use std::process::{Command, Output, Stdio};
@@ -125,6 +125,31 @@ async fn ultctl_end_to_end() {
 
     let plan = json(&run(vec!["plan-load", "minilm", "--json"]).await.unwrap());
     assert_eq!(plan["already_resident"], true);
+
+    // Reload: the same file changes nothing; a new keep-alive updates in place; a bad edit exits 2 with
+    // the file, line and key on stderr.
+    let same = run(vec!["reload"]).await.unwrap();
+    assert!(same.status.success());
+    assert!(
+        stdout(&same).contains("nothing changed (3 models)"),
+        "{}",
+        stdout(&same)
+    );
+    let toml = d.dir.path().join("models.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(&toml, format!("{text}keep_alive = \"9m\"\n")).unwrap();
+    let r = json(&run(vec!["reload", "--json"]).await.unwrap());
+    assert_eq!(r["updated"], serde_json::json!(["minilm"]), "{r}");
+    assert_eq!(r["unchanged"], 2);
+    std::fs::write(&toml, format!("{text}nope = 1\n")).unwrap();
+    let bad = run(vec!["reload"]).await.unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert!(
+        err.contains("models.toml:") && err.contains("models.minilm.nope"),
+        "{err}"
+    );
+    std::fs::write(&toml, &text).unwrap();
 
     let unload = run(vec!["unload", "smollm2"]).await.unwrap();
     assert_eq!(unload.status.code(), Some(0), "{}", stdout(&unload));
