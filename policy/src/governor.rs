@@ -322,6 +322,14 @@ impl Entry {
         }
     }
 
+    /// Takes a reconfigured spec: a changed `pinned` setting wins; otherwise a pin set at run time stays.
+    fn adopt(&mut self, spec: ModelSpec) {
+        if spec.pinned != self.spec.pinned {
+            self.pinned = spec.pinned;
+        }
+        self.spec = spec;
+    }
+
     /// Steady bytes (the larger of predicted and measured) plus the predicted scratch.
     fn static_bytes(&self) -> u64 {
         let f = &self.spec.footprint;
@@ -487,11 +495,7 @@ impl Governor {
                 }
                 Some(e) if !reload && e.spec.footprint == spec.footprint => {
                     e.replacement = None;
-                    // A changed `pinned` setting wins; otherwise a pin set at run time stays.
-                    if spec.pinned != e.spec.pinned {
-                        e.pinned = spec.pinned;
-                    }
-                    e.spec = spec;
+                    e.adopt(spec);
                 }
                 Some(e) => e.replacement = Some(Replacement::Spec(spec)),
             }
@@ -821,6 +825,11 @@ impl Governor {
         entry.idle_since_ms = now;
         let caused_load = entry.load_started_by_request;
         entry.load_started_by_request = false;
+        if entry.replacement.is_some() {
+            // Reconfigured while it loaded: its requests wait for the new spec; `settle_replacements`
+            // (after every event) unloads this load at once.
+            return;
+        }
         let waiters = std::mem::take(&mut entry.waiters);
         // A measurement above the prediction can push the ledger over the ceiling: restore it by evicting
         // idle models, or, failing that, this one.
@@ -1044,7 +1053,7 @@ impl Governor {
         };
         match entry.replacement.take() {
             Some(Replacement::Spec(spec)) => {
-                entry.pinned = spec.pinned;
+                // What was measured of the old files says nothing of the new ones.
                 entry.kv_tokens = spec.footprint.context_tokens;
                 entry.measured_static = None;
                 entry.measured_total = None;
@@ -1053,7 +1062,7 @@ impl Governor {
                 if entry.residency == Residency::Failed {
                     entry.residency = Residency::Unloaded;
                 }
-                entry.spec = spec;
+                entry.adopt(spec);
             }
             Some(Replacement::Remove) => {
                 let waiters = self

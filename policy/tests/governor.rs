@@ -385,6 +385,43 @@ fn reconfiguration_waits_for_running_requests() {
     assert!(!h.evictions().iter().any(|(m, _)| m == "c"));
 }
 
+/// A model reconfigured while it loads: the requests waiting for that load are not served by the old
+/// spec; the load is undone and they are served by the new one.
+#[test]
+fn reconfiguration_during_a_load_serves_the_new_spec() {
+    let mut h = Harness::new(10, vec![spec("a", 1)]);
+    let (id, actions) = h.request("a", RequestKind::Use);
+    assert!(actions.iter().any(|x| matches!(x, Action::Load { .. })));
+    let mut a2 = spec("a", 2);
+    a2.footprint.context_tokens = 2048;
+    let plan = h
+        .gov
+        .reconfigure(vec![ModelChange::Reload(a2.clone())], h.now);
+    h.record(plan);
+    let after = h.settle();
+    let admitted_at = h
+        .log
+        .iter()
+        .position(|x| matches!(x, Action::Admit { id: i, .. } if *i == id))
+        .expect("admitted");
+    let unloaded_at = h
+        .log
+        .iter()
+        .position(|x| {
+            matches!(
+                x,
+                Action::Unload {
+                    reason: EvictReason::Reconfigured,
+                    ..
+                }
+            )
+        })
+        .expect("the old load is undone");
+    assert!(unloaded_at < admitted_at, "{after:?}");
+    assert_eq!(h.gov.model("a", h.now).unwrap().footprint, a2.footprint);
+    assert_eq!(h.gov.model("a", h.now).unwrap().in_flight, 1);
+}
+
 #[test]
 fn keep_alive_expiry_unloads_idle_models_only() {
     let mut a = spec("a", 1);
