@@ -412,8 +412,8 @@ impl std::fmt::Debug for LoadedModelBox {
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::UnboundedSender<Msg>,
-    /// Swapped by a reload; request handlers read the current one.
-    registry: Arc<std::sync::RwLock<Arc<Registry>>>,
+    /// The state owner's registry, which it swaps on a reload; request handlers read the current one.
+    registry: SharedRegistry,
     /// What a reload needs: the configuration file, the engine to inspect with, and one reload at a time.
     reload: Arc<ReloadSource>,
     events: broadcast::Sender<Stamped>,
@@ -543,21 +543,14 @@ impl Handle {
                 message: e.to_string(),
             }
         })?;
-        let registry = Arc::new(registry);
-        let summary = self
-            .ask(|reply| Msg::Reload {
-                registry: registry.clone(),
-                reuse,
-                router,
-                model_roots,
-                reply,
-            })
-            .await?;
-        *self
-            .registry
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = registry;
-        Ok(summary)
+        self.ask(|reply| Msg::Reload {
+            registry: Arc::new(registry),
+            reuse,
+            router,
+            model_roots,
+            reply,
+        })
+        .await
     }
 
     /// Resolves a model name, alias or route to a configured model that can serve.
@@ -683,6 +676,9 @@ impl Handle {
     }
 }
 
+/// The registry the state owner publishes to its handles.
+type SharedRegistry = Arc<std::sync::RwLock<Arc<Registry>>>;
+
 /// What [`Handle::reload`] reads.
 struct ReloadSource {
     file: std::path::PathBuf,
@@ -717,6 +713,8 @@ struct Supervisor {
     governor: Governor,
     router: Router,
     registry: Arc<Registry>,
+    /// Where `registry` is published to the handles (swapped with it, in the same message).
+    published: SharedRegistry,
     engine: Arc<dyn Engine>,
     workers: BTreeMap<String, Worker>,
     waiting: BTreeMap<RequestId, Waiter>,
@@ -788,10 +786,12 @@ pub fn start(
         crate::probe::ProbeSource::File(_) => "file".to_string(),
         crate::probe::ProbeSource::Os => std::env::consts::OS.to_string(),
     };
+    let published: SharedRegistry = Arc::new(std::sync::RwLock::new(registry.clone()));
     let sup = Supervisor {
         governor,
         router,
         registry: registry.clone(),
+        published: published.clone(),
         engine,
         workers: BTreeMap::new(),
         waiting: BTreeMap::new(),
@@ -866,7 +866,7 @@ pub fn start(
     });
     Handle {
         tx,
-        registry: Arc::new(std::sync::RwLock::new(registry)),
+        registry: published,
         reload: Arc::new(ReloadSource {
             file: config.file.clone(),
             engine: reload_engine,
@@ -1213,13 +1213,19 @@ impl Supervisor {
             unchanged = summary.unchanged,
             "configuration reloaded"
         );
+        *self
+            .published
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = registry.clone();
         self.registry = registry;
         self.router = router;
         self.model_roots = model_roots;
+        let mut forgot = false;
         for name in &summary.removed {
-            if self.desired.pinned.remove(name) | self.desired.loaded.remove(name) {
-                self.save_desired();
-            }
+            forgot |= self.desired.pinned.remove(name) | self.desired.loaded.remove(name);
+        }
+        if forgot {
+            self.save_desired();
         }
         let plan = self.governor.reconfigure(changes, now);
         self.execute(plan);

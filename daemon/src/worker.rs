@@ -765,6 +765,9 @@ impl<'a> StepLoop<'a> {
         if a.paused {
             self.counters.paused.fetch_sub(1, Ordering::Relaxed);
         }
+        // The gauges show the sequence gone before its client can see it end, so a scrape that
+        // follows the last event never counts it as running.
+        self.publish();
         let c = self.counters;
         c.prompt_tokens
             .fetch_add(a.seq.prompt_tokens() as u64, Ordering::Relaxed);

@@ -82,10 +82,9 @@ pub struct HfModel {
 }
 
 /// The folder's files mapped for a load.
-pub struct HfWeights {
+pub struct HfWeights<'a> {
     maps: Vec<memmap2::Mmap>,
-    recipes: BTreeMap<String, Recipe>,
-    dir: PathBuf,
+    model: &'a HfModel,
 }
 
 /// Bytes of one tensor in ggml's layout: a slice of a mapped file, or a converted copy kept 8-byte
@@ -107,36 +106,16 @@ impl std::ops::Deref for TensorBytes<'_> {
     fn deref(&self) -> &[u8] {
         match self {
             Self::Mapped(b) => b,
-            Self::Owned { words, len } => {
-                let all: &[u8] = bytemuck_bytes(words);
-                &all[..*len]
-            }
+            Self::Owned { words, len } => &bytemuck::cast_slice::<u64, u8>(words)[..*len],
         }
     }
 }
 
-fn bytemuck_bytes(words: &[u64]) -> &[u8] {
-    // SAFETY: u64 has no padding and any byte pattern is a valid u8; the slice covers exactly the words.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words))
-    }
-}
-
-fn bytemuck_bytes_mut(words: &mut [u64]) -> &mut [u8] {
-    // SAFETY: as above, and the borrow is unique.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::slice::from_raw_parts_mut(
-            words.as_mut_ptr().cast::<u8>(),
-            std::mem::size_of_val(words),
-        )
-    }
-}
-
-/// A zeroed, 8-byte aligned buffer of `len` bytes.
-fn owned(len: usize) -> (Vec<u64>, usize) {
-    (vec![0u64; len.div_ceil(8)], len)
+/// A zeroed, 8-byte aligned buffer of `len` bytes, filled by `fill` through its bytes.
+fn owned(len: usize, fill: impl FnOnce(&mut [u8])) -> TensorBytes<'static> {
+    let mut words = vec![0u64; len.div_ceil(8)];
+    fill(&mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len]);
+    TensorBytes::Owned { words, len }
 }
 
 impl HfModel {
@@ -395,28 +374,25 @@ impl HfModel {
     }
 
     /// Maps the folder's files for a load.
-    pub fn open(&self) -> Result<HfWeights, EngineError> {
+    pub fn open(&self) -> Result<HfWeights<'_>, EngineError> {
         let maps = self
             .files
             .iter()
             .map(|p| crate::map_file(p))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(HfWeights {
-            maps,
-            recipes: self.recipes.clone(),
-            dir: self.header.path.clone(),
-        })
+        Ok(HfWeights { maps, model: self })
     }
 }
 
-impl HfWeights {
+impl HfWeights<'_> {
     /// The bytes of tensor `name` (a GGUF name) in ggml's layout, converted as its recipe says.
     pub fn bytes(&self, name: &str) -> Result<TensorBytes<'_>, EngineError> {
         let recipe = self
+            .model
             .recipes
             .get(name)
             .ok_or_else(|| EngineError::MissingTensor {
-                path: self.dir.display().to_string(),
+                path: self.model.header.path.display().to_string(),
                 name: name.to_string(),
             })?;
         self.make(name, recipe)
@@ -427,7 +403,7 @@ impl HfWeights {
             .get(s.file)
             .and_then(|m| m.get(s.tensor.start..s.tensor.end))
             .ok_or_else(|| EngineError::CorruptModel {
-                path: self.dir.display().to_string(),
+                path: self.model.header.path.display().to_string(),
                 reason: format!("tensor {name} lies outside its mapped file"),
             })
     }
@@ -442,14 +418,13 @@ impl HfWeights {
                     return Ok(TensorBytes::Mapped(bytes));
                 }
                 let rows = src.tensor.shape.first().copied().unwrap_or(1).max(1);
-                let row = bytes.len() / rows;
-                let (mut words, len) = owned(bytes.len());
-                let out = &mut bytemuck_bytes_mut(&mut words)[..len];
-                for (i, dst) in out.chunks_mut(row.max(1)).enumerate() {
-                    let j = permute.map_or(i, |heads| permuted_row(i, rows, heads));
-                    dst.copy_from_slice(&bytes[j * row..(j + 1) * row]);
-                }
-                Ok(TensorBytes::Owned { words, len })
+                let row = (bytes.len() / rows).max(1);
+                Ok(owned(bytes.len(), |out| {
+                    for (i, dst) in out.chunks_mut(row).enumerate() {
+                        let j = permute.map_or(i, |heads| permuted_row(i, rows, heads));
+                        dst.copy_from_slice(&bytes[j * row..(j + 1) * row]);
+                    }
+                }))
             }
             Recipe::Mlx {
                 weight,
@@ -483,21 +458,21 @@ impl HfWeights {
                 } else {
                     q.out_row_bytes()
                 };
-                let (mut words, len) = owned(rows * row_bytes);
-                let out = &mut bytemuck_bytes_mut(&mut words)[..len];
-                out.par_chunks_mut(row_bytes)
-                    .enumerate()
-                    .for_each(|(i, dst)| {
-                        let base = i - i % per;
-                        let j = base
-                            + permute.map_or(i % per, |heads| permuted_row(i % per, per, heads));
-                        if *dequantize {
-                            q.dequantize_row(j, dst);
-                        } else {
-                            q.convert_row(j, dst);
-                        }
-                    });
-                Ok(TensorBytes::Owned { words, len })
+                Ok(owned(rows * row_bytes, |out| {
+                    out.par_chunks_mut(row_bytes)
+                        .enumerate()
+                        .for_each(|(i, dst)| {
+                            let base = i - i % per;
+                            let j = base
+                                + permute
+                                    .map_or(i % per, |heads| permuted_row(i % per, per, heads));
+                            if *dequantize {
+                                q.dequantize_row(j, dst);
+                            } else {
+                                q.convert_row(j, dst);
+                            }
+                        });
+                }))
             }
             Recipe::Stack(parts) => {
                 let made = parts
@@ -505,24 +480,19 @@ impl HfWeights {
                     .map(|p| self.make(name, p))
                     .collect::<Result<Vec<_>, _>>()?;
                 let len: usize = made.iter().map(|m| m.len()).sum();
-                let (mut words, _) = owned(len);
-                let out = bytemuck_bytes_mut(&mut words);
-                let mut at = 0;
-                for m in &made {
-                    out[at..at + m.len()].copy_from_slice(m);
-                    at += m.len();
-                }
-                Ok(TensorBytes::Owned { words, len })
+                Ok(owned(len, |out| {
+                    let mut at = 0;
+                    for m in &made {
+                        out[at..at + m.len()].copy_from_slice(m);
+                        at += m.len();
+                    }
+                }))
             }
-            Recipe::Computed(values) => {
-                let len = values.len() * 4;
-                let (mut words, _) = owned(len);
-                let out = bytemuck_bytes_mut(&mut words);
+            Recipe::Computed(values) => Ok(owned(values.len() * 4, |out| {
                 for (dst, v) in out.chunks_mut(4).zip(values) {
                     dst.copy_from_slice(&v.to_le_bytes());
                 }
-                Ok(TensorBytes::Owned { words, len })
-            }
+            })),
         }
     }
 }
@@ -574,47 +544,62 @@ impl MlxRows<'_> {
         }
     }
 
-    /// The quantized value of element `k` of row `r`.
-    fn q(&self, r: usize, k: usize) -> u8 {
+    /// The 32 quantized values of row `r` from element `k0` (a multiple of 32): `bits` packed words.
+    fn block(&self, r: usize, k0: usize) -> [u8; 32] {
         let per_word = 32 / self.bits;
-        let word = r * (self.cols / per_word) + k / per_word;
-        let at = 4 * word;
-        let v = u32::from_le_bytes([self.w[at], self.w[at + 1], self.w[at + 2], self.w[at + 3]]);
-        ((v >> ((k % per_word) * self.bits)) & ((1u32 << self.bits) - 1)) as u8
+        let first = 4 * (r * (self.cols / per_word) + k0 / per_word);
+        let mask = (1u32 << self.bits) - 1;
+        let mut q = [0u8; 32];
+        for (w, values) in self.w[first..first + 4 * self.bits]
+            .chunks_exact(4)
+            .zip(q.chunks_mut(per_word))
+        {
+            let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            for (i, x) in values.iter_mut().enumerate() {
+                *x = ((v >> (i * self.bits)) & mask) as u8;
+            }
+        }
+        q
+    }
+
+    /// The scale and bias of the group holding element `k` of row `r`.
+    fn group_of(&self, r: usize, k: usize) -> (f32, f32) {
+        let g = r * (self.cols / self.group) + k / self.group;
+        (self.float(self.s, g), self.float(self.b, g))
     }
 
     /// Writes row `r` as f32 values (`scale·q + bias`) into `dst`.
     fn dequantize_row(&self, r: usize, dst: &mut [u8]) {
-        let groups = self.cols / self.group;
-        for (k, out) in dst.chunks_mut(4).enumerate() {
-            let g = r * groups + k / self.group;
-            let w = self.float(self.s, g) * f32::from(self.q(r, k)) + self.float(self.b, g);
-            out.copy_from_slice(&w.to_le_bytes());
+        for (blk, out) in dst.chunks_mut(32 * 4).enumerate() {
+            let k0 = blk * 32;
+            let (scale, bias) = self.group_of(r, k0);
+            for (q, o) in self.block(r, k0).iter().zip(out.chunks_mut(4)) {
+                o.copy_from_slice(&(scale * f32::from(*q) + bias).to_le_bytes());
+            }
         }
     }
 
     /// Writes row `r` as ggml blocks into `dst`.
     fn convert_row(&self, r: usize, dst: &mut [u8]) {
-        let groups = self.cols / self.group;
         for (blk, out) in dst
             .chunks_mut(if self.bits == 4 { 20 } else { 34 })
             .enumerate()
         {
             let k0 = blk * 32;
-            let g = r * groups + k0 / self.group;
-            let (scale, bias) = (self.float(self.s, g), self.float(self.b, g));
+            let (scale, bias) = self.group_of(r, k0);
+            let q = self.block(r, k0);
             if self.bits == 4 {
                 // block_q4_1: d, m (f16), then 16 bytes: element j in the low nibble, j + 16 in the high.
                 out[0..2].copy_from_slice(&half::f16::from_f32(scale).to_le_bytes());
                 out[2..4].copy_from_slice(&half::f16::from_f32(bias).to_le_bytes());
                 for j in 0..16 {
-                    out[4 + j] = self.q(r, k0 + j) | (self.q(r, k0 + j + 16) << 4);
+                    out[4 + j] = q[j] | (q[j + 16] << 4);
                 }
             } else {
                 // block_q8_0 of the dequantized values, as ggml's quantize_row_q8_0.
                 let mut w = [0f32; 32];
-                for (j, x) in w.iter_mut().enumerate() {
-                    *x = scale * f32::from(self.q(r, k0 + j)) + bias;
+                for (x, qv) in w.iter_mut().zip(q) {
+                    *x = scale * f32::from(qv) + bias;
                 }
                 let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                 let d = amax / 127.0;
@@ -842,7 +827,7 @@ fn read_safetensors(dir: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, Stored
             files.dedup();
             files
         }
-        Err(_) => std::fs::read_dir(dir)
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::read_dir(dir)
             .map_err(|e| EngineError::Io {
                 path: dir.display().to_string(),
                 source: e,
@@ -851,6 +836,12 @@ fn read_safetensors(dir: &Path) -> Result<(Vec<PathBuf>, BTreeMap<String, Stored
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".safetensors"))
             .collect(),
+        Err(e) => {
+            return Err(EngineError::Io {
+                path: index.display().to_string(),
+                source: e,
+            });
+        }
     };
     names.sort();
     if names.is_empty() {
@@ -1071,7 +1062,7 @@ mod tests {
         let deq = converted(&rows, GgmlDType::Q8_0);
         for (k, got) in deq.iter().enumerate() {
             let (scale, bias) = if k < 64 { (0.01, -1.0) } else { (0.02, 0.5) };
-            let exact = |k: usize| scale * f32::from(rows.q(0, k)) + bias;
+            let exact = |k: usize| scale * f32::from(rows.block(0, k / 32 * 32)[k % 32]) + bias;
             let block = k / 32 * 32;
             let amax = (block..block + 32).fold(0f32, |m, j| m.max(exact(j).abs()));
             // Half of Q8_0's step (max |w| / 127 of the block) plus the f16 rounding of that step.

@@ -398,30 +398,28 @@ impl Engine for CandleEngine {
                 Ok(LoadedModel::Encoder(Box::new(model)))
             }
             ModelKind::Chat | ModelKind::Completion => {
-                let files = hf::DecoderFiles::read(&source.path)?;
-                let transformer = match &files {
-                    hf::DecoderFiles::Gguf(header) => {
-                        let map = map_file(&source.path)?;
-                        let src = WeightSource {
-                            header,
-                            data: WeightData::Gguf(&map),
-                            device: &self.device,
-                            progress,
-                            dequantize: self.dequantize,
-                        };
-                        Transformer::load(&src, inspection.context)?
-                    }
-                    hf::DecoderFiles::Folder(model) => {
-                        let weights = model.open()?;
-                        let src = WeightSource {
-                            header: &model.header,
-                            data: WeightData::Folder(&weights),
-                            device: &self.device,
-                            progress,
-                            dequantize: self.dequantize,
-                        };
-                        Transformer::load(&src, inspection.context)?
-                    }
+                // The file's mapping ends with this block, once its tensors are on the device.
+                let transformer = {
+                    let files = hf::DecoderFiles::read(&source.path)?;
+                    let (map, weights);
+                    let data = match &files {
+                        hf::DecoderFiles::Gguf(_) => {
+                            map = map_file(&source.path)?;
+                            WeightData::Gguf(&map)
+                        }
+                        hf::DecoderFiles::Folder(model) => {
+                            weights = model.open()?;
+                            WeightData::Folder(&weights)
+                        }
+                    };
+                    let src = WeightSource {
+                        header: files.header(),
+                        data,
+                        device: &self.device,
+                        progress,
+                        dequantize: self.dequantize,
+                    };
+                    Transformer::load(&src, inspection.context)?
                 };
                 let max_sequences = source.max_sequences.max(1) as usize;
                 let layout = transformer.kv_layout().clone();

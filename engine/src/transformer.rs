@@ -27,7 +27,7 @@ pub enum WeightData<'a> {
     /// A whole mapped GGUF file.
     Gguf(&'a [u8]),
     /// A model folder's mapped safetensors, converted tensor by tensor.
-    Folder(&'a crate::hf::HfWeights),
+    Folder(&'a crate::hf::HfWeights<'a>),
 }
 
 /// Reads tensors out of a mapped GGUF file (or a model folder) onto a device, counting bytes for progress
