@@ -17,8 +17,11 @@
 //! The prefix cache: each full block's content is keyed by a hash chained over every token up to its end.
 //! After a step, the blocks it filled are registered under their keys ([`Scheduler::step_done`]); a
 //! sequence admitted later looks its prompt up block by block and starts after the longest cached prefix
-//! (leaving its last two tokens to compute),
-//! holding those blocks by reference. Nothing ever writes a block while it is cached. Plain groups share
+//! (leaving its last two tokens to compute), holding those blocks by reference. Where its prompt diverges
+//! inside a block, the leading tokens it shares with a cached block that follows the same prefix are
+//! reused too: the plan copies that block into a fresh one ([`StepPlan::copies`]), which the sequence
+//! writes on from the first token it does not share, as llama.cpp reuses its slot's common prefix to the
+//! token. Nothing ever writes a block while it is cached. Plain groups share
 //! cached blocks (a sequence only writes past its prefix). Ring blocks are never shared, because a ring
 //! overwrites its own slots in place: a sequence that reuses a prefix gets fresh ring blocks that the plan
 //! fills by copying the cached ones ([`StepPlan::copies`]), and before a ring laps over a block that is
@@ -331,7 +334,9 @@ impl Scheduler {
                         Some(r) if k + r > last => seq.tables[g][k % r],
                         Some(_) => continue,
                     };
-                    self.pools[g].register(b, seq.hashes[k]);
+                    let parent = k.checked_sub(1).map_or(0, |p| seq.hashes[p]);
+                    let tokens = &seq.tokens[k * bt..(k + 1) * bt];
+                    self.pools[g].register(b, seq.hashes[k], parent, tokens);
                 }
                 seq.registered[g] = seq.registered[g].max(full);
             }
@@ -439,10 +444,9 @@ impl Scheduler {
                     .collect(),
                 None => seq.tables.iter().map(Vec::len).collect(),
             };
-            let taken = reuse.as_ref().map_or_else(
-                || vec![0; self.pools.len()],
-                |r| self.taken_from_cache(&r.tables),
-            );
+            let taken = reuse
+                .as_ref()
+                .map_or_else(|| vec![0; self.pools.len()], |r| self.taken_from_cache(r));
             // One block per running sequence stays free for its growth, so that an admission is not
             // preempted again at the next block boundary of an older sequence.
             let reserve = self.running.len();
@@ -595,10 +599,11 @@ impl Scheduler {
         }
     }
 
-    /// The longest cached prefix of waiting sequence `id`'s tokens (whole blocks, leaving at least the
-    /// last two tokens to compute: the last for its logits, and two so that the prompt's last step has
-    /// several rows, as a cold prefill's has — Candle's CPU Q6_K kernel for one row rounds differently),
-    /// when the cache is on and it has computed nothing.
+    /// The longest cached prefix of waiting sequence `id`'s tokens, when the cache is on and it has
+    /// computed nothing: whole blocks, then the leading tokens it shares with a cached block that follows
+    /// them (copied into a fresh block), leaving at least the last two tokens to compute — the last for
+    /// its logits, and two so that the prompt's last step has several rows, as a cold prefill's has
+    /// (Candle's CPU Q6_K kernel for one row rounds differently).
     fn lookup(&mut self, id: SeqId) -> Option<Reuse> {
         let bt = self.config.block_tokens.max(1);
         let seq = self.seqs.get_mut(&id)?;
@@ -632,7 +637,8 @@ impl Scheduler {
         while n > 0 && !ring_ok(n) {
             n -= 1;
         }
-        if n == 0 {
+        let partial = self.partial(&seq.tokens, hashes, n);
+        if n == 0 && partial.is_none() {
             return None;
         }
         let tables = self
@@ -660,18 +666,62 @@ impl Scheduler {
             })
             .collect();
         Some(Reuse {
-            positions: n * bt,
+            positions: n * bt + partial.as_ref().map_or(0, |p| p.tokens),
             tables,
+            partial,
         })
     }
 
-    /// Per group, the blocks of `tables` that reusing them takes out of the available count.
-    fn taken_from_cache(&self, tables: &[Vec<BlockId>]) -> Vec<usize> {
-        tables
+    /// After `n` reused whole blocks of `tokens` (keyed `hashes`), the cached block that shares the most
+    /// leading tokens with the next block, cached in every group (at most the tokens before the last
+    /// two).
+    fn partial(&self, tokens: &[u32], hashes: &[BlockHash], n: usize) -> Option<Partial> {
+        let bt = self.config.block_tokens.max(1);
+        let start = n * bt;
+        let most = tokens.len().saturating_sub(2).saturating_sub(start).min(bt);
+        if most == 0 {
+            return None;
+        }
+        let next = &tokens[start..start + most];
+        let parent = n.checked_sub(1).map_or(0, |p| hashes[p]);
+        // Plain groups register every full block; rings only those still in their ring.
+        let index = self
+            .config
+            .groups
+            .iter()
+            .position(|g| g.ring.is_none())
+            .unwrap_or(0);
+        let (shared, hash) = self.pools[index]
+            .children(parent)
+            .filter_map(|(_, hash, cached)| {
+                let shared = cached.iter().zip(next).take_while(|(a, b)| a == b).count();
+                let sources: Option<Vec<BlockId>> =
+                    self.pools.iter().map(|p| p.lookup(hash)).collect();
+                (shared > 0 && sources.is_some()).then_some((shared, hash))
+            })
+            .max_by_key(|&(shared, hash)| (shared, std::cmp::Reverse(hash)))?;
+        let sources = self
+            .pools
+            .iter()
+            .map(|p| p.lookup(hash))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Partial {
+            tokens: shared,
+            sources,
+        })
+    }
+
+    /// Per group, the blocks of `reuse` (its tables and partial block's sources) that reusing them
+    /// takes out of the available count.
+    fn taken_from_cache(&self, reuse: &Reuse) -> Vec<usize> {
+        reuse
+            .tables
             .iter()
             .enumerate()
             .map(|(g, t)| {
+                let source = reuse.partial.as_ref().map(|p| p.sources[g]);
                 t.iter()
+                    .chain(source.iter())
                     .filter(|&&b| self.pools[g].is_unreferenced(b))
                     .count()
             })
@@ -693,6 +743,15 @@ impl Scheduler {
                         self.pools[g].retain(b);
                     }
                 }
+                // A partial block's sources are held until the step has copied them.
+                if let Some(p) = &r.partial {
+                    for (g, &b) in p.sources.iter().enumerate() {
+                        self.pools[g].retain(b);
+                        self.held.push((g, b));
+                    }
+                }
+                let shared = r.partial.as_ref().map_or(0, |p| p.tokens);
+                let blocks = (r.positions - shared) / self.config.block_tokens.max(1);
                 let mut tables = r.tables;
                 for (g, group) in self.config.groups.iter().enumerate() {
                     if group.ring.is_none() {
@@ -712,7 +771,28 @@ impl Scheduler {
                         *b = fresh;
                     }
                 }
-                let blocks = r.positions / self.config.block_tokens.max(1);
+                // The partial block: a private copy the sequence writes past the shared tokens (in a
+                // ring, in the slot block `blocks` takes, after that slot's own copy).
+                if let Some(p) = &r.partial {
+                    for (g, group) in self.config.groups.iter().enumerate() {
+                        let table = &mut tables[g];
+                        let to = match group.ring {
+                            Some(ring) if table.len() >= ring => table[blocks % ring],
+                            _ => {
+                                let fresh = self.pools[g]
+                                    .alloc()
+                                    .expect("the admission checked the blocks are available");
+                                table.push(fresh);
+                                fresh
+                            }
+                        };
+                        self.copies.push(BlockMove {
+                            group: g,
+                            from: p.sources[g],
+                            to,
+                        });
+                    }
+                }
                 seq.tables = tables;
                 seq.computed = r.positions;
                 seq.registered = vec![blocks; seq.registered.len()];
@@ -886,10 +966,21 @@ impl Scheduler {
 /// A cached prefix a waiting sequence can start from.
 #[derive(Debug)]
 struct Reuse {
-    /// Positions reused (whole blocks).
+    /// Positions reused (whole blocks, then a partial block's shared tokens).
     positions: usize,
-    /// The block tables holding them, per group.
+    /// The block tables holding the whole blocks, per group.
     tables: Vec<Vec<BlockId>>,
+    /// The block after them whose leading tokens are shared, if any.
+    partial: Option<Partial>,
+}
+
+/// A cached block whose leading tokens a sequence shares: copied into a block of its own.
+#[derive(Debug)]
+struct Partial {
+    /// Leading tokens shared.
+    tokens: usize,
+    /// The cached block, per group.
+    sources: Vec<BlockId>,
 }
 
 /// Hashes `seq`'s full blocks up to `blocks` (as far as its known tokens go).

@@ -156,7 +156,8 @@ async fn pressure_empties_the_cache_before_any_budget_shrinks_and_requests_go_on
     let (_, short) = generate(&mut c, ult_tests::paris_request("smollm2")).await;
     assert!(short.completion_tokens > 0);
     // Back to normal, the budget comes back, and the long prompt is computed again: the cache was
-    // emptied.
+    // emptied. (It may reuse the few template tokens it shares with the short request served since,
+    // never a whole block.)
     std::fs::write(&probe, snapshot(0.0)).unwrap();
     let restored = next_events(&mut watch, "kv-budget").await;
     assert!(
@@ -164,5 +165,5 @@ async fn pressure_empties_the_cache_before_any_budget_shrinks_and_requests_go_on
         "{restored:?}"
     );
     let (_, again) = generate(&mut c, ask("smollm2", "What is a lighthouse?")).await;
-    assert_eq!(again.cached_tokens, 0, "{again:?}");
+    assert!(again.cached_tokens < 16, "{again:?}");
 }

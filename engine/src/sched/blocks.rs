@@ -2,7 +2,9 @@
 //! sequences (counted), and cached blocks — full blocks whose content is keyed by the hash of every token
 //! up to their end, kept after the last sequence lets go of them and reused by any later sequence with the
 //! same prefix. Unreferenced cached blocks are the first to go when a block is needed: least recently used
-//! first. Pure data, like the rest of the scheduler.
+//! first. Each cached block also keeps its tokens and its parent's key, so that a later sequence whose
+//! prompt diverges inside a block can copy the part it shares ([`GroupBlocks::children`]). Pure data, like
+//! the rest of the scheduler.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -10,6 +12,9 @@ use super::BlockId;
 
 /// The key of a full block's content: a hash chained over every token before its end.
 pub type BlockHash = u128;
+
+/// A cached block's content key, its parent's key and its tokens.
+type Entry = (BlockHash, BlockHash, Box<[u32]>);
 
 /// A group's blocks.
 #[derive(Debug, Clone)]
@@ -24,6 +29,10 @@ pub(super) struct GroupBlocks {
     hash_of: Vec<Option<BlockHash>>,
     /// Cached blocks by content key.
     by_hash: HashMap<BlockHash, BlockId>,
+    /// Each cached block's parent key (the block before it; 0 for a first block) and tokens.
+    tail_of: Vec<Option<(BlockHash, Box<[u32]>)>>,
+    /// Cached blocks by their parent's key.
+    children: HashMap<BlockHash, BTreeSet<BlockId>>,
     /// Unreferenced cached blocks by last use (oldest first).
     lru: BTreeMap<u64, BlockId>,
     /// When each unreferenced cached block was last let go of (its key in `lru`).
@@ -41,6 +50,8 @@ impl GroupBlocks {
             refs: vec![0; total],
             hash_of: vec![None; total],
             by_hash: HashMap::new(),
+            tail_of: vec![None; total],
+            children: HashMap::new(),
             lru: BTreeMap::new(),
             released_at: vec![0; total],
             clock: 0,
@@ -92,8 +103,7 @@ impl GroupBlocks {
     /// and returns it — the caller copies `b` there before anything writes. None when no block can take
     /// it: the content is forgotten.
     pub(super) fn preserve(&mut self, b: BlockId) -> Option<BlockId> {
-        let hash = self.hash_of[b as usize].take()?;
-        self.by_hash.remove(&hash);
+        let entry = self.unlink(b)?;
         let to = match self.free.pop_first() {
             Some(t) => t,
             None => {
@@ -102,8 +112,7 @@ impl GroupBlocks {
                 t
             }
         };
-        self.hash_of[to as usize] = Some(hash);
-        self.by_hash.insert(hash, to);
+        self.link(to, entry);
         self.clock += 1;
         self.released_at[to as usize] = self.clock;
         self.lru.insert(self.clock, to);
@@ -113,6 +122,23 @@ impl GroupBlocks {
     /// The cached block with content `hash`, if any.
     pub(super) fn lookup(&self, hash: BlockHash) -> Option<BlockId> {
         self.by_hash.get(&hash).copied()
+    }
+
+    /// The cached blocks that follow the content keyed `parent` (0: first blocks), with their content
+    /// keys and tokens.
+    pub(super) fn children(
+        &self,
+        parent: BlockHash,
+    ) -> impl Iterator<Item = (BlockId, BlockHash, &[u32])> + '_ {
+        self.children
+            .get(&parent)
+            .into_iter()
+            .flatten()
+            .filter_map(|&b| {
+                let hash = self.hash_of[b as usize]?;
+                let (_, tokens) = self.tail_of[b as usize].as_ref()?;
+                Some((b, hash, &tokens[..]))
+            })
     }
 
     /// True when taking block `b` would take it from the unreferenced cache (reducing what is available).
@@ -161,15 +187,45 @@ impl GroupBlocks {
         }
     }
 
-    /// Records that referenced block `b` now holds the full content `hash`. A content already cached in
-    /// another block stays there (this block stays private and is freed with its sequence).
-    pub(super) fn register(&mut self, b: BlockId, hash: BlockHash) {
+    /// Records that referenced block `b` now holds the full content `hash`: `tokens` after the content
+    /// keyed `parent`. A content already cached in another block stays there (this block stays private
+    /// and is freed with its sequence).
+    pub(super) fn register(
+        &mut self,
+        b: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[u32],
+    ) {
         let i = b as usize;
         if self.hash_of[i].is_some() || self.by_hash.contains_key(&hash) {
             return;
         }
+        self.link(b, (hash, parent, tokens.into()));
+    }
+
+    /// Makes block `b` hold cached content `entry` (content key, parent key, tokens).
+    fn link(&mut self, b: BlockId, (hash, parent, tokens): Entry) {
+        let i = b as usize;
         self.hash_of[i] = Some(hash);
         self.by_hash.insert(hash, b);
+        self.tail_of[i] = Some((parent, tokens));
+        self.children.entry(parent).or_default().insert(b);
+    }
+
+    /// Takes block `b`'s cached content out of the indexes (None if it has none).
+    fn unlink(&mut self, b: BlockId) -> Option<Entry> {
+        let i = b as usize;
+        let hash = self.hash_of[i].take()?;
+        self.by_hash.remove(&hash);
+        let (parent, tokens) = self.tail_of[i].take()?;
+        if let Some(set) = self.children.get_mut(&parent) {
+            set.remove(&b);
+            if set.is_empty() {
+                self.children.remove(&parent);
+            }
+        }
+        Some((hash, parent, tokens))
     }
 
     /// Forgets every unreferenced cached block; returns how many were dropped.
@@ -185,9 +241,7 @@ impl GroupBlocks {
 
     /// Forgets block `b`'s cached content.
     fn forget(&mut self, b: BlockId) {
-        if let Some(h) = self.hash_of[b as usize].take() {
-            self.by_hash.remove(&h);
-        }
+        self.unlink(b);
     }
 
     /// Changes the pool to `new` blocks after the caller moved every referenced block below `new`
@@ -197,19 +251,17 @@ impl GroupBlocks {
             let (f, t) = (from as usize, to as usize);
             self.refs[t] = self.refs[f];
             self.refs[f] = 0;
-            self.hash_of[t] = self.hash_of[f].take();
-            if let Some(h) = self.hash_of[t] {
-                self.by_hash.insert(h, to);
+            if let Some(entry) = self.unlink(from) {
+                self.link(to, entry);
             }
         }
         self.refs.resize(new, 0);
         self.released_at.resize(new, 0);
         for b in new..self.hash_of.len() {
-            if let Some(h) = self.hash_of[b].take() {
-                self.by_hash.remove(&h);
-            }
+            self.unlink(b as BlockId);
         }
         self.hash_of.resize(new, None);
+        self.tail_of.resize(new, None);
         self.lru
             .retain(|_, b| (*b as usize) < new && self.hash_of[*b as usize].is_some());
         self.free = (0..new as BlockId)

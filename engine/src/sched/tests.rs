@@ -317,15 +317,28 @@ fn a_shared_prefix_is_computed_once() {
         }
     );
     s.add(2, &b).unwrap();
-    // The 16 positions of the 4 blocks both share are reused; the rest (2 + 2) is computed.
-    assert_eq!(prefill(&mut s, 2), vec![(2, 16, 4, true)]);
-    assert_eq!(s.cached_tokens(2), Some(16));
+    // The 4 blocks both share are reused whole, and the fifth's 2 shared tokens are copied into a block
+    // of its own: only 2's own 2 tokens are computed.
+    let plan = s.schedule();
+    assert_eq!(
+        plan.items
+            .iter()
+            .map(|i| (i.start, i.len))
+            .collect::<Vec<_>>(),
+        vec![(18, 2)]
+    );
+    let fifth = plan.items[0].tables[0][4];
+    assert_eq!(plan.copies.len(), 1);
+    assert_eq!(plan.copies[0].to, fifth);
+    assert_ne!(plan.copies[0].from, fifth);
+    s.step_done();
+    assert_eq!(s.cached_tokens(2), Some(18));
     assert_eq!(
         s.cache_stats(),
         CacheStats {
             hits: 1,
             misses: 1,
-            tokens_saved: 16
+            tokens_saved: 18
         }
     );
     check_ownership(&s);
@@ -339,9 +352,9 @@ fn the_last_prompt_token_is_always_computed() {
     prefill(&mut s, 1);
     s.remove(1);
     s.add(2, &p).unwrap();
-    // Only the first block is reused: the last two tokens are always computed (the last for its
-    // logits), and the second block holds one of them.
-    assert_eq!(prefill(&mut s, 2), vec![(2, 4, 5, true)]);
+    // The first block is reused whole and 3 tokens of the second: the last two tokens are always
+    // computed (the last for its logits).
+    assert_eq!(prefill(&mut s, 2), vec![(2, 7, 2, true)]);
 }
 
 #[test]
@@ -467,10 +480,10 @@ fn a_preempted_sequence_recomputes_from_its_own_cached_blocks() {
     }
     assert!(preempted);
     s.remove(1);
-    // 2 comes back and finds its full blocks (its partial one went to 1); it reuses the first, since
-    // the last two tokens are always computed.
+    // 2 comes back and finds its full blocks (its partial one went to 1); it reuses the first whole and
+    // 3 tokens of the second, since the last two tokens are always computed.
     let again = prefill(&mut s, 2);
-    assert_eq!(again, vec![(2, 4, 5, true)]);
+    assert_eq!(again, vec![(2, 7, 2, true)]);
     check_ownership(&s);
 }
 
