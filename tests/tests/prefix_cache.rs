@@ -68,8 +68,8 @@ async fn a_shared_system_prompt_is_computed_once_and_gives_the_cold_text() {
     assert!(first.prompt_tokens > 1400, "{first:?}");
     assert_eq!(first.cached_tokens, 0);
     let (warm, second) = generate(&mut c, ask("smollm2", "Who keeps the lamp lit?")).await;
-    // Only the question and the template around it are computed: the system prompt's whole blocks
-    // come from the cache.
+    // Only the question and the template around it are computed: the system prompt comes from the
+    // cache, to the first token that differs.
     let own = second.prompt_tokens - second.cached_tokens;
     assert!(second.cached_tokens > 1400, "{second:?}");
     assert!(

@@ -7,10 +7,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::pretokenize::GPT2;
 use super::{GgufVocab, TokenizerError, token_type};
-
-/// GPT-2's split pattern, which a `ByteLevel` pre-tokenizer with `use_regex` applies.
-const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
     let err = |reason: String| TokenizerError::Read {

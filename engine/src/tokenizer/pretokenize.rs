@@ -36,7 +36,9 @@ pub(super) fn byte_of(c: char) -> Option<u8> {
     DECODER.get(&c).copied()
 }
 
-const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// GPT-2's split pattern (also what a `tokenizer.json` `ByteLevel` pre-tokenizer with `use_regex` applies).
+pub(super) const GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -59,19 +61,17 @@ impl PreTokenizer {
             "qwen2" | "qwen3" | "deepseek-r1-qwen" => &[QWEN2],
             _ => return None,
         };
-        let patterns = patterns
-            .iter()
-            .map(|p| Regex::new(p))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()?;
-        Some(Self { patterns })
+        Self::from_patterns(patterns).ok()
     }
 
-    /// The pre-tokenizer of split patterns read from a `tokenizer.json`, applied in order.
-    pub(super) fn from_patterns(patterns: &[String]) -> Result<Self, String> {
+    /// The pre-tokenizer of split patterns (as read from a `tokenizer.json`), applied in order.
+    pub(super) fn from_patterns(patterns: &[impl AsRef<str>]) -> Result<Self, String> {
         let patterns = patterns
             .iter()
-            .map(|p| Regex::new(p).map_err(|e| format!("split pattern {p:?}: {e}")))
+            .map(|p| {
+                let p = p.as_ref();
+                Regex::new(p).map_err(|e| format!("split pattern {p:?}: {e}"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { patterns })
     }
