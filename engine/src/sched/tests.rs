@@ -551,6 +551,43 @@ fn a_ring_keeps_what_it_laps_and_a_reuse_copies_its_window() {
     check_ownership(&s);
 }
 
+#[test]
+fn a_partial_block_is_copied_into_a_ring_slot_after_that_slots_own_copy() {
+    // As above, but the new prompt diverges inside logical block 6: 6 whole blocks are reused, then the
+    // 2 tokens it shares of block 6. Block 6 takes ring slot 0, which block 3's copy fills first, so the
+    // partial copy must come after it; the plain group copies block 6 into a block of the sequence's own.
+    let mut c = config(1, 4, 32);
+    c.prefix_cache = true;
+    c.groups.push(GroupConfig {
+        blocks: 9,
+        ring: Some(3),
+    });
+    let mut s = Scheduler::new(c);
+    let long: Vec<u32> = (0..30).collect();
+    s.add(1, &long).unwrap();
+    prefill(&mut s, 1);
+    s.remove(1);
+    s.add(2, &[&long[..26], &[99, 98, 97]].concat()).unwrap();
+    let p = s.schedule();
+    assert_eq!(items(&p), vec![(2, 26, 3, true)]);
+    let tables = &p.items[0].tables;
+    let ring: Vec<&BlockMove> = p.copies.iter().filter(|m| m.group == 1).collect();
+    assert_eq!(ring.len(), 4, "{:?}", p.copies);
+    let slot = tables[1][6 % 3];
+    let into_slot: Vec<usize> = (0..ring.len()).filter(|&i| ring[i].to == slot).collect();
+    assert_eq!(into_slot.len(), 2, "{ring:?}");
+    let plain: Vec<&BlockMove> = p.copies.iter().filter(|m| m.group == 0).collect();
+    assert_eq!(plain.len(), 1);
+    assert_eq!(plain[0].to, tables[0][6]);
+    assert_eq!(tables[0].len(), 8);
+    // The partial copy's source is block 6's cached ring block, not block 3's.
+    let (first, last) = (ring[into_slot[0]], ring[into_slot[1]]);
+    assert_ne!(first.from, last.from);
+    s.step_done();
+    assert_eq!(s.cached_tokens(2), Some(26));
+    check_ownership(&s);
+}
+
 /// An operation of the property tests.
 #[derive(Debug, Clone)]
 enum Op {
