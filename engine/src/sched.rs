@@ -432,7 +432,9 @@ impl Scheduler {
             };
             let reuse = self.lookup(id);
             let seq = &self.seqs[&id];
-            let computed = reuse.as_ref().map_or(seq.computed, |r| r.positions);
+            let computed = reuse
+                .as_ref()
+                .map_or(seq.computed, |r| r.positions(self.config.block_tokens));
             let want = seq.tokens.len() - computed;
             // A reused ring's blocks are copies into fresh blocks: it holds none yet.
             let lens: Vec<usize> = match &reuse {
@@ -666,7 +668,7 @@ impl Scheduler {
             })
             .collect();
         Some(Reuse {
-            positions: n * bt + partial.as_ref().map_or(0, |p| p.tokens),
+            blocks: n,
             tables,
             partial,
         })
@@ -691,24 +693,15 @@ impl Scheduler {
             .iter()
             .position(|g| g.ring.is_none())
             .unwrap_or(0);
-        let (shared, hash) = self.pools[index]
+        self.pools[index]
             .children(parent)
-            .filter_map(|(_, hash, cached)| {
-                let shared = cached.iter().zip(next).take_while(|(a, b)| a == b).count();
-                let sources: Option<Vec<BlockId>> =
-                    self.pools.iter().map(|p| p.lookup(hash)).collect();
-                (shared > 0 && sources.is_some()).then_some((shared, hash))
+            .filter_map(|(hash, cached)| {
+                let tokens = cached.iter().zip(next).take_while(|(a, b)| a == b).count();
+                let sources = self.pools.iter().map(|p| p.lookup(hash)).collect();
+                Some((hash, tokens)).filter(|_| tokens > 0).zip(sources)
             })
-            .max_by_key(|&(shared, hash)| (shared, std::cmp::Reverse(hash)))?;
-        let sources = self
-            .pools
-            .iter()
-            .map(|p| p.lookup(hash))
-            .collect::<Option<Vec<_>>>()?;
-        Some(Partial {
-            tokens: shared,
-            sources,
-        })
+            .max_by_key(|&((hash, tokens), _)| (tokens, std::cmp::Reverse(hash)))
+            .map(|((_, tokens), sources)| Partial { tokens, sources })
     }
 
     /// Per group, the blocks of `reuse` (its tables and partial block's sources) that reusing them
@@ -743,15 +736,15 @@ impl Scheduler {
                         self.pools[g].retain(b);
                     }
                 }
-                // A partial block's sources are held until the step has copied them.
+                // A partial block's sources are held until the step has copied them (taken before any
+                // fresh block is, so no allocation below can evict them).
                 if let Some(p) = &r.partial {
                     for (g, &b) in p.sources.iter().enumerate() {
                         self.pools[g].retain(b);
                         self.held.push((g, b));
                     }
                 }
-                let shared = r.partial.as_ref().map_or(0, |p| p.tokens);
-                let blocks = (r.positions - shared) / self.config.block_tokens.max(1);
+                let (blocks, positions) = (r.blocks, r.positions(self.config.block_tokens));
                 let mut tables = r.tables;
                 for (g, group) in self.config.groups.iter().enumerate() {
                     if group.ring.is_none() {
@@ -794,13 +787,13 @@ impl Scheduler {
                     }
                 }
                 seq.tables = tables;
-                seq.computed = r.positions;
+                seq.computed = positions;
                 seq.registered = vec![blocks; seq.registered.len()];
                 if first {
-                    seq.cached_tokens = r.positions;
+                    seq.cached_tokens = positions;
                 }
                 self.cache.hits += 1;
-                self.cache.tokens_saved += r.positions as u64;
+                self.cache.tokens_saved += positions as u64;
             }
             None if cache_on && seq.computed == 0 => self.cache.misses += 1,
             None => {}
@@ -966,12 +959,19 @@ impl Scheduler {
 /// A cached prefix a waiting sequence can start from.
 #[derive(Debug)]
 struct Reuse {
-    /// Positions reused (whole blocks, then a partial block's shared tokens).
-    positions: usize,
-    /// The block tables holding the whole blocks, per group.
+    /// Whole blocks reused.
+    blocks: usize,
+    /// The block tables holding them, per group.
     tables: Vec<Vec<BlockId>>,
     /// The block after them whose leading tokens are shared, if any.
     partial: Option<Partial>,
+}
+
+impl Reuse {
+    /// Positions reused, with blocks of `block_tokens`: the whole blocks', then the partial block's.
+    fn positions(&self, block_tokens: usize) -> usize {
+        self.blocks * block_tokens.max(1) + self.partial.as_ref().map_or(0, |p| p.tokens)
+    }
 }
 
 /// A cached block whose leading tokens a sequence shares: copied into a block of its own.

@@ -13,8 +13,16 @@ use super::BlockId;
 /// The key of a full block's content: a hash chained over every token before its end.
 pub type BlockHash = u128;
 
-/// A cached block's content key, its parent's key and its tokens.
-type Entry = (BlockHash, BlockHash, Box<[u32]>);
+/// What a cached block holds.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Its content key.
+    hash: BlockHash,
+    /// The content key of the block before it (0 for a first block).
+    parent: BlockHash,
+    /// Its tokens.
+    tokens: Box<[u32]>,
+}
 
 /// A group's blocks.
 #[derive(Debug, Clone)]
@@ -25,12 +33,10 @@ pub(super) struct GroupBlocks {
     free: BTreeSet<BlockId>,
     /// References per block (sequences whose tables hold it).
     refs: Vec<u32>,
-    /// The content key of each cached block.
-    hash_of: Vec<Option<BlockHash>>,
+    /// The content of each cached block.
+    entry_of: Vec<Option<Entry>>,
     /// Cached blocks by content key.
     by_hash: HashMap<BlockHash, BlockId>,
-    /// Each cached block's parent key (the block before it; 0 for a first block) and tokens.
-    tail_of: Vec<Option<(BlockHash, Box<[u32]>)>>,
     /// Cached blocks by their parent's key.
     children: HashMap<BlockHash, BTreeSet<BlockId>>,
     /// Unreferenced cached blocks by last use (oldest first).
@@ -48,9 +54,8 @@ impl GroupBlocks {
             total,
             free: (0..total as BlockId).collect(),
             refs: vec![0; total],
-            hash_of: vec![None; total],
+            entry_of: vec![None; total],
             by_hash: HashMap::new(),
-            tail_of: vec![None; total],
             children: HashMap::new(),
             lru: BTreeMap::new(),
             released_at: vec![0; total],
@@ -95,7 +100,7 @@ impl GroupBlocks {
 
     /// True when block `b` holds cached content.
     pub(super) fn is_cached(&self, b: BlockId) -> bool {
-        self.hash_of[b as usize].is_some()
+        self.entry_of[b as usize].is_some()
     }
 
     /// Before its holder overwrites cached block `b` in place: moves `b`'s content key to another block
@@ -124,21 +129,18 @@ impl GroupBlocks {
         self.by_hash.get(&hash).copied()
     }
 
-    /// The cached blocks that follow the content keyed `parent` (0: first blocks), with their content
+    /// The cached blocks that follow the content keyed `parent` (0: first blocks), as their content
     /// keys and tokens.
     pub(super) fn children(
         &self,
         parent: BlockHash,
-    ) -> impl Iterator<Item = (BlockId, BlockHash, &[u32])> + '_ {
+    ) -> impl Iterator<Item = (BlockHash, &[u32])> + '_ {
         self.children
             .get(&parent)
             .into_iter()
             .flatten()
-            .filter_map(|&b| {
-                let hash = self.hash_of[b as usize]?;
-                let (_, tokens) = self.tail_of[b as usize].as_ref()?;
-                Some((b, hash, &tokens[..]))
-            })
+            .filter_map(|&b| self.entry_of[b as usize].as_ref())
+            .map(|e| (e.hash, &e.tokens[..]))
     }
 
     /// True when taking block `b` would take it from the unreferenced cache (reducing what is available).
@@ -178,7 +180,7 @@ impl GroupBlocks {
         if self.refs[i] > 0 {
             return;
         }
-        if self.hash_of[i].is_some() {
+        if self.entry_of[i].is_some() {
             self.clock += 1;
             self.released_at[i] = self.clock;
             self.lru.insert(self.clock, b);
@@ -198,34 +200,38 @@ impl GroupBlocks {
         tokens: &[u32],
     ) {
         let i = b as usize;
-        if self.hash_of[i].is_some() || self.by_hash.contains_key(&hash) {
+        if self.entry_of[i].is_some() || self.by_hash.contains_key(&hash) {
             return;
         }
-        self.link(b, (hash, parent, tokens.into()));
+        let tokens = tokens.into();
+        self.link(
+            b,
+            Entry {
+                hash,
+                parent,
+                tokens,
+            },
+        );
     }
 
-    /// Makes block `b` hold cached content `entry` (content key, parent key, tokens).
-    fn link(&mut self, b: BlockId, (hash, parent, tokens): Entry) {
-        let i = b as usize;
-        self.hash_of[i] = Some(hash);
-        self.by_hash.insert(hash, b);
-        self.tail_of[i] = Some((parent, tokens));
-        self.children.entry(parent).or_default().insert(b);
+    /// Makes block `b` hold cached content `entry`.
+    fn link(&mut self, b: BlockId, entry: Entry) {
+        self.by_hash.insert(entry.hash, b);
+        self.children.entry(entry.parent).or_default().insert(b);
+        self.entry_of[b as usize] = Some(entry);
     }
 
     /// Takes block `b`'s cached content out of the indexes (None if it has none).
     fn unlink(&mut self, b: BlockId) -> Option<Entry> {
-        let i = b as usize;
-        let hash = self.hash_of[i].take()?;
-        self.by_hash.remove(&hash);
-        let (parent, tokens) = self.tail_of[i].take()?;
-        if let Some(set) = self.children.get_mut(&parent) {
+        let entry = self.entry_of[b as usize].take()?;
+        self.by_hash.remove(&entry.hash);
+        if let Some(set) = self.children.get_mut(&entry.parent) {
             set.remove(&b);
             if set.is_empty() {
-                self.children.remove(&parent);
+                self.children.remove(&entry.parent);
             }
         }
-        Some((hash, parent, tokens))
+        Some(entry)
     }
 
     /// Forgets every unreferenced cached block; returns how many were dropped.
@@ -257,15 +263,14 @@ impl GroupBlocks {
         }
         self.refs.resize(new, 0);
         self.released_at.resize(new, 0);
-        for b in new..self.hash_of.len() {
+        for b in new..self.entry_of.len() {
             self.unlink(b as BlockId);
         }
-        self.hash_of.resize(new, None);
-        self.tail_of.resize(new, None);
+        self.entry_of.resize(new, None);
         self.lru
-            .retain(|_, b| (*b as usize) < new && self.hash_of[*b as usize].is_some());
+            .retain(|_, b| (*b as usize) < new && self.entry_of[*b as usize].is_some());
         self.free = (0..new as BlockId)
-            .filter(|&b| self.refs[b as usize] == 0 && self.hash_of[b as usize].is_none())
+            .filter(|&b| self.refs[b as usize] == 0 && self.entry_of[b as usize].is_none())
             .collect();
         self.total = new;
     }

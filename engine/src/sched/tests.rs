@@ -508,8 +508,9 @@ fn ring_groups_reuse_only_a_whole_window() {
     check_ownership(&s);
 }
 
-#[test]
-fn a_ring_keeps_what_it_laps_and_a_reuse_copies_its_window() {
+/// A plain group and a ring of 3 blocks in which a 30-token prompt (`0..30`) was prefilled a block per
+/// step and removed; with the copies its laps made of cached ring blocks.
+fn a_lapped_ring() -> (Scheduler, Vec<u32>, usize) {
     // Steps of one block: each lap over a cached ring block copies it to a spare block first.
     let mut c = config(1, 4, 32);
     c.prefix_cache = true;
@@ -529,11 +530,17 @@ fn a_ring_keeps_what_it_laps_and_a_reuse_copies_its_window() {
             break;
         }
     }
+    s.remove(1);
+    (s, long, laps)
+}
+
+#[test]
+fn a_ring_keeps_what_it_laps_and_a_reuse_copies_its_window() {
+    let (mut s, long, laps) = a_lapped_ring();
     assert!(
         laps > 0,
         "the ring lapped cached blocks without keeping them"
     );
-    s.remove(1);
     // The window of a 28-position prefix (logical blocks 4, 5 and 6) is cached: 7 blocks are reused, and
     // the plan copies the three ring blocks into the new sequence's own.
     s.add(2, &[&long[..28], &[99, 98]].concat()).unwrap();
@@ -556,17 +563,7 @@ fn a_partial_block_is_copied_into_a_ring_slot_after_that_slots_own_copy() {
     // As above, but the new prompt diverges inside logical block 6: 6 whole blocks are reused, then the
     // 2 tokens it shares of block 6. Block 6 takes ring slot 0, which block 3's copy fills first, so the
     // partial copy must come after it; the plain group copies block 6 into a block of the sequence's own.
-    let mut c = config(1, 4, 32);
-    c.prefix_cache = true;
-    c.groups.push(GroupConfig {
-        blocks: 9,
-        ring: Some(3),
-    });
-    let mut s = Scheduler::new(c);
-    let long: Vec<u32> = (0..30).collect();
-    s.add(1, &long).unwrap();
-    prefill(&mut s, 1);
-    s.remove(1);
+    let (mut s, long, _) = a_lapped_ring();
     s.add(2, &[&long[..26], &[99, 98, 97]].concat()).unwrap();
     let p = s.schedule();
     assert_eq!(items(&p), vec![(2, 26, 3, true)]);
