@@ -181,16 +181,18 @@ pub fn portable(
         let lo = shape.lo(s.start);
         let fresh_k = k.narrow(0, s.row, s.len)?;
         let fresh_v = v.narrow(0, s.row, s.len)?;
-        let pooled = |t: &Tensor, idx: &Tensor| t.index_select(idx, 0)?.to_dtype(DType::F32);
-        let (keys, values) = match (gather, in_pool) {
-            (Some(idx), true) => (pooled(pool_k, idx)?, pooled(pool_v, idx)?),
+        // Keys and values by kv head, `(nkv, n_keys, hd)` in f32: the pool's slots gathered straight into
+        // that order, then the step's own rows where they are not in the pool yet.
+        let by_head = |t: &Tensor| t.transpose(0, 1)?.to_dtype(DType::F32)?.contiguous();
+        let (kt, vt) = match (gather, in_pool) {
+            (Some(idx), true) => (gather_heads(pool_k, idx)?, gather_heads(pool_v, idx)?),
             (Some(idx), false) => (
-                Tensor::cat(&[&pooled(pool_k, idx)?, &fresh_k.to_dtype(DType::F32)?], 0)?,
-                Tensor::cat(&[&pooled(pool_v, idx)?, &fresh_v.to_dtype(DType::F32)?], 0)?,
+                Tensor::cat(&[&gather_heads(pool_k, idx)?, &by_head(&fresh_k)?], 1)?,
+                Tensor::cat(&[&gather_heads(pool_v, idx)?, &by_head(&fresh_v)?], 1)?,
             ),
-            (None, _) => (fresh_k.to_dtype(DType::F32)?, fresh_v.to_dtype(DType::F32)?),
+            (None, _) => (by_head(&fresh_k)?, by_head(&fresh_v)?),
         };
-        let n_keys = keys.dim(0)?;
+        let n_keys = kt.dim(1)?;
         // (len, nh, hd) → (nkv, n_rep·len, hd): the query heads of one KV head stacked on rows.
         let q1 = q.narrow(0, s.row, s.len)?.to_dtype(DType::F32)?;
         let qs = if s.len == 1 {
@@ -202,8 +204,6 @@ pub fn portable(
                 .contiguous()?
                 .reshape((nkv, n_rep * s.len, hd))?
         };
-        let kt = keys.transpose(0, 1)?.contiguous()?; // (nkv, n_keys, hd)
-        let vt = values.transpose(0, 1)?.contiguous()?;
         let mut scores = (qs.matmul(&kt.t()?)? * f64::from(shape.scale))?;
         // A mask is needed for several rows, or when the window cuts keys the first row still sees.
         if s.len > 1 || shape.lo(s.start + s.len - 1) > lo {
@@ -225,7 +225,7 @@ pub fn portable(
                 .broadcast_add(&mask)?
                 .reshape((nkv, n_rep * s.len, n_keys))?;
         }
-        let probs = softmax_last_dim(&scores)?;
+        let probs = softmax_rows(&scores)?;
         let o = probs.matmul(&vt)?; // (nkv, n_rep·len, hd)
         if s.len == 1 {
             outs.push(o.reshape((1, nh, hd))?);
@@ -240,6 +240,143 @@ pub fn portable(
     }
     let refs: Vec<&Tensor> = outs.iter().collect();
     Tensor::cat(&refs, 0)
+}
+
+/// The pool slots `idx` of `pool` `(slots, nkv, hd)` as f32 `(nkv, idx.len(), hd)`: what
+/// `index_select` followed by a transpose gives, in one copy. On the CPU (an f32 pool) it is a custom op
+/// that copies each slot's head vectors straight to their place, split over Candle's CPU pool for long
+/// contexts; elsewhere it is those Candle ops.
+fn gather_heads(pool: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    if pool.device().is_cpu() && pool.dtype() == DType::F32 && idx.dtype() == DType::U32 {
+        return pool.apply_op2_no_bwd(idx, &GatherHeads);
+    }
+    pool.index_select(idx, 0)?
+        .to_dtype(DType::F32)?
+        .transpose(0, 1)?
+        .contiguous()
+}
+
+/// Softmax over the last dimension: Candle's `softmax_last_dim`, with its CPU arithmetic (the same
+/// max, exponentials and sum per row, so the same bits) split over Candle's CPU pool instead of rayon's,
+/// whose workers the calling thread would otherwise wake and wait for at every layer.
+fn softmax_rows(scores: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        return scores.apply_op1_no_bwd(&SoftmaxRows);
+    }
+    softmax_last_dim(scores)
+}
+
+/// [`softmax_rows`] on the CPU.
+struct SoftmaxRows;
+
+impl candle_core::CustomOp1 for SoftmaxRows {
+    fn name(&self) -> &'static str {
+        "ult-softmax-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::cpu::kernels::VecOps;
+        let candle_core::CpuStorage::F32(src) = storage else {
+            candle_core::bail!("softmax-rows: f32 is required")
+        };
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-rows: the input must be contiguous")
+        };
+        let src = &src[o1..o2];
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let rows = src.len() / width;
+        let mut dst = vec![0f32; src.len()];
+        let dst_at = dst.as_mut_ptr() as usize;
+        let row = |r: usize| {
+            let src = &src[r * width..(r + 1) * width];
+            // SAFETY: row r alone writes dst[r·width..(r + 1)·width].
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut((dst_at as *mut f32).add(r * width), width)
+            };
+            let mut max = f32::NEG_INFINITY;
+            unsafe { f32::vec_reduce_max(src.as_ptr(), &mut max, width) };
+            for (s, d) in src.iter().zip(dst.iter_mut()) {
+                *d = (*s - max).exp();
+            }
+            let mut sum_exp = 0f32;
+            unsafe { f32::vec_reduce_sum(dst.as_ptr(), &mut sum_exp, width) };
+            for d in dst.iter_mut() {
+                *d /= sum_exp
+            }
+        };
+        if src.len() < GATHER_PARALLEL_MIN {
+            (0..rows).for_each(row);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(rows, |r| r.for_each(row));
+        }
+        Ok((candle_core::CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// [`gather_heads`] on the CPU.
+struct GatherHeads;
+
+/// Below this many copied values a gather runs on the calling thread.
+const GATHER_PARALLEL_MIN: usize = 1 << 15;
+
+impl candle_core::CustomOp2 for GatherHeads {
+    fn name(&self) -> &'static str {
+        "ult-gather-heads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(pool), CpuStorage::U32(idx)) = (s1, s2) else {
+            candle_core::bail!("gather-heads: an f32 pool and u32 slots are required")
+        };
+        let (Some((p0, p1)), Some((i0, i1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("gather-heads: the pool and the slots must be contiguous")
+        };
+        let (slots, nkv, hd) = l1.shape().dims3()?;
+        let (pool, idx) = (&pool[p0..p1], &idx[i0..i1]);
+        let n = idx.len();
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= slots) {
+            candle_core::bail!("gather-heads: slot {bad} is outside the pool's {slots}")
+        }
+        let mut out = vec![0f32; nkv * n * hd];
+        // One unit: up to CHUNK slots of one kv head, written to their own part of `out`.
+        const CHUNK: usize = 64;
+        let chunks = n.div_ceil(CHUNK);
+        let out_at = out.as_mut_ptr() as usize;
+        let unit = |u: usize| {
+            let (g, c) = (u / chunks, u % chunks);
+            let (lo, hi) = (c * CHUNK, n.min((c + 1) * CHUNK));
+            // SAFETY: unit (g, c) alone writes rows lo..hi of head g, inside `out`'s nkv·n·hd values.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (out_at as *mut f32).add((g * n + lo) * hd),
+                    (hi - lo) * hd,
+                )
+            };
+            for (d, &slot) in dst.chunks_exact_mut(hd).zip(&idx[lo..hi]) {
+                let at = (slot as usize * nkv + g) * hd;
+                d.copy_from_slice(&pool[at..at + hd]);
+            }
+        };
+        let units = nkv * chunks;
+        if nkv * n * hd < GATHER_PARALLEL_MIN {
+            (0..units).for_each(unit);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(units, |r| r.for_each(unit));
+        }
+        Ok((CpuStorage::F32(out), (nkv, n, hd).into()))
+    }
 }
 
 /// Bit 31 of a key source in [`paged_meta`]'s buffer: the key is row `src & !FRESH` of the step's own keys

@@ -1,9 +1,11 @@
 //! Candle 0.11.1 `quantized/avx.rs`, vendored, with ult's additions: AVX2 dot products for Q4_1 and Q5_0
 //! (upstream runs both through scalar loops; these are ggml's x86 kernels, in its order of operations),
-//! each with a four-row variant that shares the activation load.
+//! each with a four-row variant that shares the activation load, and for Q4_1 a tile kernel (4 activation
+//! rows × 2 weight rows, `vpdpbusd` where AVX-512 VNNI is) for prefill and batched steps. All give the
+//! bits of ggml's one-row order of operations.
 use super::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K,
-    BlockQ8_0, BlockQ8_1, QK8_0, QK8_1, QK_K,
+    BlockQ8_0, BlockQ8_1, QK8_0, QK8_1, QK_K, TILE_COLS,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -75,6 +77,9 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
 
 /// ggml's `ggml_vec_dot_q4_1_q8_1` for AVX2: the nibbles (0..15) as unsigned bytes against the signed
 /// activations, per-block scales fused into one vector accumulator, the min terms summed apart.
+/// ult: a block's two f16 fields convert together ([`half_pair`]) and one multiply gives both products,
+/// `d·d` in lane 0 (broadcast as the block's scale) and `m·s` in lane 1 (summed in block order, as the
+/// scalar `summs` was): the same bits as ggml's order of operations.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
     debug_assert!(
@@ -83,31 +88,35 @@ pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) ->
     );
     unsafe {
         let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
+        let mut summs = _mm_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            summs += f16::to_f32(x.m) * f16::to_f32(y.s);
-            let d0d1 = _mm256_mul_ps(
-                _mm256_set1_ps(f16::to_f32(x.d)),
-                _mm256_set1_ps(f16::to_f32(y.d)),
+            let p = _mm_mul_ps(
+                half_pair(x as *const _ as *const u8),
+                half_pair(y as *const _ as *const u8),
             );
+            summs = _mm_add_ps(summs, p);
             let qx = bytes_from_nibbles_32(x.qs.as_ptr());
             let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let xy = mul_sum_us8_pairs_float(qx, qy);
-            acc = _mm256_fmadd_ps(d0d1, xy, acc);
+            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), xy, acc);
         }
-        hsum_float_8(acc) + summs
+        hsum_float_8(acc) + lane1(summs)
     }
+}
+
+/// Lane 1 of `v`.
+#[inline(always)]
+fn lane1(v: __m128) -> f32 {
+    let mut m = [0f32; 4];
+    unsafe { _mm_storeu_ps(m.as_mut_ptr(), v) };
+    m[1]
 }
 
 /// Four rows of Q4_1 weights against one row of activations: `vec_dot_q4_1_q8_1` of each, in exactly its
 /// order of operations per row (so the results are the same bits), with the activations' load and
 /// scales shared and four independent accumulators in flight.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) fn vec_dot_4_q4_1_q8_1(
-    n: usize,
-    xs: [&[BlockQ4_1]; 4],
-    ys: &[BlockQ8_1],
-) -> [f32; 4] {
+pub(crate) fn vec_dot_4_q4_1_q8_1(n: usize, xs: [&[BlockQ4_1]; 4], ys: &[BlockQ8_1]) -> [f32; 4] {
     debug_assert!(
         n.is_multiple_of(QK8_1),
         "vec_dot_4_q4_1_q8_1: {n} is not divisible by {QK8_1}"
@@ -115,28 +124,124 @@ pub(crate) fn vec_dot_4_q4_1_q8_1(
     let nb = ys.len().min(xs.iter().map(|x| x.len()).min().unwrap_or(0));
     unsafe {
         let mut acc = [_mm256_setzero_ps(); 4];
-        let mut summs = [0f32; 4];
+        let mut summs = [_mm_setzero_ps(); 4];
         for ib in 0..nb {
             let y = ys.get_unchecked(ib);
-            let (yd, ys_) = (f16::to_f32(y.d), f16::to_f32(y.s));
-            let d1v = _mm256_set1_ps(yd);
+            let yds = half_pair(y as *const _ as *const u8);
             let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             for r in 0..4 {
                 let x = xs[r].get_unchecked(ib);
-                summs[r] += f16::to_f32(x.m) * ys_;
-                let d0d1 = _mm256_mul_ps(_mm256_set1_ps(f16::to_f32(x.d)), d1v);
+                let p = _mm_mul_ps(half_pair(x as *const _ as *const u8), yds);
+                summs[r] = _mm_add_ps(summs[r], p);
                 let qx = bytes_from_nibbles_32(x.qs.as_ptr());
                 let xy = mul_sum_us8_pairs_float(qx, qy);
-                acc[r] = _mm256_fmadd_ps(d0d1, xy, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), xy, acc[r]);
             }
         }
         [
-            hsum_float_8(acc[0]) + summs[0],
-            hsum_float_8(acc[1]) + summs[1],
-            hsum_float_8(acc[2]) + summs[2],
-            hsum_float_8(acc[3]) + summs[3],
+            hsum_float_8(acc[0]) + lane1(summs[0]),
+            hsum_float_8(acc[1]) + lane1(summs[1]),
+            hsum_float_8(acc[2]) + lane1(summs[2]),
+            hsum_float_8(acc[3]) + lane1(summs[3]),
         ]
     }
+}
+
+/// ult: up to `TILE_ROWS` activation rows against `TILE_COLS` Q4_1 weight rows at once, for prefill
+/// and batched steps. Every (row, column) result takes exactly `vec_dot_q4_1_q8_1`'s operations in its
+/// order (the same 8-lane accumulator, the min terms summed in block order, then `hsum_float_8`), so a
+/// sequence's logits do not depend on how many rows its step has; what is shared is the work that does
+/// not touch the result: unpacking a weight block's nibbles, loading and converting an activation block.
+/// `VNNI` sums the byte products with one `vpdpbusd`, which gives the same integers as
+/// `maddubs` + `madd` (a pair of nibble-by-byte products never saturates 16 bits).
+#[inline(always)]
+unsafe fn tile_q4_1_q8_1<const R: usize, const VNNI: bool>(
+    xs: [&[BlockQ4_1]; TILE_COLS],
+    ys: [&[BlockQ8_1]; R],
+) -> [[f32; TILE_COLS]; R] {
+    debug_assert_eq!(TILE_COLS, 2);
+    let nb = xs
+        .iter()
+        .map(|x| x.len())
+        .chain(ys.iter().map(|y| y.len()))
+        .min()
+        .unwrap_or(0);
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); TILE_COLS]; R];
+        // Lanes 2 and 3: the scalar `summs += m·s` of columns 0 and 1, in the same order.
+        let mut summs = [_mm_setzero_ps(); R];
+        for ib in 0..nb {
+            let (x0, x1) = (xs[0].get_unchecked(ib), xs[1].get_unchecked(ib));
+            let qx = [
+                bytes_from_nibbles_32(x0.qs.as_ptr()),
+                bytes_from_nibbles_32(x1.qs.as_ptr()),
+            ];
+            // [d0, d1, m0, m1]
+            let dm = _mm_unpacklo_ps(
+                half_pair(x0 as *const _ as *const u8),
+                half_pair(x1 as *const _ as *const u8),
+            );
+            for r in 0..R {
+                let y = ys[r].get_unchecked(ib);
+                let yds = half_pair(y as *const _ as *const u8); // [d, s, 0, 0]
+                let yd = _mm_shuffle_ps::<0b0000_0000>(yds, yds);
+                let ysum = _mm_shuffle_ps::<0b0101_0101>(yds, yds);
+                summs[r] = _mm_add_ps(summs[r], _mm_mul_ps(dm, ysum));
+                // [d0·d, d1·d, ..]: each the product `_mm256_mul_ps` of the two broadcasts gives.
+                let d0d1 = _mm_mul_ps(dm, yd);
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let scales = [
+                    _mm256_broadcastss_ps(d0d1),
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(d0d1)),
+                ];
+                for c in 0..TILE_COLS {
+                    let xy = if VNNI {
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), qx[c], qy))
+                    } else {
+                        mul_sum_us8_pairs_float(qx[c], qy)
+                    };
+                    acc[r][c] = _mm256_fmadd_ps(scales[c], xy, acc[r][c]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE_COLS]; R];
+        for r in 0..R {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), summs[r]);
+            for c in 0..TILE_COLS {
+                out[r][c] = hsum_float_8(acc[r][c]) + m[2 + c];
+            }
+        }
+        out
+    }
+}
+
+/// The two f16 values at `p` (a block's scale and its second field) as `[a, b, 0, 0]`, converted from a
+/// fresh register: unlike a lane insert, nothing waits on an earlier value of the register.
+///
+/// # Safety
+/// `p` must point to at least 4 readable bytes.
+#[inline(always)]
+unsafe fn half_pair(p: *const u8) -> __m128 {
+    unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32))) }
+}
+
+/// [`tile_q4_1_q8_1`] for `R` rows (1 to `TILE_ROWS`) on AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn tile_q4_1_q8_1_avx2<const R: usize>(
+    xs: [&[BlockQ4_1]; TILE_COLS],
+    ys: [&[BlockQ8_1]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q4_1_q8_1::<R, false>(xs, ys) }
+}
+
+/// [`tile_q4_1_q8_1`] for `R` rows on AVX-512 VNNI (with VL: 32 vector registers, `vpdpbusd` on 256 bits).
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn tile_q4_1_q8_1_vnni<const R: usize>(
+    xs: [&[BlockQ4_1]; TILE_COLS],
+    ys: [&[BlockQ8_1]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q4_1_q8_1::<R, true>(xs, ys) }
 }
 
 /// ggml's `bytes_from_bits_32`: byte i is 0xFF where bit i of the 32 bits at `x` is set, else 0.

@@ -83,7 +83,23 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
 
     /// Generic implementation of the dot product without simd optimizations.
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
+
+    /// ult: the tile kernel of this type on this machine, if it has one: the dot products of `R`
+    /// activation rows (up to `TILE_ROWS`) with `TILE_COLS` weight rows, each the same bits as
+    /// [`Self::vec_dot`] of that pair. `matmul` uses it for steps of several rows.
+    fn tile_kernel<const R: usize>() -> Option<TileKernel<Self, R>> {
+        None
+    }
 }
+
+/// ult: a [`GgmlType::tile_kernel`]: `R` activation rows against `TILE_COLS` weight rows.
+pub type TileKernel<T, const R: usize> =
+    fn([&[T]; TILE_COLS], [&[<T as GgmlType>::VecDotType]; R]) -> [[f32; TILE_COLS]; R];
+
+/// ult: weight rows per tile of [`GgmlType::tile_kernel`].
+pub const TILE_COLS: usize = 2;
+/// ult: the most activation rows per tile of [`GgmlType::tile_kernel`].
+pub const TILE_ROWS: usize = 4;
 
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]
@@ -337,6 +353,22 @@ impl GgmlType for BlockQ4_1 {
         let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
         let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
         (d0, d1, d2, d3)
+    }
+
+    fn tile_kernel<const R: usize>() -> Option<TileKernel<Self, R>> {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            let f = crate::cpu::features::get();
+            if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
+                // SAFETY: the features the kernel is compiled for were detected above.
+                return Some(|xs, ys| unsafe { super::avx::tile_q4_1_q8_1_vnni::<R>(xs, ys) });
+            }
+            if f.avx2 && f.fma {
+                // SAFETY: as above.
+                return Some(|xs, ys| unsafe { super::avx::tile_q4_1_q8_1_avx2::<R>(xs, ys) });
+            }
+        }
+        None
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -2606,6 +2638,75 @@ pub fn matmul<T: GgmlType>(
                 pool.execute_chunked(quads_total, dot_range);
             }
             dot_tail(0);
+            return Ok(());
+        }
+
+        // ult: a type with a tile kernel takes (row tile, column pair) items: within an item, each
+        // weight block is unpacked once per TILE_ROWS rows instead of once per row.
+        if let (Some(k4), Some(k3), Some(k2), Some(k1)) = (
+            T::tile_kernel::<4>(),
+            T::tile_kernel::<3>(),
+            T::tile_kernel::<2>(),
+            T::tile_kernel::<1>(),
+        ) {
+            debug_assert_eq!(TILE_ROWS, 4);
+            let pairs = n / TILE_COLS;
+            let cols = |col: usize| -> [&[T]; TILE_COLS] {
+                std::array::from_fn(|c| {
+                    &rhs_t[(col + c) * k_in_blocks..(col + c + 1) * k_in_blocks]
+                })
+            };
+            // SAFETY (for the raw dst writes): each (row, column) belongs to one item.
+            let put = |row: usize, col: usize, vals: &[f32; TILE_COLS]| unsafe {
+                let base = (dst_ptr as *mut f32).add(row * n + col);
+                for (c, v) in vals.iter().enumerate() {
+                    *base.add(c) = *v;
+                }
+            };
+            let row_tiles = m.div_ceil(MATMUL_ROW_TILE);
+            pool.execute_chunked(row_tiles * pairs, |range| {
+                for item in range {
+                    let row_start = (item / pairs) * MATMUL_ROW_TILE;
+                    let row_end = m.min(row_start + MATMUL_ROW_TILE);
+                    let col = (item % pairs) * TILE_COLS;
+                    let xs = cols(col);
+                    let mut r = row_start;
+                    while r < row_end {
+                        let left = row_end - r;
+                        if left >= 4 {
+                            let out = k4(xs, std::array::from_fn(|i| lhs_row(r + i)));
+                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
+                            r += 4;
+                        } else if left == 3 {
+                            let out = k3(xs, std::array::from_fn(|i| lhs_row(r + i)));
+                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
+                            r += 3;
+                        } else if left == 2 {
+                            let out = k2(xs, std::array::from_fn(|i| lhs_row(r + i)));
+                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
+                            r += 2;
+                        } else {
+                            put(r, col, &k1(xs, [lhs_row(r)])[0]);
+                            r += 1;
+                        }
+                    }
+                }
+            });
+            let odd = n % TILE_COLS;
+            if odd > 0 {
+                pool.execute_chunked(m, |rows| {
+                    for row_idx in rows {
+                        for col in n - odd..n {
+                            let v = T::vec_dot(
+                                k,
+                                &rhs_t[col * k_in_blocks..(col + 1) * k_in_blocks],
+                                lhs_row(row_idx),
+                            );
+                            unsafe { *(dst_ptr as *mut f32).add(row_idx * n + col) = v };
+                        }
+                    }
+                });
+            }
             return Ok(());
         }
 

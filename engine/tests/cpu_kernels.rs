@@ -1,0 +1,91 @@
+//! ult's CPU quantized matmul kernels (the vendored candle-core's tile kernels for steps of several rows)
+//! against the one-row kernels and against f32 arithmetic on the dequantized weights.
+//!
+//! Tolerances, stated before comparing: a row's result must be the same bits whether it is multiplied
+//! alone (the decode kernel) or inside a step of any number of rows (the tile kernel, with its 1–3-row
+//! remainders and an odd last column): batched = alone depends on it. Against f32 arithmetic on the
+//! dequantized weights the only difference is the 8-bit quantization of the activations (Q8_1 blocks of
+//! 32), so the relative L2 error of a whole output is held to 1e-2 (measured ~4e-3).
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+/// Deterministic values in [-1, 1) from a seed (an LCG; no dependency).
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn check(dtype: GgmlDType, n: usize, k: usize, rows: &[usize]) {
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(values(7 + n as u64, n * k), (n, k), &dev).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let dequant = q.dequantize(&dev).unwrap();
+    let mm = QMatMul::from_qtensor(q).unwrap();
+    for &m in rows {
+        let x = Tensor::from_vec(values(100 + m as u64, m * k), (1, m, k), &dev).unwrap();
+        let all = mm.forward(&x).unwrap().squeeze(0).unwrap();
+        let all: Vec<Vec<f32>> = all.to_vec2().unwrap();
+        for (r, got) in all.iter().enumerate() {
+            let alone = mm
+                .forward(&x.narrow(1, r, 1).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let same = got
+                .iter()
+                .zip(&alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{dtype:?} {n}x{k}: row {r} of {m} differs from the row alone"
+            );
+        }
+        let reference: Vec<Vec<f32>> = x
+            .squeeze(0)
+            .unwrap()
+            .matmul(&dequant.t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let (mut err, mut norm) = (0f64, 0f64);
+        for (g, r) in all.iter().flatten().zip(reference.iter().flatten()) {
+            err += f64::from(g - r).powi(2);
+            norm += f64::from(*r).powi(2);
+        }
+        let rel = (err / norm).sqrt();
+        assert!(
+            rel < 1e-2,
+            "{dtype:?} {n}x{k}, {m} rows: relative L2 {rel:.2e} against f32"
+        );
+    }
+}
+
+#[test]
+fn q4_1_rows_of_a_step_equal_each_row_alone() {
+    // Row counts around the tile (4 rows) and the row tile (16): every remainder kernel runs; 577
+    // columns leave an odd one after the column pairs, 1536 none.
+    let rows = [1, 2, 3, 4, 5, 7, 9, 16, 17, 21, 33];
+    check(GgmlDType::Q4_1, 577, 576, &rows);
+    check(GgmlDType::Q4_1, 1536, 576, &rows);
+    check(GgmlDType::Q4_1, 576, 1536, &[1, 6, 13]);
+}
+
+#[test]
+fn other_types_rows_of_a_step_equal_each_row_alone() {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        check(dtype, 130, 256, &[1, 3, 9]);
+    }
+}
