@@ -13,8 +13,16 @@ bin=$base/build/bin
 targets=(llama-server llama-bench llama-batched-bench)
 jobs=${ULT_LLAMA_JOBS:-2}
 
+# AMX stays off: on this workplace's Sapphire Rapids VMs the CPU advertises AMX tiles, so -march=native
+# builds ggml's AMX kernels, and their first matmul dies with a general-protection fault (the VM does not
+# grant the tile state). An explicit -mno-amx-* wins over -march=native in GCC whatever their order; the
+# rest of the native ISA (AVX-512, VNNI, ggml's repacked kernels) is kept. The stamp rebuilds an older
+# AMX build once.
+flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+stamp=$base/build/ult-flags
 built() {
   local t
+  [ "$(cat "$stamp" 2>/dev/null)" = "$flags" ] || return 1
   for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
 }
 if built; then
@@ -60,9 +68,11 @@ gen=()
 if command -v ninja >/dev/null 2>&1; then gen=(-G Ninja); fi
 
 # 3. Configure and build only the needed targets.
+if [ "$(cat "$stamp" 2>/dev/null)" != "$flags" ]; then rm -rf "$base/build"; fi
 if [ ! -f "$base/build/CMakeCache.txt" ]; then
   "$cmake" -S "$llama" -B "$base/build" "${gen[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
     -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
@@ -74,5 +84,6 @@ if [ ! -f "$base/build/CMakeCache.txt" ]; then
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF >&2
 fi
 "$cmake" --build "$base/build" --config Release -j "$jobs" --target "${targets[@]}" >&2
+echo "$flags" > "$stamp"
 built || { echo "llama.cpp: build finished but ${targets[*]} are not all in $bin" >&2; exit 1; }
 echo "$bin"

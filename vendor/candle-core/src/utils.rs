@@ -1,6 +1,7 @@
 //! Candle 0.11.1 `utils.rs`, vendored with ult's patches to the CPU barrier pool: waits spin a little then
 //! yield (`backoff`), and a shared-cursor fork-join no longer waits for workers that never started
-//! (`claim`/`close`), so an oversubscribed machine costs decode its share instead of collapsing it.
+//! (`claim`/`close`), so an oversubscribed machine costs decode its share instead of collapsing it; the
+//! thread count is computed once.
 use std::any::Any;
 use std::cell::UnsafeCell;
 use std::hint::spin_loop;
@@ -510,7 +511,11 @@ fn candle_num_threads() -> usize {
 
 pub fn get_num_threads() -> usize {
     // Respond to the same environment variable as rayon.
-    rayon_num_threads()
+    // ult's patch: computed once. Every f32 matmul asks, and without a CPU mask the answer comes from
+    // num_cpus::get_physical, which reads and parses /proc/cpuinfo each time (a few ms of every decode
+    // step went there).
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(rayon_num_threads)
 }
 
 /// On Apple Silicon: P-core count via `hw.perflevel0.logicalcpu`.

@@ -63,7 +63,7 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(half1(x.d) * half1(y.d));
             let bx = bytes_from_nibbles_32(x.qs.as_ptr());
             let off = _mm256_set1_epi8(8);
             let bx = _mm256_sub_epi8(bx, off);
@@ -102,6 +102,13 @@ pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) ->
         }
         hsum_float_8(acc) + lane1(summs)
     }
+}
+
+/// `h` as f32, converted from a fresh register (`vmovd`, `vcvtph2ps`): the half crate's conversion
+/// inserts into a live register, which chains every block's conversions behind each other.
+#[inline(always)]
+fn half1(h: f16) -> f32 {
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32))) }
 }
 
 /// Lane 1 of `v`.
@@ -286,7 +293,7 @@ pub(crate) fn vec_dot_q5_0_q8_0(n: usize, xs: &[BlockQ5_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(half1(x.d) * half1(y.d));
             let qx = q5_0_bytes(x);
             let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let q = mul_sum_i8_pairs_float(qx, qy);
@@ -309,11 +316,11 @@ pub(crate) fn vec_dot_4_q5_0_q8_0(n: usize, xs: [&[BlockQ5_0]; 4], ys: &[BlockQ8
         let mut acc = [_mm256_setzero_ps(); 4];
         for ib in 0..nb {
             let y = ys.get_unchecked(ib);
-            let yd = f16::to_f32(y.d);
+            let yd = half1(y.d);
             let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             for r in 0..4 {
                 let x = xs[r].get_unchecked(ib);
-                let d = _mm256_set1_ps(f16::to_f32(x.d) * yd);
+                let d = _mm256_set1_ps(half1(x.d) * yd);
                 let q = mul_sum_i8_pairs_float(q5_0_bytes(x), qy);
                 acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
             }
@@ -336,7 +343,7 @@ pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) ->
     unsafe {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let d = _mm256_set1_ps(half1(x.d) * half1(y.d));
             let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
             let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
             let q = mul_sum_i8_pairs_float(bx, by);
@@ -406,7 +413,7 @@ pub(crate) fn vec_dot_q6k_q8k(n: usize, xs: &[BlockQ6K], ys: &[BlockQ8K]) -> f32
         let m32s = _mm256_set1_epi8(32);
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = y.d * x.d.to_f32();
+            let d = y.d * half1(x.d);
             let mut q4 = x.ql.as_ptr();
             let mut qh = x.qh.as_ptr();
             let mut q8 = y.qs.as_ptr();
@@ -500,8 +507,8 @@ pub(crate) fn vec_dot_q2k_q8k(n: usize, xs: &[BlockQ2K], ys: &[BlockQ8K]) -> f32
         let mut acc = _mm256_setzero_ps();
 
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = y.d * x.d.to_f32();
-            let dmin = -y.d * x.dmin.to_f32();
+            let d = y.d * half1(x.d);
+            let dmin = -y.d * half1(x.dmin);
 
             let mut q2 = x.qs.as_ptr();
             let mut q8 = y.qs.as_ptr();
@@ -588,7 +595,7 @@ pub(crate) fn vec_dot_q3k_q8k(n: usize, xs: &[BlockQ3K], ys: &[BlockQ8K]) -> f32
 
         let mut acc = _mm256_setzero_ps();
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = y.d * x.d.to_f32();
+            let d = y.d * half1(x.d);
 
             let mut q3 = x.qs.as_ptr();
             let mut q8 = y.qs.as_ptr();
@@ -723,8 +730,8 @@ pub(crate) fn vec_dot_q4k_q8k(n: usize, xs: &[BlockQ4K], ys: &[BlockQ8K]) -> f32
         let mut acc_m = _mm_setzero_ps();
 
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = y.d * x.d.to_f32();
-            let dmin = -y.d * x.dmin.to_f32();
+            let d = y.d * half1(x.d);
+            let dmin = -y.d * half1(x.dmin);
 
             LittleEndian::read_u32_into(&x.scales, &mut utmp[0..3]);
 
@@ -810,8 +817,8 @@ pub(crate) fn vec_dot_q5k_q8k(n: usize, xs: &[BlockQ5K], ys: &[BlockQ8K]) -> f32
         let mut summs = 0.0;
 
         for (x, y) in xs.iter().zip(ys.iter()) {
-            let d = y.d * x.d.to_f32();
-            let dmin = -y.d * x.dmin.to_f32();
+            let d = y.d * half1(x.d);
+            let dmin = -y.d * half1(x.dmin);
 
             LittleEndian::read_u32_into(&x.scales, &mut utmp[0..3]);
 
