@@ -223,6 +223,78 @@ unsafe fn tile_q4_1_q8_1<const R: usize, const VNNI: bool>(
     }
 }
 
+/// ult: up to `TILE_ROWS` activation rows against `TILE_COLS` Q5_0 weight rows at once, each (row,
+/// column) in `vec_dot_q5_0_q8_0`'s order of operations (the same bits): a weight block's 5-bit values
+/// and their magnitudes are built once for all rows; the sign transfer, which depends on both sides,
+/// stays per pair. `VNNI` sums the byte products with `vpdpbusd` (the same integers as `maddubs` +
+/// `madd`: a pair of products of at most 16·127 never saturates 16 bits).
+#[inline(always)]
+unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
+    xs: [&[BlockQ5_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    let nb = xs
+        .iter()
+        .map(|x| x.len())
+        .chain(ys.iter().map(|y| y.len()))
+        .min()
+        .unwrap_or(0);
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); TILE_COLS]; R];
+        for ib in 0..nb {
+            let mut qx = [_mm256_setzero_si256(); TILE_COLS];
+            let mut ax = [_mm256_setzero_si256(); TILE_COLS];
+            let mut xd = [0f32; TILE_COLS];
+            for c in 0..TILE_COLS {
+                let x = xs[c].get_unchecked(ib);
+                qx[c] = q5_0_bytes(x);
+                ax[c] = _mm256_sign_epi8(qx[c], qx[c]);
+                xd[c] = half1(x.d);
+            }
+            for r in 0..R {
+                let y = ys[r].get_unchecked(ib);
+                let yd = half1(y.d);
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                for c in 0..TILE_COLS {
+                    let d = _mm256_set1_ps(xd[c] * yd);
+                    let sy = _mm256_sign_epi8(qy, qx[c]);
+                    let q = if VNNI {
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax[c], sy))
+                    } else {
+                        mul_sum_us8_pairs_float(ax[c], sy)
+                    };
+                    acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE_COLS]; R];
+        for r in 0..R {
+            for c in 0..TILE_COLS {
+                out[r][c] = hsum_float_8(acc[r][c]);
+            }
+        }
+        out
+    }
+}
+
+/// [`tile_q5_0_q8_0`] for `R` rows on AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn tile_q5_0_q8_0_avx2<const R: usize>(
+    xs: [&[BlockQ5_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q5_0_q8_0::<R, false>(xs, ys) }
+}
+
+/// [`tile_q5_0_q8_0`] for `R` rows on AVX-512 VNNI.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn tile_q5_0_q8_0_vnni<const R: usize>(
+    xs: [&[BlockQ5_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q5_0_q8_0::<R, true>(xs, ys) }
+}
+
 /// The two f16 values at `p` (a block's scale and its second field) as `[a, b, 0, 0]`, converted from a
 /// fresh register: unlike a lane insert, nothing waits on an earlier value of the register.
 ///
