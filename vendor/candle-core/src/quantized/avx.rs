@@ -1,8 +1,8 @@
 //! Candle 0.11.1 `quantized/avx.rs`, vendored, with ult's additions: AVX2 dot products for Q4_1 and Q5_0
 //! (upstream runs both through scalar loops; these are ggml's x86 kernels, in its order of operations),
-//! each with a four-row variant that shares the activation load, and for Q4_1 a tile kernel (4 activation
-//! rows × 2 weight rows, `vpdpbusd` where AVX-512 VNNI is) for prefill and batched steps. All give the
-//! bits of ggml's one-row order of operations.
+//! each with a four-row variant that shares the activation load, and tile kernels for Q4_1, Q5_0 and
+//! Q8_0 (4 activation rows × 2 weight rows, `vpdpbusd` where AVX-512 VNNI is) for prefill and batched
+//! steps. All give the bits of ggml's one-row order of operations.
 use super::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ6K, BlockQ8K,
     BlockQ8_0, BlockQ8_1, QK8_0, QK8_1, QK_K, TILE_COLS,
@@ -223,15 +223,17 @@ unsafe fn tile_q4_1_q8_1<const R: usize, const VNNI: bool>(
     }
 }
 
-/// ult: up to `TILE_ROWS` activation rows against `TILE_COLS` Q5_0 weight rows at once, each (row,
-/// column) in `vec_dot_q5_0_q8_0`'s order of operations (the same bits): a weight block's 5-bit values
-/// and their magnitudes are built once for all rows; the sign transfer, which depends on both sides,
-/// stays per pair. `VNNI` sums the byte products with `vpdpbusd` (the same integers as `maddubs` +
-/// `madd`: a pair of products of at most 16·127 never saturates 16 bits).
+/// ult: up to `TILE_ROWS` activation rows against `TILE_COLS` weight rows of signed bytes (Q5_0's 5-bit
+/// values, Q8_0's bytes) with one f16 scale per block, at once; each (row, column) in
+/// `vec_dot_q5_0_q8_0`'s / `vec_dot_q8_0_q8_0`'s order of operations (the same bits): a weight block's
+/// bytes and their magnitudes are built once for all rows; the sign transfer, which depends on both
+/// sides, stays per pair. `VNNI` sums the byte products with `vpdpbusd` (the same integers as `maddubs`
+/// + `madd`: a pair of products of at most 128·127 never saturates 16 bits).
 #[inline(always)]
-unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
-    xs: [&[BlockQ5_0]; TILE_COLS],
+unsafe fn tile_signed_q8_0<X, const R: usize, const VNNI: bool>(
+    xs: [&[X]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
+    bytes: impl Fn(&X) -> (__m256i, f16),
 ) -> [[f32; TILE_COLS]; R] {
     let nb = xs
         .iter()
@@ -246,10 +248,10 @@ unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
             let mut ax = [_mm256_setzero_si256(); TILE_COLS];
             let mut xd = [0f32; TILE_COLS];
             for c in 0..TILE_COLS {
-                let x = xs[c].get_unchecked(ib);
-                qx[c] = q5_0_bytes(x);
-                ax[c] = _mm256_sign_epi8(qx[c], qx[c]);
-                xd[c] = half1(x.d);
+                let (q, d) = bytes(xs[c].get_unchecked(ib));
+                qx[c] = q;
+                ax[c] = _mm256_sign_epi8(q, q);
+                xd[c] = half1(d);
             }
             for r in 0..R {
                 let y = ys[r].get_unchecked(ib);
@@ -275,6 +277,46 @@ unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
         }
         out
     }
+}
+
+/// [`tile_signed_q8_0`] for Q5_0 weights.
+#[inline(always)]
+unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
+    xs: [&[BlockQ5_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_signed_q8_0::<_, R, VNNI>(xs, ys, |x| (q5_0_bytes(x), x.d)) }
+}
+
+/// [`tile_signed_q8_0`] for Q8_0 weights.
+#[inline(always)]
+unsafe fn tile_q8_0_q8_0<const R: usize, const VNNI: bool>(
+    xs: [&[BlockQ8_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe {
+        tile_signed_q8_0::<_, R, VNNI>(xs, ys, |x| {
+            (_mm256_loadu_si256(x.qs.as_ptr() as *const __m256i), x.d)
+        })
+    }
+}
+
+/// [`tile_q8_0_q8_0`] for `R` rows on AVX2.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn tile_q8_0_q8_0_avx2<const R: usize>(
+    xs: [&[BlockQ8_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q8_0_q8_0::<R, false>(xs, ys) }
+}
+
+/// [`tile_q8_0_q8_0`] for `R` rows on AVX-512 VNNI.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn tile_q8_0_q8_0_vnni<const R: usize>(
+    xs: [&[BlockQ8_0]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+) -> [[f32; TILE_COLS]; R] {
+    unsafe { tile_q8_0_q8_0::<R, true>(xs, ys) }
 }
 
 /// [`tile_q5_0_q8_0`] for `R` rows on AVX2.

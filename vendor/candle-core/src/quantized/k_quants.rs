@@ -818,6 +818,22 @@ impl GgmlType for BlockQ8_0 {
         (d0, d1, d2, d3)
     }
 
+    fn tile_kernel<const R: usize>() -> Option<TileKernel<Self, R>> {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        {
+            let f = crate::cpu::features::get();
+            if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
+                // SAFETY: the features the kernel is compiled for were detected above.
+                return Some(|xs, ys| unsafe { super::avx::tile_q8_0_q8_0_vnni::<R>(xs, ys) });
+            }
+            if f.avx2 && f.fma {
+                // SAFETY: as above.
+                return Some(|xs, ys| unsafe { super::avx::tile_q8_0_q8_0_avx2::<R>(xs, ys) });
+            }
+        }
+        None
+    }
+
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         debug_assert!(
             n.is_multiple_of(QK8_0),
