@@ -316,7 +316,64 @@ pub(crate) fn tile_q8_0_q8_0_vnni<const R: usize>(
     xs: [&[BlockQ8_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
-    unsafe { tile_q8_0_q8_0::<R, true>(xs, ys) }
+    unsafe {
+        tile_offset_q8_0::<_, R, 128>(xs, ys, |x| {
+            let w = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+            (_mm256_xor_si256(w, _mm256_set1_epi8(-128)), x.d)
+        })
+    }
+}
+
+/// ult, AVX-512 VNNI: [`tile_signed_q8_0`]'s results (the same bits) with one instruction per (row,
+/// column) for the integer part. The weights come offset by `K` into unsigned bytes (`w + K`), and
+/// `vpdpbusd` starts each pair's lanes from `-K·Σy` over the lane's four activations (computed once per
+/// activation block), so it yields `Σ w·y` of the same four products that `maddubs` + `madd` sum, as
+/// exact integers; the block scale is the lane-wise product of the two broadcast scales.
+#[inline(always)]
+unsafe fn tile_offset_q8_0<X, const R: usize, const K: i32>(
+    xs: [&[X]; TILE_COLS],
+    ys: [&[BlockQ8_0]; R],
+    offset_bytes: impl Fn(&X) -> (__m256i, f16),
+) -> [[f32; TILE_COLS]; R] {
+    let nb = xs
+        .iter()
+        .map(|x| x.len())
+        .chain(ys.iter().map(|y| y.len()))
+        .min()
+        .unwrap_or(0);
+    unsafe {
+        let k_bytes = _mm256_set1_epi8(K as u8 as i8);
+        let mut acc = [[_mm256_setzero_ps(); TILE_COLS]; R];
+        for ib in 0..nb {
+            let mut ux = [_mm256_setzero_si256(); TILE_COLS];
+            let mut xd = [_mm256_setzero_ps(); TILE_COLS];
+            for c in 0..TILE_COLS {
+                let (u, d) = offset_bytes(xs[c].get_unchecked(ib));
+                ux[c] = u;
+                xd[c] = _mm256_set1_ps(half1(d));
+            }
+            for r in 0..R {
+                let y = ys[r].get_unchecked(ib);
+                let yd = _mm256_set1_ps(half1(y.d));
+                let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                let start = _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), k_bytes, qy),
+                );
+                for c in 0..TILE_COLS {
+                    let q = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, ux[c], qy));
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_mul_ps(xd[c], yd), q, acc[r][c]);
+                }
+            }
+        }
+        let mut out = [[0f32; TILE_COLS]; R];
+        for r in 0..R {
+            for c in 0..TILE_COLS {
+                out[r][c] = hsum_float_8(acc[r][c]);
+            }
+        }
+        out
+    }
 }
 
 /// [`tile_q5_0_q8_0`] for `R` rows on AVX2.
@@ -334,7 +391,11 @@ pub(crate) fn tile_q5_0_q8_0_vnni<const R: usize>(
     xs: [&[BlockQ5_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
-    unsafe { tile_q5_0_q8_0::<R, true>(xs, ys) }
+    unsafe {
+        tile_offset_q8_0::<_, R, 16>(xs, ys, |x| {
+            (_mm256_add_epi8(q5_0_bytes(x), _mm256_set1_epi8(16)), x.d)
+        })
+    }
 }
 
 /// The two f16 values at `p` (a block's scale and its second field) as `[a, b, 0, 0]`, converted from a
