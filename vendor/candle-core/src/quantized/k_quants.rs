@@ -85,7 +85,8 @@ pub trait GgmlType: Sized + Clone + Send + Sync {
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32;
 
     /// ult: the tile kernel of this type on this machine, if it has one: the dot products of `R`
-    /// activation rows (up to `TILE_ROWS`) with `TILE_COLS` weight rows, each the same bits as
+    /// activation rows (1 to `TILE_ROWS`, and 8 where a kernel has the registers) with `TILE_COLS`
+    /// weight rows, each the same bits as
     /// [`Self::vec_dot`] of that pair. `matmul` uses it for steps of several rows.
     fn tile_kernel<const R: usize>() -> Option<TileKernel<Self, R>> {
         None
@@ -359,6 +360,9 @@ impl GgmlType for BlockQ4_1 {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
             let f = crate::cpu::features::get();
+            if R > TILE_ROWS {
+                return None;
+            }
             if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q4_1_q8_1_vnni::<R>(xs, ys) });
@@ -515,7 +519,7 @@ impl GgmlType for BlockQ5_0 {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q5_0_q8_0_vnni::<R>(xs, ys) });
             }
-            if f.avx2 && f.fma {
+            if f.avx2 && f.fma && R <= TILE_ROWS {
                 // SAFETY: as above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q5_0_q8_0_avx2::<R>(xs, ys) });
             }
@@ -826,7 +830,7 @@ impl GgmlType for BlockQ8_0 {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q8_0_q8_0_vnni::<R>(xs, ys) });
             }
-            if f.avx2 && f.fma {
+            if f.avx2 && f.fma && R <= TILE_ROWS {
                 // SAFETY: as above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q8_0_q8_0_avx2::<R>(xs, ys) });
             }
@@ -2681,7 +2685,8 @@ pub fn matmul<T: GgmlType>(
             T::tile_kernel::<2>(),
             T::tile_kernel::<1>(),
         ) {
-            debug_assert_eq!(TILE_ROWS, 4);
+            // Eight-row tiles where the type's kernel has the registers for them (AVX-512).
+            let k8 = T::tile_kernel::<8>();
             let pairs = n / TILE_COLS;
             let cols = |col: usize| -> [&[T]; TILE_COLS] {
                 std::array::from_fn(|c| {
@@ -2705,7 +2710,11 @@ pub fn matmul<T: GgmlType>(
                     let mut r = row_start;
                     while r < row_end {
                         let left = row_end - r;
-                        if left >= 4 {
+                        if let (Some(k8), true) = (k8, left >= 8) {
+                            let out = k8(xs, std::array::from_fn(|i| lhs_row(r + i)));
+                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
+                            r += 8;
+                        } else if left >= 4 {
                             let out = k4(xs, std::array::from_fn(|i| lhs_row(r + i)));
                             out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
                             r += 4;
