@@ -107,6 +107,19 @@ fn q8_0_rows_of_a_step_equal_each_row_alone() {
     );
 }
 
+/// The AVX2 tiles (the sign-transfer Q5_0/Q8_0 kernels, Q4_1 without `vpdpbusd`), which a machine with
+/// AVX-512 VNNI would not otherwise run: `MISTRALRS_FORCE_AVX2=1` is read once per process, and nextest
+/// (`scripts/test.sh`) runs each test in its own.
+#[test]
+fn avx2_tiles_give_the_same_bits_as_the_one_row_kernels() {
+    // SAFETY: set before any matmul of this process reads it, and no other thread reads the environment.
+    unsafe { std::env::set_var("MISTRALRS_FORCE_AVX2", "1") };
+    let rows = [1, 2, 3, 4, 5, 8, 9, 17];
+    check(GgmlDType::Q4_1, 577, 576, &rows);
+    check(GgmlDType::Q5_0, 641, 640, &rows);
+    check(GgmlDType::Q8_0, 641, 640, &rows);
+}
+
 #[test]
 fn other_types_rows_of_a_step_equal_each_row_alone() {
     check(GgmlDType::Q4_0, 130, 256, &[1, 3, 9]);

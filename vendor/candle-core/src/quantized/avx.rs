@@ -223,14 +223,13 @@ unsafe fn tile_q4_1_q8_1<const R: usize, const VNNI: bool>(
     }
 }
 
-/// ult: up to `TILE_ROWS` activation rows against `TILE_COLS` weight rows of signed bytes (Q5_0's 5-bit
-/// values, Q8_0's bytes) with one f16 scale per block, at once; each (row, column) in
+/// ult, AVX2: up to `TILE_ROWS` activation rows against `TILE_COLS` weight rows of signed bytes (Q5_0's
+/// 5-bit values, Q8_0's bytes) with one f16 scale per block, at once; each (row, column) in
 /// `vec_dot_q5_0_q8_0`'s / `vec_dot_q8_0_q8_0`'s order of operations (the same bits): a weight block's
 /// bytes and their magnitudes are built once for all rows; the sign transfer, which depends on both
-/// sides, stays per pair. `VNNI` sums the byte products with `vpdpbusd` (the same integers as `maddubs`
-/// + `madd`: a pair of products of at most 128·127 never saturates 16 bits).
+/// sides, stays per pair. (AVX-512 VNNI takes [`tile_offset_q8_0`] instead.)
 #[inline(always)]
-unsafe fn tile_signed_q8_0<X, const R: usize, const VNNI: bool>(
+unsafe fn tile_signed_q8_0<X, const R: usize>(
     xs: [&[X]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
     bytes: impl Fn(&X) -> (__m256i, f16),
@@ -260,11 +259,7 @@ unsafe fn tile_signed_q8_0<X, const R: usize, const VNNI: bool>(
                 for c in 0..TILE_COLS {
                     let d = _mm256_set1_ps(xd[c] * yd);
                     let sy = _mm256_sign_epi8(qy, qx[c]);
-                    let q = if VNNI {
-                        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax[c], sy))
-                    } else {
-                        mul_sum_us8_pairs_float(ax[c], sy)
-                    };
+                    let q = mul_sum_us8_pairs_float(ax[c], sy);
                     acc[r][c] = _mm256_fmadd_ps(d, q, acc[r][c]);
                 }
             }
@@ -281,21 +276,21 @@ unsafe fn tile_signed_q8_0<X, const R: usize, const VNNI: bool>(
 
 /// [`tile_signed_q8_0`] for Q5_0 weights.
 #[inline(always)]
-unsafe fn tile_q5_0_q8_0<const R: usize, const VNNI: bool>(
+unsafe fn tile_q5_0_q8_0<const R: usize>(
     xs: [&[BlockQ5_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
-    unsafe { tile_signed_q8_0::<_, R, VNNI>(xs, ys, |x| (q5_0_bytes(x), x.d)) }
+    unsafe { tile_signed_q8_0::<_, R>(xs, ys, |x| (q5_0_bytes(x), x.d)) }
 }
 
 /// [`tile_signed_q8_0`] for Q8_0 weights.
 #[inline(always)]
-unsafe fn tile_q8_0_q8_0<const R: usize, const VNNI: bool>(
+unsafe fn tile_q8_0_q8_0<const R: usize>(
     xs: [&[BlockQ8_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
     unsafe {
-        tile_signed_q8_0::<_, R, VNNI>(xs, ys, |x| {
+        tile_signed_q8_0::<_, R>(xs, ys, |x| {
             (_mm256_loadu_si256(x.qs.as_ptr() as *const __m256i), x.d)
         })
     }
@@ -307,7 +302,7 @@ pub(crate) fn tile_q8_0_q8_0_avx2<const R: usize>(
     xs: [&[BlockQ8_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
-    unsafe { tile_q8_0_q8_0::<R, false>(xs, ys) }
+    unsafe { tile_q8_0_q8_0::<R>(xs, ys) }
 }
 
 /// [`tile_q8_0_q8_0`] for `R` rows on AVX-512 VNNI.
@@ -382,7 +377,7 @@ pub(crate) fn tile_q5_0_q8_0_avx2<const R: usize>(
     xs: [&[BlockQ5_0]; TILE_COLS],
     ys: [&[BlockQ8_0]; R],
 ) -> [[f32; TILE_COLS]; R] {
-    unsafe { tile_q5_0_q8_0::<R, false>(xs, ys) }
+    unsafe { tile_q5_0_q8_0::<R>(xs, ys) }
 }
 
 /// [`tile_q5_0_q8_0`] for `R` rows on AVX-512 VNNI.

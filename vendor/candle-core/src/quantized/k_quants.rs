@@ -14,6 +14,20 @@ use half::{bf16, f16, slice::HalfFloatSliceExt};
 use super::repack::BlockQ4Kx8;
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+/// ult: whether the tile kernels take their AVX-512 VNNI variants: the CPU has them and
+/// `MISTRALRS_FORCE_AVX2=1` (Candle's switch for its repacked kernels) does not ask for AVX2.
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn tile_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        let f = crate::cpu::features::get();
+        f.avx512f
+            && f.avx512vl
+            && f.avx512vnni
+            && std::env::var("MISTRALRS_FORCE_AVX2").as_deref() != Ok("1")
+    })
+}
+
 fn has_avx2_fma() -> bool {
     let features = crate::cpu::features::get();
     features.avx2 && features.fma
@@ -363,7 +377,7 @@ impl GgmlType for BlockQ4_1 {
             if R > TILE_ROWS {
                 return None;
             }
-            if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
+            if f.avx2 && f.fma && tile_vnni() {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q4_1_q8_1_vnni::<R>(xs, ys) });
             }
@@ -515,7 +529,7 @@ impl GgmlType for BlockQ5_0 {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
             let f = crate::cpu::features::get();
-            if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
+            if f.avx2 && f.fma && tile_vnni() {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q5_0_q8_0_vnni::<R>(xs, ys) });
             }
@@ -826,7 +840,7 @@ impl GgmlType for BlockQ8_0 {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         {
             let f = crate::cpu::features::get();
-            if f.avx2 && f.fma && f.avx512f && f.avx512vl && f.avx512vnni {
+            if f.avx2 && f.fma && tile_vnni() {
                 // SAFETY: the features the kernel is compiled for were detected above.
                 return Some(|xs, ys| unsafe { super::avx::tile_q8_0_q8_0_vnni::<R>(xs, ys) });
             }
