@@ -10,6 +10,7 @@
 //! 1e-2 (each check prints what it measured).
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
+use candle_core::quantized::k_quants::{BlockQ4_1, BlockQ5_0, BlockQ8_0, GgmlType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
@@ -123,4 +124,72 @@ fn avx2_tiles_give_the_same_bits_as_the_one_row_kernels() {
 #[test]
 fn other_types_rows_of_a_step_equal_each_row_alone() {
     check(GgmlDType::Q4_0, 130, 256, &[1, 3, 9]);
+}
+
+/// Every output of a matmul, one row alone and rows in a step, against ggml's one-row dot product
+/// (`GgmlType::vec_dot`, the kernel the decode path used before the tiles) of that weight row and that
+/// activation row, quantized as the matmul quantizes them: the same bits.
+fn check_against_vec_dot<T: GgmlType>(dtype: GgmlDType, n: usize, k: usize, m: usize) {
+    let dev = Device::Cpu;
+    let wv = values(11 + n as u64, n * k);
+    let xv = values(200 + m as u64, m * k);
+    let quantize = |v: &[f32], blocks: usize| -> Vec<Vec<T::VecDotType>> {
+        v.chunks(k)
+            .map(|row| {
+                let mut b = vec![T::VecDotType::zeros(); blocks];
+                T::VecDotType::from_float(row, &mut b);
+                b
+            })
+            .collect()
+    };
+    let weights: Vec<Vec<T>> = wv
+        .chunks(k)
+        .map(|row| {
+            let mut b = vec![T::zeros(); k / T::BLCK_SIZE];
+            T::from_float(row, &mut b);
+            b
+        })
+        .collect();
+    let acts = quantize(&xv, k / T::BLCK_SIZE);
+    let w = Tensor::from_vec(wv, (n, k), &dev).unwrap();
+    let mm = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+    let x = Tensor::from_vec(xv, (1, m, k), &dev).unwrap();
+    let got: Vec<Vec<f32>> = mm
+        .forward(&x)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (r, row) in got.iter().enumerate() {
+        let alone = mm
+            .forward(&x.narrow(1, r, 1).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (c, w) in weights.iter().enumerate() {
+            let want = T::vec_dot(k, w, &acts[r]);
+            assert_eq!(
+                row[c].to_bits(),
+                want.to_bits(),
+                "{dtype:?}: row {r} of {m}, column {c}"
+            );
+            assert_eq!(
+                alone[c].to_bits(),
+                want.to_bits(),
+                "{dtype:?}: row {r} alone, column {c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_gives_the_bits_of_ggmls_one_row_dot_product() {
+    for m in [1, 3, 4, 9, 17] {
+        check_against_vec_dot::<BlockQ4_1>(GgmlDType::Q4_1, 67, 576, m);
+        check_against_vec_dot::<BlockQ5_0>(GgmlDType::Q5_0, 67, 640, m);
+        check_against_vec_dot::<BlockQ8_0>(GgmlDType::Q8_0, 67, 640, m);
+    }
 }

@@ -513,12 +513,21 @@ impl GgmlType for BlockQ5_0 {
         xs3: &[Self],
         ys: &[Self::VecDotType],
     ) -> (f32, f32, f32, f32) {
-        // ult: four weight rows per activation load (vendored addition in avx.rs).
+        // ult: on AVX-512 VNNI the one-row tile (one `vpdpbusd` per block, the same bits); else four
+        // weight rows per activation load (vendored addition in avx.rs).
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if has_avx2_fma() {
-            let [d0, d1, d2, d3] =
-                unsafe { super::avx::vec_dot_4_q5_0_q8_0(n, [xs0, xs1, xs2, xs3], ys) };
-            return (d0, d1, d2, d3);
+        {
+            if tile_vnni() {
+                if let Some(k1) = Self::tile_kernel::<1>() {
+                    let ([[d0, d1]], [[d2, d3]]) = (k1([xs0, xs1], [ys]), k1([xs2, xs3], [ys]));
+                    return (d0, d1, d2, d3);
+                }
+            }
+            if has_avx2_fma() {
+                let [d0, d1, d2, d3] =
+                    unsafe { super::avx::vec_dot_4_q5_0_q8_0(n, [xs0, xs1, xs2, xs3], ys) };
+                return (d0, d1, d2, d3);
+            }
         }
         let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
         let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
@@ -830,6 +839,15 @@ impl GgmlType for BlockQ8_0 {
     ) -> (f32, f32, f32, f32) {
         #[cfg(target_feature = "neon")]
         return super::neon::vec_dot_4_q8_0_q8_0(n, xs0, xs1, xs2, xs3, ys);
+
+        // ult: on AVX-512 VNNI the one-row tile (one `vpdpbusd` per block, the same bits as vec_dot).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if tile_vnni() {
+            if let Some(k1) = Self::tile_kernel::<1>() {
+                let ([[d0, d1]], [[d2, d3]]) = (k1([xs0, xs1], [ys]), k1([xs2, xs3], [ys]));
+                return (d0, d1, d2, d3);
+            }
+        }
 
         let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
         let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);
