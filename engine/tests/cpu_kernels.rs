@@ -29,6 +29,12 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Row `r` of `x` `(1, m, k)` multiplied alone (the one-row path).
+fn row_alone(mm: &QMatMul, x: &Tensor, r: usize) -> Vec<f32> {
+    let out = mm.forward(&x.narrow(1, r, 1).unwrap()).unwrap();
+    out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
 fn check(dtype: GgmlDType, n: usize, k: usize, rows: &[usize]) {
     let dev = Device::Cpu;
     let w = Tensor::from_vec(values(7 + n as u64, n * k), (n, k), &dev).unwrap();
@@ -40,13 +46,7 @@ fn check(dtype: GgmlDType, n: usize, k: usize, rows: &[usize]) {
         let all = mm.forward(&x).unwrap().squeeze(0).unwrap();
         let all: Vec<Vec<f32>> = all.to_vec2().unwrap();
         for (r, got) in all.iter().enumerate() {
-            let alone = mm
-                .forward(&x.narrow(1, r, 1).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let alone = row_alone(&mm, &x, r);
             let same = got
                 .iter()
                 .zip(&alone)
@@ -162,13 +162,7 @@ fn check_against_vec_dot<T: GgmlType>(dtype: GgmlDType, n: usize, k: usize, m: u
         .to_vec2()
         .unwrap();
     for (r, row) in got.iter().enumerate() {
-        let alone = mm
-            .forward(&x.narrow(1, r, 1).unwrap())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let alone = row_alone(&mm, &x, r);
         for (c, w) in weights.iter().enumerate() {
             let want = T::vec_dot(k, w, &acts[r]);
             assert_eq!(

@@ -2742,25 +2742,21 @@ pub fn matmul<T: GgmlType>(
                     let mut r = row_start;
                     while r < row_end {
                         let left = row_end - r;
-                        if let (Some(k8), true) = (k8, left >= 8) {
-                            let out = k8(xs, std::array::from_fn(|i| lhs_row(r + i)));
-                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
-                            r += 8;
-                        } else if left >= 4 {
-                            let out = k4(xs, std::array::from_fn(|i| lhs_row(r + i)));
-                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
-                            r += 4;
-                        } else if left == 3 {
-                            let out = k3(xs, std::array::from_fn(|i| lhs_row(r + i)));
-                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
-                            r += 3;
-                        } else if left == 2 {
-                            let out = k2(xs, std::array::from_fn(|i| lhs_row(r + i)));
-                            out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
-                            r += 2;
-                        } else {
-                            put(r, col, &k1(xs, [lhs_row(r)])[0]);
-                            r += 1;
+                        // One tile of `$rows` rows at row r, written out; r moves past it.
+                        macro_rules! tile {
+                            ($k:expr, $rows:literal) => {{
+                                let out =
+                                    $k(xs, std::array::from_fn::<_, $rows, _>(|i| lhs_row(r + i)));
+                                out.iter().enumerate().for_each(|(i, v)| put(r + i, col, v));
+                                r += $rows;
+                            }};
+                        }
+                        match (k8, left) {
+                            (Some(k8), 8..) => tile!(k8, 8),
+                            (_, 4..) => tile!(k4, 4),
+                            (_, 3) => tile!(k3, 3),
+                            (_, 2) => tile!(k2, 2),
+                            _ => tile!(k1, 1),
                         }
                     }
                 }
